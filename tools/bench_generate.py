@@ -1,0 +1,129 @@
+"""Benchmark: generation tokens/s and forward throughput, decesc vs transformers, same run.
+
+Both stacks get the same SmolLM2-135M-Instruct weights (our GGUF load, handed to a transformers
+``LlamaForCausalLM`` through its state dict), the same dtype, the same prompts and the same number
+of new tokens (greedy; stop tokens disabled so every run produces exactly ``--new-tokens``).
+
+    python -m tools.bench_generate [--dtype fp32 bf16] [--batch 1 8] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from decesc import load_pretrained
+from decesc.generate import generate
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPTS = [
+    "I have been feeling really lonely since I moved to a new city for work.",
+    "My exams are next week and I cannot sleep at night.",
+    "I lost my job today and I don't know how to tell my family.",
+    "My best friend stopped talking to me and I don't know why.",
+    "I feel like nobody at school understands me.",
+    "My dog died last month and the house feels so empty.",
+    "I keep arguing with my partner about money.",
+    "I am worried about my mother's health.",
+]
+
+
+def transformers_model(model, dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**model.config.to_hf())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    hf.tie_weights()
+    hf.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    return hf.to(dtype).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_generation(model, hf, tok, batch: int, new_tokens: int, repeats: int):
+    convs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+
+    def ours():
+        out = generate(model, prompts, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+        assert all(len(o) == new_tokens for o in out)
+
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+
+    def theirs():
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert out.shape[1] == L + new_tokens
+
+    n = batch * new_tokens
+    return n / timed(ours, repeats), n / timed(theirs, repeats)
+
+
+def bench_forward(model, hf, batch: int, seq: int, repeats: int):
+    ids = torch.randint(10, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def ours():
+        with torch.inference_mode():
+            model(ids)
+
+    def theirs():
+        with torch.inference_mode():
+            hf(input_ids=ids)
+
+    n = batch * seq
+    return n / timed(ours, repeats), n / timed(theirs, repeats)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model source (default: the demo GGUF)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+                   help="dtypes to measure (default: fp32 bf16)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="generation batch sizes (default: 1 8)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
+    p.add_argument("--forward-shape", type=int, nargs=2, default=[4, 256], metavar=("B", "T"),
+                   help="forward-pass benchmark batch and length (default 4 256)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept (default 3)")
+    args = p.parse_args(argv)
+
+    base, tok = load_pretrained(args.model, dtype=torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}")
+    rows = []
+    for name in args.dtype:
+        model = load_pretrained(args.model, dtype=DTYPES[name])[0] if name != "fp32" else base
+        hf = transformers_model(base, DTYPES[name])
+        for b in args.batch:
+            ours, theirs = bench_generation(model, hf, tok, b, args.new_tokens, args.repeats)
+            rows.append((f"generate tokens/s, batch {b}", name, ours, theirs))
+            print(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
+                  f"ratio {ours / theirs:5.2f}x", flush=True)
+        B, T = args.forward_shape
+        ours, theirs = bench_forward(model, hf, B, T, args.repeats)
+        rows.append((f"forward tokens/s, {B}x{T}", name, ours, theirs))
+        print(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
+              f"ratio {ours / theirs:5.2f}x", flush=True)
+    print("\n| benchmark | dtype | decesc | transformers | ratio |\n|---|---|---|---|---|")
+    for what, name, ours, theirs in rows:
+        print(f"| {what} | {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
