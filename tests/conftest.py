@@ -30,3 +30,20 @@ def smollm2():
     from decesc import load_pretrained
 
     return load_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own GGUF loading of the same file: (model, tokenizer). ~20 s, done once."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from decesc.loading import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
