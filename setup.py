@@ -21,7 +21,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # Reference implementations the tests check parity against; never imported by decesc.
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.12", "gguf>=0.10", "scikit-learn>=1.3"],
+        # Reference implementations the tests check parity against; never imported by decesc:
+        # transformers/peft (model, LoRA), gguf (dequantisation), scikit-learn (F1), nltk (BLEU,
+        # the implementation the field's evaluation scripts use).
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.12", "gguf>=0.10", "scikit-learn>=1.3",
+                 "nltk>=3.8"],
     },
 )
