@@ -1,0 +1,92 @@
+"""Training examples and their JSONL files.
+
+SFT example, one JSON object per line::
+
+    {"system": "...optional...", "prompt": "...", "target": "..."}
+
+Preference pair (DPO)::
+
+    {"system": "...optional...", "prompt": "...", "chosen": "...", "rejected": "..."}
+
+The prompt becomes the user message of a chat ([system?, user]); the target / chosen / rejected
+text is the assistant reply that is learned. Bad lines raise an error naming ``file:line`` and
+the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    target: str
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    system: str | None = None
+
+
+def chat_messages(prompt: str, system: str | None) -> list[dict]:
+    """[system?, user] messages for one example."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+class DataError(ValueError):
+    """A training data file with a bad line (message names file:line and field)."""
+
+
+def _read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    records = []
+    allowed = set(required) | {"system"}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for name in required:
+                if name not in rec:
+                    raise DataError(f"{where}: missing field '{name}'")
+            for name in allowed & set(rec):
+                value = rec[name]
+                if name == "system" and value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise DataError(f"{where}: field '{name}' must be a string, "
+                                    f"got {type(value).__name__}")
+                if name != "system" and not value.strip():
+                    raise DataError(f"{where}: field '{name}' is empty")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no examples")
+    return records
+
+
+def read_sft_jsonl(path: str | Path) -> list[SFTExample]:
+    """SFT examples from a JSONL file with fields prompt, target (and optional system)."""
+    return [SFTExample(r["prompt"], r["target"], r.get("system"))
+            for r in _read_records(path, ("prompt", "target"))]
+
+
+def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
+    """Preference pairs from a JSONL file with fields prompt, chosen, rejected (optional system)."""
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("system"))
+            for r in _read_records(path, ("prompt", "chosen", "rejected"))]

@@ -1,0 +1,103 @@
+"""`python -m tools.train sft|dpo` end to end on a tiny Hugging Face model directory."""
+
+import json
+
+import pytest
+import torch
+
+from decesc import load_pretrained
+from decesc.lora import load_adapter, lora_modules
+from tiny import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
+from tools.train import STAGES, build_parser, main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_hf_dir(root / "model")
+    write_jsonl(root / "sft.jsonl", SFT_RECORDS)
+    write_jsonl(root / "pairs.jsonl", PAIR_RECORDS)
+    return root
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_dpo(workdir, capsys):
+    common = ["--model", str(workdir / "model"), "--micro-batch-size", "2", "--lora-r", "4",
+              "--lora-alpha", "8", "--no-progress", "--warmup-steps", "0"]
+    assert main(["sft", *common, "--data", str(workdir / "sft.jsonl"), "--out",
+                 str(workdir / "sft"), "--batch-size", "4", "--epochs", "2", "--lr", "1e-2",
+                 "--save-every", "2"]) == 0
+    rows = _rows(workdir / "sft")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (workdir / "sft" / "checkpoints" / "step-000004" / "state.json").is_file()
+    cfg = json.loads((workdir / "sft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(workdir / "model")
+
+    assert main(["dpo", *common, "--data", str(workdir / "pairs.jsonl"), "--out",
+                 str(workdir / "dpo"), "--sft-adapter", str(workdir / "sft"), "--grad-accum", "2",
+                 "--beta", "0.5", "--lr", "1e-2", "--ref-cache", str(workdir / "cache")]) == 0
+    rows = _rows(workdir / "dpo")
+    assert len(rows) == 2  # 6 pairs, batch 2 x 2 = 4 -> 2 steps
+    assert abs(rows[0]["loss"] - 0.693147) < 1e-5
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "tokens/s", "lr"} <= set(rows[0])
+    assert json.loads((workdir / "dpo" / "train_config.json").read_text())["beta"] == 0.5
+    assert len(list((workdir / "cache").glob("*.safetensors"))) == 1
+    out = capsys.readouterr().out
+    assert "sft: 4 steps" in out and "dpo: 2 steps" in out
+
+    # the outputs are ordinary adapters: base + SFT adapter (merged) + DPO adapter
+    model, _ = load_pretrained(workdir / "model")
+    load_adapter(model, workdir / "sft")
+    assert len(lora_modules(model)) == 14
+    ids = torch.tensor([[3, 10, 11, 12, 4]])
+    with torch.no_grad():
+        sft_logits = model(ids)
+        from decesc.lora import remove_lora
+
+        remove_lora(model)
+        load_adapter(model, workdir / "dpo")
+        dpo_logits = model(ids)
+    assert (dpo_logits - sft_logits).abs().max() > 1e-4
+
+
+def test_every_flag_has_help(capsys):
+    for stage in STAGES:
+        parser = build_parser(stage)
+        for action in parser._actions:
+            assert action.help, f"{stage}: {action.option_strings} has no help"
+        with pytest.raises(SystemExit) as e:
+            main([stage, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for flag in ("--lr", "--epochs", "--batch-size", "--micro-batch-size", "--grad-accum",
+                     "--max-seq-len", "--warmup-ratio", "--schedule", "--clip", "--dtype",
+                     "--seed", "--save-every", "--resume", "--lora-r", "--lora-alpha",
+                     "--lora-dropout", "--lora-targets", "--device"):
+            assert flag in text
+    assert "--beta" in text and "--sft-adapter" in text and "--ref-cache" in text  # dpo
+
+
+def test_bad_data_line_names_file_line_and_field(workdir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(SFT_RECORDS[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    args = ["sft", "--model", str(workdir / "model"), "--data", str(bad), "--out",
+            str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 1
+    assert f"{bad}:2: missing field 'target'" in capsys.readouterr().err
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": 3}\n')
+    args[0], args[4] = "dpo", str(bad)
+    assert main(args) == 1
+    assert f"{bad}:1: field 'rejected' must be a string" in capsys.readouterr().err
+    bad.write_text("{not json\n")
+    assert main(args) == 1
+    assert f"{bad}:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_without_a_stage_word_prints_usage(capsys):
+    assert main([]) == 2
+    assert "python -m tools.train {sft,dpo}" in capsys.readouterr().err

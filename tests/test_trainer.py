@@ -1,0 +1,131 @@
+"""The shared trainer: schedule, data split, checkpoints, exact resume, non-finite loss."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from decesc import sft
+from decesc.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from decesc.trainer import NonFiniteLossError, TrainConfig, epoch_order, lr_at, micro_batches
+from tiny import sft_examples, tiny_model, toy_tokenizer
+
+
+def test_lr_schedule_by_hand():
+    """total 10 updates, warmup 2, peak 1.
+    warmup: step 0 -> 1/3, step 1 -> 2/3; then p = (step - 2) / 8:
+    step 2 -> p 0 -> 1.0 (both); step 6 -> p 1/2 -> cosine (1 + cos(pi/2)) / 2 = 0.5, linear 0.5;
+    step 9 -> p 7/8 -> cosine (1 + cos(7pi/8)) / 2 = 0.0380602, linear 0.125."""
+    assert lr_at(0, 10, 2, 1.0, "cosine") == pytest.approx(1 / 3)
+    assert lr_at(1, 10, 2, 1.0, "linear") == pytest.approx(2 / 3)
+    assert lr_at(2, 10, 2, 1.0, "cosine") == pytest.approx(1.0)
+    assert lr_at(6, 10, 2, 1.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(6, 10, 2, 1.0, "linear") == pytest.approx(0.5)
+    assert lr_at(9, 10, 2, 1.0, "cosine") == pytest.approx(0.0380602, abs=1e-6)
+    assert lr_at(9, 10, 2, 1.0, "linear") == pytest.approx(0.125)
+    assert lr_at(9, 10, 2, 1.0, "constant") == 1.0
+
+
+def test_data_order_and_split():
+    assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0)
+    assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
+    assert sorted(epoch_order(10, 1, 3)) == list(range(10))
+    idx, lengths = [7, 3, 9, 0, 5], [10 - i for i in range(10)]
+    per_rank = [micro_batches(idx, lengths, r, 2, 2) for r in range(2)]
+    assert [len(m) for m in per_rank] == [2, 2]  # same number of micro-batches on every rank
+    assert sorted(i for m in per_rank for c in m for i in c) == sorted(idx)
+    assert per_rank[1][1] == []  # a short tail: rank 1 idles in its second micro-batch
+
+
+def _config(**kw):
+    base = dict(lr=5e-3, epochs=2, batch_size=4, micro_batch_size=2, lora_dropout=0.1,
+                lora_r=4, lora_alpha=8, save_every=1, keep_checkpoints=2, progress=False, seed=3,
+                warmup_steps=1)
+    return TrainConfig(**{**base, **kw})
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_on_call(monkeypatch, n, nan=False):
+    """Make the n-th SFT loss call crash (or return NaN from then on)."""
+    real, calls = sft.sft_loss, [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        out, metrics = real(model, batch)
+        if calls[0] >= n:
+            if not nan:
+                raise Crash(f"simulated crash in call {calls[0]}")
+            out = out * float("nan")
+        return out, metrics
+
+    monkeypatch.setattr(sft, "sft_loss", loss)
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+    """4 steps (8 examples, batch 4, 2 epochs), dropout 0.1 so the RNG state matters. A run that
+    dies inside step 3 (after checkpoint step-2) and is resumed ends with the same adapter, bit
+    for bit, and the same per-step losses as an uninterrupted run."""
+    tok = toy_tokenizer()
+    full = sft.train_sft(tiny_model(), tok, sft_examples(), _config(), tmp_path / "full")
+    assert full.steps == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "full" / "checkpoints")] == [
+        "step-000003", "step-000004"]  # keep_checkpoints=2
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        _crash_on_call(m, 5)  # calls 1-4 are steps 1-2 (two micro-batches each)
+        with pytest.raises(Crash):
+            sft.train_sft(tiny_model(), tok, sft_examples(), _config(save_every=2), out)
+    assert latest_checkpoint(out / "checkpoints").name == "step-000002"
+    assert not (out / "adapter_model.safetensors").exists()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _config(save_every=2), out, resume=True)
+
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 28
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(tmp_path / "full")]
+    # a checkpoint holds adapter (PEFT format), optimizer state, RNG and the data position
+    ckpt = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert ckpt["meta"]["step"] == 4 and ckpt["meta"]["batch_in_epoch"] == 2
+    assert set(ckpt["optimizer"]["state"]) == {k.removeprefix("base_model.model.") for k in a}
+    assert ckpt["rng"]["cpu/rank0"].dtype == torch.uint8
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _config(epochs=1), tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume: .* lr=0\.005, this run has lr=0\.001"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _config(epochs=1, lr=1e-3), tmp_path,
+                      resume=True)
+    with pytest.raises(ValueError, match="different data"):
+        sft.train_sft(tiny_model(), tok, sft_examples()[:6], _config(epochs=1), tmp_path,
+                      resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    _crash_on_call(monkeypatch, 5, nan=True)  # step 3 is the first bad step
+    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss .*Last good checkpoint: .*step-000002$") as e:
+        sft.train_sft(tiny_model(), toy_tokenizer(), sft_examples(), _config(), tmp_path)
+    assert "\n" not in str(e.value)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-000002")["meta"]["step"] == 2
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_incomplete_checkpoint_directory_is_ignored(tmp_path):
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _config(epochs=1, save_every=1), tmp_path)
+    (tmp_path / "checkpoints" / "step-000009.tmp").mkdir()  # a crash while writing step 9
+    (tmp_path / "checkpoints" / "step-000010").mkdir()  # no state.json: never completed
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
