@@ -26,32 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig
+from .lora import LoRAConfig, read_adapter_state, write_adapter
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def write_adapter(state: dict[str, torch.Tensor], path: str | Path, config: LoRAConfig,
-                  base_model_name_or_path: str) -> None:
-    """PEFT adapter files from an already gathered LoRA state dict (HF names, no prefix).
-
-    The same files :func:`decesc.lora.save_adapter` writes from a live model; this variant exists
-    for FSDP, where rank 0 holds gathered tensors rather than an unsharded model.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(path / ADAPTER_CONFIG,
-                      json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2))
-
-
-def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of an adapter directory, HF names (PEFT prefix removed)."""
-    file = Path(path) / ADAPTER_WEIGHTS
-    with safe_open(str(file), framework="pt") as f:
-        return {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
 
 
 def _flatten_optimizer(optim_state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -9,13 +9,11 @@ learned (prompt, padding). Token t is predicted by the logits at position t-1, s
 which is the SUM of token log-probs of the target given the prompt (SPEC §1; eqs. 3-6).
 
 Memory: a full logits tensor is (B, T, V) with V ~ 50-150k. Only positions that predict a
-labelled token matter, so :func:`model_sequence_logprobs` runs the output head on those rows only
-(``logits_at``) and the log-softmax is computed, in fp32, on that (N, V) slice.
+labelled token matter, so :func:`model_sequence_logprobs` asks the model for those rows only
+(``model(..., logits_at=keep)``) and the log-softmax is computed, in fp32, on that (N, V) slice.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,8 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Summed log p of the labelled tokens of each sequence, (B,) in fp32.
 
     ``logits`` is either (B, T, V) for every position, or (N, V) holding only the N positions
-    that predict a labelled token, in row-major order (what the model returns inside
-    :func:`logits_at` with ``next_token_targets(labels) != -100``). ``labels`` is (B, T),
+    that predict a labelled token, in row-major order (what ``model(ids, logits_at=keep)``
+    returns for ``keep = next_token_targets(labels) != -100``). ``labels`` is (B, T),
     unshifted, -100 = ignored.
     """
     if labels.dim() != 2:
@@ -62,25 +60,6 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return out.index_add(0, rows, token_logp)  # (B,)
 
 
-@contextmanager
-def logits_at(model, keep: torch.Tensor):
-    """Inside this block ``model(...)`` returns logits (N, V) for the positions ``keep`` (B, T) only.
-
-    A forward pre-hook on ``model.lm_head`` selects the hidden states (B, T, D) -> (N, D) before
-    the output projection, so neither the (B, T, V) logits nor their gradient are ever built.
-    The hook sits inside the model's own forward, so FSDP's parameter gathering is untouched.
-    """
-
-    def select(module, args):
-        return (args[0][keep],) + tuple(args[1:])
-
-    handle = model.lm_head.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def model_sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Run ``model`` on a right-padded batch and return summed target log-probs (B,) in fp32.
 
@@ -88,6 +67,5 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor
     so no real token attends to them, and their labels are -100.
     """
     keep = next_token_targets(labels) != IGNORE_INDEX  # (B, T)
-    with logits_at(model, keep):
-        logits = model(input_ids)  # (N, V)
+    logits = model(input_ids, logits_at=keep)  # (N, V)
     return sequence_logprobs(logits, labels)

@@ -390,13 +390,42 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoRAConfig,
     unused = [t for t in config.targets if not any(_matches(n, t) for n in modules)]
     if unused:
         raise ValueError(f"save_adapter: config target(s) {', '.join(unused)} have no LoRA layer")
+    write_adapter(lora_state_dict(model), path, config, base_model_name_or_path)
+
+
+def write_adapter(state: dict[str, torch.Tensor], path: str | os.PathLike, config: LoRAConfig,
+                  base_model_name_or_path: str) -> None:
+    """The PEFT adapter files for a LoRA state dict (HF names, no prefix), weights then config.
+
+    :func:`save_adapter` calls it for a live model; under FSDP the trainer calls it on rank 0
+    with the gathered tensors.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {PEFT_PREFIX + k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(path / ADAPTER_CONFIG,
                       json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2))
+
+
+def read_adapter_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of an adapter directory, HF names (PEFT prefix removed); errors name
+    the file and the offending tensor."""
+    weights_file = Path(path) / ADAPTER_WEIGHTS
+    state = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():
+                if not key.startswith(PEFT_PREFIX):
+                    raise CheckpointError(f"{weights_file}: tensor {key} does not start with "
+                                          f"{PEFT_PREFIX!r} (not a PEFT causal-LM adapter)")
+                state[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
+    except CheckpointError:
+        raise
+    except Exception as e:  # SafetensorError on truncated / corrupt files
+        raise CheckpointError(f"{weights_file}: corrupt or truncated safetensors file ({e})") from None
+    return state
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
@@ -426,18 +455,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
             raise ValueError(f"{cfg_file}: r={config.r}, lora_alpha={config.alpha} but the model's "
                              f"LoRA layer {name} has r={m.r}, alpha={m.alpha}")
 
-    state = {}
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(PEFT_PREFIX):
-                    raise CheckpointError(f"{weights_file}: tensor {key} does not start with "
-                                          f"{PEFT_PREFIX!r} (not a PEFT causal-LM adapter)")
-                state[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as e:  # SafetensorError on truncated / corrupt files
-        raise CheckpointError(f"{weights_file}: corrupt or truncated safetensors file ({e})") from None
+    state = read_adapter_state(path)
     load_lora_state_dict(model, state, source=str(weights_file))
     return config
 

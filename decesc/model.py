@@ -287,6 +287,9 @@ class CausalLM(nn.Module):
     ``attention_mask`` (B, S) with 1 for real tokens (S = start + T: it covers cached keys too);
     position ids are then derived from it unless given. With a :class:`decesc.kv_cache.KVCache`,
     the T new tokens are written at slots ``start .. start+T-1`` and attend to all earlier slots.
+    ``last_only`` returns logits of the last position only (B, 1, V) and ``logits_at`` (B, T)
+    bool those of the selected positions only (N, V): the output head is the costliest matmul
+    for small models, and training needs it only where a label is predicted.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -321,6 +324,7 @@ class CausalLM(nn.Module):
         cache=None,
         start: int = 0,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,  # (B, T) bool
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if position_ids is None:
@@ -341,4 +345,6 @@ class CausalLM(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, D): only these positions reach the output head
+        return self.lm_head(x)  # (B, T, V), (B, 1, V) or (N, V)

@@ -174,10 +174,16 @@ def _target(task: str, strategy: str, response: str) -> str:
     return {"sp": strategy, "rg": response, "vanilla": format_vanilla_target(strategy, response)}[task]
 
 
-def _make(task, context, strategy, response, d, t) -> Example:
+def make_example(task: str, context: str, strategy: str | None, response: str = "",
+                 dialogue: int = -1, turn: int = -1) -> Example:
+    """The example of `task` for a rendered history block `context` (see `render_context`).
+
+    `strategy` is the gold (or, for rg, the requested) strategy; sp and vanilla prompts do not
+    show it, so it may be None there when unknown (a live chat).
+    """
     prompt = context + "\n\n" + instruction(task, strategy)
-    return Example(task, SYSTEMS[task], prompt, _target(task, strategy, response), strategy, d, t,
-                   response, context)
+    return Example(task, SYSTEMS[task], prompt, _target(task, strategy, response), strategy,
+                   dialogue, turn, response, context)
 
 
 def rg_example(example: Example, strategy: str) -> Example:
@@ -187,7 +193,13 @@ def rg_example(example: Example, strategy: str) -> Example:
     The context is not re-budgeted: build the source examples with task "rg" if the budget
     matters (the RG instruction is the longest of the three).
     """
-    return _make("rg", example.context, strategy, example.response, example.dialogue, example.turn)
+    return make_example("rg", example.context, strategy, example.response, example.dialogue, example.turn)
+
+
+def task_example(example: Example, task: str) -> Example:
+    """The example of another task for the same context and gold annotation as `example`."""
+    return make_example(task, example.context, example.strategy, example.response,
+                        example.dialogue, example.turn)
 
 
 def build_examples(dialogues: list[Dialogue], task: str,
@@ -239,7 +251,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
             response, strategy = turn.text, turn.strategy
             floor = t if latest_seeker is None else latest_seeker   # window must start <= floor
             if not budgeted:
-                examples.append(_make(task, render_context(dialogue, t, 0, with_metadata),
+                examples.append(make_example(task, render_context(dialogue, t, 0, with_metadata),
                                       strategy, response, d, t))
                 continue
             target_cost = count_tokens(_target(task, strategy, response))
@@ -250,7 +262,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
             start = bisect.bisect_left(cum, cum[t] - available, 0, t + 1)
             start = min(start, floor)
             while True:   # exact check of the estimate; rarely needs more than one pass
-                example = _make(task, render_context(dialogue, t, start, with_metadata),
+                example = make_example(task, render_context(dialogue, t, start, with_metadata),
                                 strategy, response, d, t)
                 total = system_cost + count_tokens(example.prompt) + target_cost + overhead
                 if total <= max_tokens or start >= floor:

@@ -40,9 +40,8 @@ from torch import nn
 
 from . import fsdp
 from .atomic import atomic_write_text
-from .checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-                         write_adapter)
-from .lora import DEFAULT_TARGETS, LoRAConfig, save_adapter
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .lora import DEFAULT_TARGETS, LoRAConfig, save_adapter, write_adapter
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from decesc.logprobs import (logits_at, model_sequence_logprobs, next_token_targets,
+from decesc.logprobs import (model_sequence_logprobs, next_token_targets,
                              sequence_logprobs, target_counts)
 from tiny import tiny_model
 
@@ -58,17 +58,16 @@ def test_selected_rows_equal_full_logits_and_bf16_is_upcast():
 
 
 def test_model_logprobs_only_project_labelled_rows():
-    """logits_at computes the output head on the N labelled rows; same values and gradients
-    as full (B, T, V) logits."""
+    """``logits_at`` computes the output head on the N labelled rows only; same values and
+    gradients as full (B, T, V) logits."""
     model = tiny_model(seed=1)
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :4] = -100
     labels[1, 7:] = -100  # right padding
     keep = next_token_targets(labels) != -100
-    with logits_at(model, keep):
-        assert model(ids).shape == (int(keep.sum()), 96)
-    assert model(ids).shape == (2, 9, 96)  # hook removed
+    assert model(ids, logits_at=keep).shape == (int(keep.sum()), 96)
+    assert model(ids).shape == (2, 9, 96)
 
     w = model.model.layers[0].mlp.up_proj.weight
     w.requires_grad_(True)

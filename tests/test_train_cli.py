@@ -98,6 +98,13 @@ def test_bad_data_line_names_file_line_and_field(workdir, tmp_path, capsys):
     assert f"{bad}:1: not valid JSON" in capsys.readouterr().err
 
 
-def test_without_a_stage_word_prints_usage(capsys):
-    assert main([]) == 2
-    assert "python -m tools.train {sft,dpo}" in capsys.readouterr().err
+def test_help_of_both_modes(capsys):
+    """Without a stage word the flags are the pipeline's; sft/dpo have their own."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--stages" in out and "sft-sp" in out and "python -m tools.train sft|dpo --help" in out
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    assert "--sft-adapter" in capsys.readouterr().out

@@ -1,15 +1,21 @@
-"""Train one stage with LoRA: supervised fine-tuning or DPO.
+"""Train: the whole DecoupledESC pipeline, or one LoRA training stage.
+
+    python -m tools.train                     # every stage, built-in sample, SmolLM2 demo model
+    python -m tools.train --model tiny        # the same with a tiny random model, in seconds
+    python -m tools.train --model Qwen/Qwen2.5-7B-Instruct --data ../shared/data/esconv \
+        --judge openai --judge-url http://localhost:8000/v1 --judge-model gpt-4.1-mini
+    torchrun --nproc_per_node=4 -m tools.train --stages sft-sp,sft-rg,sft-vanilla ...   # FSDP2
 
     python -m tools.train sft --model SRC --data train.jsonl --out runs/sft
     python -m tools.train dpo --model SRC --sft-adapter runs/sft --data pairs.jsonl --out runs/dpo
-    torchrun --nproc_per_node=4 -m tools.train sft ...        # FSDP2 data parallel
 
-The first word selects the stage. SFT data: one JSON object per line with "prompt", "target"
-and optionally "system"; DPO data: "prompt", "chosen", "rejected" and optionally "system".
-The output directory receives the adapter in PEFT format (adapter_model.safetensors,
-adapter_config.json), metrics.jsonl, train_config.json and checkpoints/. DPO merges the SFT
-adapter into the model: its reference is the SFT model and its adapter applies on top of it.
-This file only parses flags; the work is done by decesc.sft.train_sft / decesc.dpo.train_dpo.
+Without a stage word the pipeline runs (see ``--help``; the work is in decesc.pipeline and
+decesc.stages). With ``sft`` / ``dpo`` one stage trains on a JSONL file. SFT data: one JSON
+object per line with "prompt", "target" and optionally "system"; DPO data: "prompt", "chosen",
+"rejected" and optionally "system". The output directory receives the adapter in PEFT format
+(adapter_model.safetensors, adapter_config.json), metrics.jsonl, train_config.json and
+checkpoints/. DPO merges the SFT adapter into the model: its reference is the SFT model and its
+adapter applies on top of it. The work is done by decesc.sft.train_sft / decesc.dpo.train_dpo.
 """
 
 from __future__ import annotations
@@ -162,11 +168,92 @@ def run_stage(stage: str, argv: list[str]) -> int:
     return 0
 
 
+def pipeline_parser() -> argparse.ArgumentParser:
+    """Flags of the full pipeline: one per PipelineConfig field, plus --config and --stages."""
+    from dataclasses import MISSING, fields
+
+    from decesc.pipeline import STAGES
+    from decesc.pipeline_config import PipelineConfig
+
+    p = argparse.ArgumentParser(
+        prog="python -m tools.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PIPELINE_HELP.format(stages=", ".join(STAGES)))
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON file of settings (keys are the flag names with underscores); "
+                        "flags given here win over it")
+    p.add_argument("--stages", default="all",
+                   help=f"comma-separated stages to run, or 'all' (default). Stages: {', '.join(STAGES)}")
+    p.add_argument("--status", action="store_true",
+                   help="print each stage's status in the run directory and exit")
+    for f in fields(PipelineConfig):
+        default = f.default if f.default is not MISSING else None
+        kind = {int: int, float: float}.get(type(default), str)
+        if f.name in ("max_train_examples", "mine_contexts", "max_pairs", "eval_turns"):
+            kind = int
+        if f.name.startswith(("dpo_lr_", "dpo_beta_")):
+            kind = float
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} (default: {default})")
+    return p
+
+
+PIPELINE_HELP = """Run the DecoupledESC method end to end, as resumable stages in one run directory:
+
+  {stages}
+
+sft-*: LoRA SFT of the Strategy Planner (sp), Response Generator (rg) and the vanilla joint model;
+mine: Inferential Preference Mining (the SFT models' mistakes, judged, routed into DPO pairs);
+dpo-*: DPO of each module on its pairs, with the SFT model as reference; eval: Table-3-style report.
+A stage whose outputs exist is skipped; delete its directory (or change its settings) to rerun it
+and what depends on it. With no arguments: every stage on the built-in sample with the SmolLM2
+demo model and the rule-based judge (the 'demo' profile). Training stages also run under
+torchrun (FSDP2); mine and eval then run in a single process.
+
+Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSONL file)
+"""
+
+
 def run_pipeline(argv: list[str]) -> int:
-    """Without a stage word: the full ESC pipeline (a later issue). For now, explain the usage."""
-    print("usage: python -m tools.train {sft,dpo} [flags]   (see python -m tools.train sft --help)\n"
-          "The full ESC pipeline (no subcommand) is not available yet.", file=sys.stderr)
-    return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import time
+
+    from decesc.pipeline import STAGES, Run, parse_stages, run_pipeline as run_stages
+    from decesc.pipeline_config import build_config
+
+    args = pipeline_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "stages", "status")}
+    try:
+        config = build_config(args.config, overrides)
+        stages = parse_stages(args.stages)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.status:
+        run = Run(config)
+        for stage in STAGES:
+            print(f"{stage:12s} {run.status(stage)}")
+        return 0
+    from decesc.fsdp import launched_by_torchrun
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"decesc pipeline: model {config.model}, data {config.data}, profile "
+              f"{config.resolved_profile()}, judge {config.judge}, run directory {config.run_dir}",
+              flush=True)
+    t0 = time.perf_counter()
+    try:
+        run_stages(config, stages)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if main_process:
+        print(f"finished in {time.perf_counter() - t0:.0f} s", flush=True)
+        report = Run(config).stage_dir("eval") / "report.md"
+        if "eval" in stages and report.is_file() and not launched_by_torchrun():
+            print()
+            print(report.read_text())
+            print(f"report: {report} (also report.json, strategy_distribution.svg)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,49 @@
+"""Planner scoring equals the training log-prob; decoupled and vanilla inference run batched."""
+
+import torch
+
+from decesc.esconv import builtin_sample_path, load_dialogues
+from decesc.inference import Sampling, choose_strategies, decoupled, score_strategies, vanilla
+from decesc.logprobs import model_sequence_logprobs
+from decesc.prompts import build_examples
+from decesc.strategies import STRATEGIES
+from decesc.tiny import load_tiny
+from decesc.train_data import chat_messages
+
+
+def test_strategy_scores_equal_sequence_logprobs():
+    """The cached scoring of the 8 names equals log pi(s | c) computed the training way."""
+    model, tok = load_tiny()
+    examples = build_examples(load_dialogues(builtin_sample_path())[:2], "sp")[:3]
+    scores = score_strategies(model, tok, examples, batch_size=2)  # 2 + 1: padded batches
+    assert scores.shape == (3, 8)
+    for i, ex in enumerate(examples):
+        rows = [tok.encode_prompt_target(chat_messages(ex.prompt, ex.system), s) for s in STRATEGIES]
+        L = max(len(r[0]) for r in rows)
+        ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows])
+        labels = torch.tensor([r[1] + [-100] * (L - len(r[1])) for r in rows])
+        with torch.no_grad():
+            ref = model_sequence_logprobs(model, ids, labels)
+        assert torch.allclose(scores[i], ref, atol=1e-4), (scores[i], ref)
+
+
+def test_choose_strategies_greedy_and_seeded():
+    scores = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0, 0, 0, 1]]) + 1e-9)
+    assert choose_strategies(scores) == [STRATEGIES[1], STRATEGIES[7]]
+    a = choose_strategies(scores.repeat(50, 1), temperature=1.0, seed=3)
+    assert a == choose_strategies(scores.repeat(50, 1), temperature=1.0, seed=3)
+    assert set(a[0::2]) <= {STRATEGIES[0], STRATEGIES[1], STRATEGIES[2]} and len(set(a[0::2])) > 1
+
+
+def test_decoupled_and_vanilla_inference_shapes():
+    model, tok = load_tiny()
+    dialogues = load_dialogues(builtin_sample_path())[:2]
+    rg = build_examples(dialogues, "rg")[:3]
+    sampling = Sampling(max_new_tokens=6, batch_size=2)
+    strategies, replies = decoupled(model, model, tok, rg, sampling)
+    assert len(strategies) == len(replies) == 3 and all(s in STRATEGIES for s in strategies)
+    again = decoupled(model, model, tok, rg, sampling)
+    assert again == (strategies, replies)  # seeded
+    v_strategies, v_replies = vanilla(model, tok, build_examples(dialogues, "vanilla")[:3], sampling)
+    assert len(v_strategies) == len(v_replies) == 3
+    assert all(s is None or s in STRATEGIES for s in v_strategies)

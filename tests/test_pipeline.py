@@ -1,0 +1,124 @@
+"""The whole method end to end on the tiny model, through the CLIs: tools.train, tools.evaluate,
+tools.chat. Checks the run directory's contents and the stage skip / rerun rules."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import evaluate as evaluate_cli
+from tools import train as train_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--max-seq-len", "1024", "--max-new-tokens", "12", "--max-train-examples", "8",
+        "--sft-batch-size", "4", "--mine-contexts", "4", "--mine-samples", "2", "--max-pairs", "6",
+        "--dpo-batch-size", "4", "--eval-turns", "4", "--gen-batch-size", "4", "--dtype", "fp32"]
+
+
+def train(run_dir, *extra):
+    return train_cli.main(TINY + ["--run-dir", str(run_dir), *extra])
+
+
+def tokens(run_dir):
+    return {p.parent.name: json.loads(p.read_text())["token"] for p in Path(run_dir).glob("*/DONE.json")}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run") / "tiny"
+    assert train(d) == 0
+    return d
+
+
+def test_every_stage_writes_its_outputs(run_dir, capsys):
+    for stage in ("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"):
+        assert (run_dir / stage / "adapter_model.safetensors").is_file(), stage
+        assert (run_dir / stage / "adapter_config.json").is_file(), stage
+        assert (run_dir / stage / "metrics.jsonl").read_text().strip(), stage
+    for task in ("sp", "rg", "vanilla"):
+        lines = (run_dir / "mine" / f"{task}_pairs.jsonl").read_text().splitlines()
+        assert lines, task
+        pair = json.loads(lines[0])
+        assert {"prompt", "strategy", "chosen", "rejected", "error_types", "source_model"} <= set(pair)
+    assert json.loads((run_dir / "mine" / "stats.json").read_text())["sp"]["pairs"] > 0
+    assert list((run_dir / "ref_cache").glob("*.safetensors"))
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert [r["system"] for r in report] == ["Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO"]
+    assert {"D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "Q_W", "Q", "unparseable"} <= set(report[0])
+    md = (run_dir / "eval" / "report.md").read_text()
+    assert "| Decoupled DPO |" in md and "unparseable" in md
+    assert (run_dir / "eval" / "strategy_distribution.svg").read_text().startswith("<svg")
+
+
+def test_rerun_skips_every_stage(run_dir, capsys):
+    before = tokens(run_dir)
+    assert train(run_dir) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 8
+    assert tokens(run_dir) == before
+
+
+def test_deleting_a_stage_reruns_it_and_its_dependents_only(run_dir, capsys):
+    import shutil
+
+    before = tokens(run_dir)
+    shutil.rmtree(run_dir / "dpo-rg")
+    assert train(run_dir) == 0
+    after = tokens(run_dir)
+    rerun = {s for s in after if after[s] != before.get(s)}
+    assert rerun == {"dpo-rg", "eval"}
+
+    shutil.rmtree(run_dir / "mine")
+    before = after
+    assert train(run_dir) == 0
+    after = tokens(run_dir)
+    assert {s for s in after if after[s] != before[s]} == {"mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval"}
+    capsys.readouterr()
+
+
+def test_changed_setting_reruns_the_affected_stages(run_dir, capsys):
+    before = tokens(run_dir)
+    assert train(run_dir, "--judge-samples", "2") == 0
+    after = tokens(run_dir)
+    assert {s for s in after if after[s] != before[s]} == {"eval"}
+    assert train(run_dir, "--status") == 0  # the default setting differs again: eval is stale
+    assert "eval         stale" in capsys.readouterr().out
+    assert train(run_dir) == 0
+
+
+def test_status_and_bad_stage(run_dir, capsys):
+    assert train(run_dir, "--status") == 0
+    assert capsys.readouterr().out.count(" done") == 8
+    assert train(run_dir, "--stages", "sft-sp,nope") == 2
+    assert "unknown stage(s) nope" in capsys.readouterr().err
+
+
+def test_missing_dependency_is_named(tmp_path, capsys):
+    assert train(tmp_path / "fresh", "--stages", "mine") == 1
+    assert "stage mine needs sft-sp, sft-rg, sft-vanilla" in capsys.readouterr().err
+
+
+def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
+    assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rows) == 4 and all(r["turns"] == 4 for r in rows)
+    assert "report written to" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_chat_through_stdin(run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tools.chat", "--run", str(run_dir), "--max-new-tokens", "8"],
+                          input="I have been so stressed about my exams.\n/reset\nHello?\n/quit\n",
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if line.startswith("Supporter [")]
+    assert len(replies) == 2
+    strategy = replies[0].split("[", 1)[1].split("]", 1)[0]
+    from decesc.strategies import STRATEGIES
+
+    assert strategy in STRATEGIES
+    assert "(new conversation)" in proc.stdout

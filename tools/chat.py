@@ -1,0 +1,130 @@
+"""Chat with the decoupled system in the terminal: each reply shows the strategy it planned.
+
+    python -m tools.chat --run runs/default            # the run's DPO modules (SFT if no DPO)
+    python -m tools.chat --run runs/default --use sft
+    python -m tools.chat --model smollm2-135m-instruct --sp ADAPTER [ADAPTER] --rg ADAPTER [ADAPTER]
+
+Type as the help-seeker. Commands: /reset starts a new conversation, /quit (or end of input) leaves.
+For every message the Strategy Planner picks one of the eight strategies (argmax over their
+log-probabilities), then the Response Generator writes a reply using it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="a run directory made by python -m tools.train")
+    p.add_argument("--use", choices=("dpo", "sft"), default="dpo",
+                   help="with --run: the DPO modules (default; SFT where a module has no DPO "
+                        "adapter) or the SFT modules")
+    p.add_argument("--model", default=None, help="base model source (default: the run's model)")
+    p.add_argument("--sp", nargs="+", default=None, metavar="ADAPTER",
+                   help="Strategy Planner adapters, merged in order (e.g. the SFT then the DPO adapter)")
+    p.add_argument("--rg", nargs="+", default=None, metavar="ADAPTER",
+                   help="Response Generator adapters, merged in order")
+    p.add_argument("--temperature", type=float, default=0.7, help="reply sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="reply nucleus sampling mass (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="longest reply in tokens (default 96)")
+    p.add_argument("--max-context-tokens", type=int, default=1024,
+                   help="prompt budget: the oldest turns are dropped to fit (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return p
+
+
+def module_adapters(args) -> tuple[str, list, list]:
+    if args.run is None:
+        if not (args.model and args.sp and args.rg):
+            raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
+        return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg]
+    from decesc.pipeline import Run
+    from decesc.stages import adapter_of
+
+    run = Run.open(args.run)
+    chains = []
+    for module in ("sp", "rg"):
+        sft = adapter_of(run, f"sft-{module}")
+        if sft is None:
+            raise ValueError(f"{args.run}: no trained sft-{module} adapter; run python -m tools.train first")
+        dpo = adapter_of(run, f"dpo-{module}") if args.use == "dpo" else None
+        chains.append([sft] + ([dpo] if dpo else []))
+    return args.model or run.config.model, chains[0], chains[1]
+
+
+def build_models(source: str, sp_chain: list, rg_chain: list, device: str):
+    from decesc.pipeline_config import PipelineConfig
+    from decesc.stages import module_model
+
+    config = PipelineConfig(model=source, device=device)
+    planner, tokenizer = module_model(config, *sp_chain)
+    generator, _ = module_model(config, *rg_chain)
+    return planner, generator, tokenizer
+
+
+def fit_context(turns, tokenizer, budget: int) -> str:
+    """The history block of the most recent turns whose RG prompt fits ``budget`` tokens."""
+    from decesc.esconv import Dialogue
+    from decesc.prompts import make_example, render_context
+
+    dialogue = Dialogue(turns=turns, emotion_type="", problem_type="", situation="", source="chat", index=0)
+    start = 0
+    while True:
+        context = render_context(dialogue, len(turns), start)
+        ex = make_example("rg", context, "Question")
+        if start >= len(turns) - 1 or tokenizer.count_tokens(ex.system + ex.prompt) <= budget:
+            return context
+        start += 1
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from decesc.esconv import Turn
+    from decesc.inference import Sampling, generate_replies, plan
+    from decesc.prompts import make_example
+
+    try:
+        source, sp_chain, rg_chain = module_adapters(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        planner, generator, tokenizer = build_models(source, sp_chain, rg_chain, device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=1)
+    interactive = sys.stdin.isatty()
+    print("Talk to the supporter. /reset starts over, /quit leaves.", flush=True)
+    turns: list = []
+    while True:
+        try:
+            line = input("You: " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            return 0
+        if text == "/reset":
+            turns = []
+            print("(new conversation)", flush=True)
+            continue
+        turns.append(Turn("seeker", text, None))
+        context = fit_context(turns, tokenizer, args.max_context_tokens)
+        strategy = plan(planner, tokenizer, [make_example("sp", context, None)])[0]
+        sampling.seed += 1
+        reply = generate_replies(generator, tokenizer, [make_example("rg", context, strategy)], sampling)[0]
+        turns.append(Turn("supporter", reply, strategy))
+        print(f"Supporter [{strategy}]: {reply}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

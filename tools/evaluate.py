@@ -1,0 +1,79 @@
+"""Table-3-style report for one or more trained runs (markdown + JSON + strategy chart).
+
+    python -m tools.evaluate runs/default
+    python -m tools.evaluate runs/qwen runs/llama --out reports/compare --judge-samples 100
+
+For each run directory (made by ``python -m tools.train``) the four systems Vanilla SFT, Vanilla
+DPO, Decoupled SFT and Decoupled DPO are run on the evaluation turns (or their stored outputs are
+reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, Q_W,
+Q, unparseable strategies, error-type shares, strategy preference and distribution. With several
+runs, system names are prefixed by the run directory's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to evaluate")
+    p.add_argument("--out", default=None,
+                   help="where to write report.md/.json and strategy_distribution.svg "
+                        "(default: <RUN_DIR>/eval for one run, ./eval_report for several)")
+    p.add_argument("--split", choices=("test", "valid"), default=None,
+                   help="split to evaluate (default: the run's eval_split)")
+    p.add_argument("--eval-turns", type=int, default=None,
+                   help="evaluate at most this many turns (seeded subset; default: the run's setting)")
+    p.add_argument("--judge", choices=("rule", "openai", "local"), default=None,
+                   help="judge for rubric scores and error types (default: the run's judge)")
+    p.add_argument("--judge-url", default=None, help="base URL of the OpenAI-compatible judge API")
+    p.add_argument("--judge-model", default=None, help="judge model name (openai) or source (local)")
+    p.add_argument("--judge-samples", type=int, default=None,
+                   help="replies per system scored by the judge (default: the run's setting, paper 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from decesc.evaluation import write_report
+    from decesc.pipeline import Run, STAGES
+    from decesc.pipeline_config import validate_config
+    from decesc.stages import score_run
+
+    rows = []
+    try:
+        for run_dir in args.runs:
+            run = Run.open(run_dir)
+            changes = {k: v for k, v in {"eval_split": args.split, "eval_turns": args.eval_turns,
+                                         "judge": args.judge, "judge_url": args.judge_url,
+                                         "judge_model": args.judge_model,
+                                         "judge_samples": args.judge_samples}.items() if v is not None}
+            run.config = replace(run.config, **changes)
+            validate_config(run.config)
+            missing = [s for s in STAGES[:-1] if run.status(s) != "done"]
+            if missing:
+                raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
+                                 f"run python -m tools.train --run-dir {run_dir} first")
+            own = run.stage_dir("eval")
+            outputs = own / "outputs.json"  # reused when its settings match, else regenerated
+            prefix = f"{Path(run_dir).name}: " if len(args.runs) > 1 else ""
+            rows += score_run(run, outputs, prefix, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "eval" if len(args.runs) == 1
+                                           else Path("eval_report"))
+    report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(args.runs))
+    print(report.read_text())
+    print(f"report written to {report} (+ report.json, strategy_distribution.svg)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
