@@ -130,11 +130,12 @@ def read_jsonl(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- SFT (eqs. 3, 4)
 
 
-def _sft(run, stage: str, task: str) -> dict:
+def sft(run, stage: str) -> dict:
+    """sft-sp / sft-rg / sft-vanilla: LoRA SFT of one module on its training examples."""
     from .sft import train_sft
     from .train_data import SFTExample
 
-    c = run.config
+    c, task = run.config, stage.split("-", 1)[1]
     model, tokenizer = base_model(c)
     train = subset(examples(c, tokenizer, "train", task), c.max_train_examples, c.seed)
     data = [SFTExample(e.prompt, e.target, e.system) for e in train]
@@ -143,18 +144,6 @@ def _sft(run, stage: str, task: str) -> dict:
                        base_model_name_or_path=c.model, resume=True)
     return {"module": MODULES[task], "examples": len(data), "steps": result.steps,
             "final_loss": result.last_metrics.get("loss")}
-
-
-def sft_sp(run, stage):
-    return _sft(run, stage, "sp")
-
-
-def sft_rg(run, stage):
-    return _sft(run, stage, "rg")
-
-
-def sft_vanilla(run, stage):
-    return _sft(run, stage, "vanilla")
 
 
 # ----------------------------------------------------------------------------- IPM mining
@@ -249,11 +238,12 @@ def stats_markdown(stats: dict) -> str:
 # ----------------------------------------------------------------------------- DPO (eqs. 5, 6)
 
 
-def _dpo(run, stage: str, module: str) -> dict:
+def dpo(run, stage: str) -> dict:
+    """dpo-sp / dpo-rg / dpo-vanilla: DPO of one module on its mined pairs, SFT model as reference."""
     from .dpo import train_dpo
     from .train_data import PreferencePair
 
-    c = run.config
+    c, module = run.config, stage.split("-", 1)[1]
     pairs = subset(read_pairs(run.stage_dir("mine") / f"{module}_pairs.jsonl"), c.max_pairs, c.seed)
     if not pairs:
         return {"module": MODULES[module], "pairs": 0, "steps": 0,
@@ -269,18 +259,6 @@ def _dpo(run, stage: str, module: str) -> dict:
     m = result.last_metrics
     return {"module": MODULES[module], "pairs": len(data), "steps": result.steps, "lr": lr, "beta": beta,
             "final_loss": m.get("loss"), "final_reward_accuracy": m.get("rewards/accuracies")}
-
-
-def dpo_sp(run, stage):
-    return _dpo(run, stage, "sp")
-
-
-def dpo_rg(run, stage):
-    return _dpo(run, stage, "rg")
-
-
-def dpo_vanilla(run, stage):
-    return _dpo(run, stage, "vanilla")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -359,5 +337,5 @@ def evaluate(run, stage) -> dict:
                       "systems": {r["system"]: {k: r[k] for k in ("B", "Q_W", "Q", "R-L")} for r in rows}})
 
 
-STAGE_FUNCTIONS = {"sft-sp": sft_sp, "sft-rg": sft_rg, "sft-vanilla": sft_vanilla, "mine": mine,
-                   "dpo-sp": dpo_sp, "dpo-rg": dpo_rg, "dpo-vanilla": dpo_vanilla, "eval": evaluate}
+STAGE_FUNCTIONS = {"sft-sp": sft, "sft-rg": sft, "sft-vanilla": sft, "mine": mine,
+                   "dpo-sp": dpo, "dpo-rg": dpo, "dpo-vanilla": dpo, "eval": evaluate}

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from conftest import tiny_hf_config, write_hf_model
 from decesc import load_pretrained
 from decesc.lora import (
     DEFAULT_TARGETS,
@@ -54,29 +54,6 @@ def token_ids(n: int = 2, t: int = 20, seed: int = 1) -> torch.Tensor:
 
 def base_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-
-
-def write_hf_model(path, model_type):
-    """A tiny transformers model saved as an HF directory (with a toy tokenizer)."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    cfg = tiny_hf_config(model_type)
-    cls, conf_cls = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
-                     "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)}[model_type]
-    torch.manual_seed(0)
-    hf = cls(conf_cls(**{k: v for k, v in cfg.items() if k != "model_type"})).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    hf.save_pretrained(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(ord("a") + i): i + 3 for i in range(26)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return hf
 
 
 # ----------------------------------------------------------------------------- the update rule

@@ -5,38 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from conftest import tiny_hf_config, write_hf_model
 from decesc import load_pretrained
 from decesc.model import CausalLM, ConfigError, ModelConfig
 
 transformers = pytest.importorskip("transformers")
-
-
-def write_hf_model(tmp_path, model_type, max_shard_size=None):
-    cfg = tiny_hf_config(model_type)
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
-    conf_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    torch.manual_seed(0)
-    hf = cls(conf_cls(**{k: v for k, v in cfg.items() if k != "model_type"})).eval()
-    with torch.no_grad():  # non-trivial norms and biases so they are exercised
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    hf.save_pretrained(tmp_path, **kwargs)
-    write_toy_tokenizer(tmp_path)
-    return hf
-
-
-def write_toy_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(ord("a") + i): i + 3 for i in range(26)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
 @pytest.mark.parametrize("model_type,shard", [("llama", None), ("llama", "20KB"),
