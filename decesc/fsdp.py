@@ -131,8 +131,11 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     A collective under FSDP: call it on every rank; rank 0 gets the tensors, others ``{}``.
     In a single process the returned tensors are fresh copies (safe to keep as a snapshot).
     """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = get_model_state_dict(model, options=_GATHER)
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    # ignore_frozen_params can let a frozen tied weight through under its second name
+    # (lm_head.weight = embed_tokens.weight), so keep the trainable names only
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k in trainable}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -122,3 +122,24 @@ def test_chat_through_stdin(run_dir):
 
     assert strategy in STRATEGIES
     assert "(new conversation)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_training_stage_under_torchrun_matches_single_process(tmp_path):
+    """sft-sp under torchrun (2 processes, gloo, FSDP2) writes the same adapter as one process.
+    The tiny model ties its embeddings, so this also checks that only LoRA tensors are saved.
+    (Without dropout: each rank draws its own dropout masks.)"""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = TINY + ["--stages", "sft-sp", "--micro-batch-size", "2", "--lora-dropout", "0"]  # dropout masks are per rank
+    for name, launcher in (("single", [sys.executable, "-m", "tools.train"]),
+                           ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node=2", "-m", "tools.train"])):
+        proc = subprocess.run(launcher + args + ["--run-dir", str(tmp_path / name)], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    single = load_file(tmp_path / "single" / "sft-sp" / "adapter_model.safetensors")
+    fsdp = load_file(tmp_path / "fsdp" / "sft-sp" / "adapter_model.safetensors")
+    assert set(fsdp) == set(single) and all(".lora_" in k for k in fsdp)
+    assert max((fsdp[k] - single[k]).abs().max().item() for k in single) <= 1e-5
