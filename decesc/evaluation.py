@@ -70,7 +70,9 @@ def render_markdown(rows: list[dict], title: str = "Evaluation") -> str:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
                      + f" | {r['unparseable']}/{r['turns']} | {r['judged']} |")
     lines += ["", "D-1/B-1/F1/R-L and Q_W/Q are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
-              "B is the preference bias (lower = less biased); – = undefined (see docs).", "",
+              "B is the preference bias (lower = less biased). – = undefined: B and p have no finite "
+              "Bradley–Terry estimate when a predicted strategy never loses or nothing was mispredicted "
+              "(rules in decesc/metrics/preference.py); rubric columns need judged replies.", "",
               "## Error types in judged replies (% of judged replies)", "",
               "| system | " + " | ".join(ERROR_TYPES) + " |", "|---|" + "---|" * len(ERROR_TYPES)]
     for r in rows:

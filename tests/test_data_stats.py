@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ESCONV_DIR
 from decesc.esconv import builtin_sample_path
 from decesc.strategies import STRATEGIES
 from tools.data_stats import main
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared/data/esconv"
+REAL = ESCONV_DIR
 
 
 def run(*args):

@@ -9,7 +9,7 @@ import torch
 from decesc import dpo
 from decesc.lora import apply_lora, load_adapter, lora_disabled, save_adapter
 from decesc.trainer import TrainConfig
-from tiny import preference_pairs, tiny_model, toy_tokenizer
+from toy import preference_pairs, tiny_model, toy_tokenizer
 
 
 def test_dpo_loss_and_rewards_by_hand():

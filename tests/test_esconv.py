@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ESCONV_DIR
 from decesc.esconv import (DataError, Dialogue, Turn, builtin_sample_path, load_dialogues,
                            load_splits, split_dialogues)
 from decesc.strategies import STRATEGIES
 
-REAL = Path(__file__).resolve().parents[2] / "shared/data/esconv"
+REAL = ESCONV_DIR
 
 
 def jsonl_dialogue(n_pairs=2, first="usr", strategy="Question", **meta):

@@ -42,7 +42,7 @@ def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
     """SFT into out/sft, then DPO (from ``sft_adapter``, default: this run's SFT) into out/dpo."""
     from decesc.dpo import train_dpo
     from decesc.sft import train_sft
-    from tiny import preference_pairs, sft_examples, tiny_model, toy_tokenizer
+    from toy import preference_pairs, sft_examples, tiny_model, toy_tokenizer
 
     tok = toy_tokenizer()
     train_sft(tiny_model(), tok, sft_examples(), sft_config(micro), out / "sft")
@@ -55,7 +55,7 @@ def crash_and_resume_sft(out: Path) -> None:
     import dataclasses
 
     from decesc import sft
-    from tiny import sft_examples, tiny_model, toy_tokenizer
+    from toy import sft_examples, tiny_model, toy_tokenizer
 
     config = dataclasses.replace(sft_config(1), save_every=2)
     real, calls = sft.sft_loss, [0]

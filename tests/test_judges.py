@@ -256,7 +256,7 @@ class ScriptedGenerate:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tiny import tiny_model, toy_tokenizer
+    from toy import tiny_model, toy_tokenizer
 
     return tiny_model(max_position_embeddings=8192), toy_tokenizer()
 

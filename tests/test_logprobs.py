@@ -7,7 +7,7 @@ import torch
 
 from decesc.logprobs import (model_sequence_logprobs, next_token_targets,
                              sequence_logprobs, target_counts)
-from tiny import tiny_model
+from toy import tiny_model
 
 
 def hand_example():

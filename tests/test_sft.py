@@ -13,7 +13,7 @@ from decesc.sft import (SequenceTooLongError, collate_sft, masked_lm_loss, sft_o
 from decesc.train_data import SFTExample
 from decesc.trainer import TrainConfig, micro_batches
 from test_logprobs import hand_example
-from tiny import sft_examples, tiny_model, toy_tokenizer
+from toy import sft_examples, tiny_model, toy_tokenizer
 
 
 def test_loss_is_cross_entropy_over_target_tokens_only():

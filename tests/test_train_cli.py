@@ -7,7 +7,7 @@ import torch
 
 from decesc import load_pretrained
 from decesc.lora import load_adapter, lora_modules
-from tiny import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
+from toy import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
 from tools.train import STAGES, build_parser, main
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from decesc import sft
 from decesc.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from decesc.trainer import NonFiniteLossError, TrainConfig, epoch_order, lr_at, micro_batches
-from tiny import sft_examples, tiny_model, toy_tokenizer
+from toy import sft_examples, tiny_model, toy_tokenizer
 
 
 def test_lr_schedule_by_hand():
