@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path, atomic_write_text
 from .lora import LoRAConfig, read_adapter_state, write_adapter
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import fsdp
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text
 from .logprobs import IGNORE_INDEX, model_sequence_logprobs
 from .lora import apply_lora, load_adapter, lora_disabled, lora_modules, remove_lora
 from .sft import SequenceTooLongError, pad_right
@@ -50,6 +50,7 @@ PAPER_DPO = {
     "llama3.1-8b": {"vanilla": (5e-7, 0.2), "sp": (8e-8, 0.5), "rg": (3e-7, 0.2)},
 }
 
+MERGE_FIRST = "merge_first.json"  # next to a DPO adapter: the SFT adapter(s) it sits on
 reference_forward_passes = 0  # forward passes of the reference model in this process (for tests)
 
 
@@ -98,7 +99,8 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer, max_seq_le
         for side in ("chosen", "rejected"):
             ids, labels = tokenizer.encode_prompt_target(messages, getattr(pair, side))
             if len(ids) > max_seq_len:
-                raise SequenceTooLongError(f"preference pair {i} ({side}): {len(ids)} tokens exceed "
+                where = f", {pair.source}" if pair.source else ""
+                raise SequenceTooLongError(f"preference pair {i} ({side}{where}): {len(ids)} tokens exceed "
                                            f"max_seq_len={max_seq_len}")
             item[f"{side}_ids"], item[f"{side}_labels"] = ids, labels
         item["length"] = max(len(item["chosen_ids"]), len(item["rejected_ids"]))
@@ -251,9 +253,10 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
               config: TrainConfig, out_dir: str | Path, *, sft_adapter: str | Path | None = None,
               base_model_name_or_path: str = "", resume: bool | str | Path = False) -> TrainResult:
     """DPO stage (eqs. 5, 6): merge the SFT adapter, cache reference log-probs, train a fresh
-    DPO adapter. Writes the adapter (PEFT format, relative to the merged SFT model), metrics and
-    checkpoints to ``out_dir``; reference log-probs go to ``config.ref_cache_dir``
-    (default ``<out_dir>/../ref_cache``, shared by sibling runs of a sweep)."""
+    DPO adapter. Writes the adapter (PEFT format, relative to the merged SFT model, which
+    ``merge_first.json`` records), metrics and checkpoints to ``out_dir``; reference log-probs
+    go to ``config.ref_cache_dir`` (default ``<out_dir>/../ref_cache``, shared by sibling runs of
+    a sweep)."""
     config.validate()
     items = tokenize_pairs(pairs, tokenizer, config.max_seq_len)
     prepare_dpo_model(model, config, sft_adapter)
@@ -264,6 +267,15 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
                           config.micro_batch_size, config.dtype, info)
     for item, (chosen, rejected) in zip(items, ref.tolist()):
         item["ref_chosen"], item["ref_rejected"] = chosen, rejected
-    return train(model, items, dpo_objective(tokenizer.pad_token_id, config.beta), config,
-                 out_dir, base_model_name_or_path=base_model_name_or_path, info=info,
-                 resume=resume, lengths=[it["length"] for it in items], name="dpo")
+    result = train(model, items, dpo_objective(tokenizer.pad_token_id, config.beta), config,
+                   out_dir, base_model_name_or_path=base_model_name_or_path, info=info,
+                   resume=resume, lengths=[it["length"] for it in items], name="dpo")
+    if info.is_main and sft_adapter is not None:
+        # The DPO adapter is a delta on top of base + SFT; PEFT cannot know that from
+        # adapter_config.json alone, so say it next to the adapter.
+        atomic_write_text(Path(out_dir) / MERGE_FIRST, json.dumps({
+            "base_model_name_or_path": base_model_name_or_path,
+            "merge_first": [str(Path(sft_adapter).resolve())],
+            "note": "apply this adapter to the base model with these adapters merged in, in order "
+                    "(decesc.lora.load_adapter + remove_lora per adapter, or export_merged)"}, indent=2))
+    return result

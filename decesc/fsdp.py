@@ -110,11 +110,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a (possibly) DTensor parameter or gradient."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """The full tensor behind a DTensor (a collective), or ``t`` itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -39,6 +39,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, extra: int,
+             device=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Left-padded prompt ids (B, L), a padding mask (B, L + extra) with 1 on real prompt tokens
+    and 0 on padding and on the ``extra`` slots after the prompt, and whether any row is padded."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L + extra, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, L - len(p):L] = 1
+    return ids, mask, any(len(p) < L for p in prompts)
+
+
 @torch.inference_mode()
 def generate(
     model: CausalLM,
@@ -67,14 +80,9 @@ def generate(
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
     device = model.lm_head.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
+    ids, mask, padded = left_pad(prompts, pad_token_id, max_new_tokens, device)
+    B, L = ids.shape
     total = L + max_new_tokens
-    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, total, dtype=torch.long, device=device)  # 1 = real token
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, L - len(p):L] = 1
-    padded = any(len(p) < L for p in prompts)
     dtype = model.lm_head.weight.dtype
     cache = KVCache(model.config, B, total, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

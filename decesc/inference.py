@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .generate import generate, truncate_at_stop
+from .generate import generate, left_pad, truncate_at_stop
 from .kv_cache import KVCache
 from .model import CausalLM
 from .prompts import Example, rg_example, split_vanilla_output, task_example
@@ -67,13 +67,9 @@ def score_strategies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
     out = torch.empty(len(examples), len(STRATEGIES))
     for b0 in _batches(len(examples), batch_size, "planning", progress):
         prompts = [_prompt_ids(tokenizer, ex) for ex in examples[b0:b0 + batch_size]]
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros(B, L + extra, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1  # prompt and every candidate slot after it
-        padded = any(len(p) < L for p in prompts)
+        ids, mask, padded = left_pad(prompts, tokenizer.pad_token_id, extra, device)
+        B, L = ids.shape
+        mask[:, L:] = 1  # the candidate name's slots after the prompt
         cache = KVCache(model.config, B, L + extra, dtype=model.lm_head.weight.dtype, device=device)
         first = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache, last_only=True)
         first = first[:, -1].float().log_softmax(-1)  # (B, V): distribution of each name's 1st token

@@ -111,7 +111,8 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict transformers reads back (classic rope_theta/rope_scaling keys)."""
         d = asdict(self)
-        extra, qkv_bias = d.pop("extra"), d.pop("qkv_bias")
+        extra = d.pop("extra")
+        del d["qkv_bias"]  # implied by model_type
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
         out = {**extra, "architectures": [arch], "hidden_act": "silu", **d}
         if self.model_type == "qwen2":

@@ -5,9 +5,11 @@
 Each stage writes into ``<run_dir>/<stage>/`` and finishes by writing ``DONE.json`` last
 (atomically). It records a fresh random token, a hash of the configuration fields the stage
 reads, and the tokens of the stages it used. A stage is skipped when its ``DONE.json`` exists,
-its config hash is unchanged and every dependency still has the recorded token. So rerunning
+its config hash is unchanged, every dependency still has the recorded token and is itself up to
+date (checked recursively, so one stale stage makes everything downstream stale). So rerunning
 skips everything; deleting one stage's directory (or changing its settings) reruns that stage,
-and - because its token changes - every stage downstream of it, and nothing else.
+and - because its token changes - every stage downstream of it, and nothing else. Asking for a
+stage whose dependencies are not up to date (and not requested too) is an error naming them.
 
 A stage interrupted before ``DONE.json`` resumes: training stages continue from their last
 checkpoint, mining reuses finished sub-steps and every cached judgment. A stage whose inputs
@@ -24,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .pipeline_config import PipelineConfig
+from .pipeline_config import PipelineConfig, read_config_file
 
 STAGES = ("sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval")
 TRAINING_STAGES = ("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla")
@@ -35,11 +37,12 @@ DEPENDS = {
     "eval": ("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
 }
 _COMMON = ("model", "data", "seed", "max_seq_len")
-_SFT = _COMMON + ("dtype", "lora_r", "lora_alpha", "lora_dropout", "sft_epochs", "sft_lr",
-                  "sft_batch_size", "micro_batch_size", "max_train_examples")
+# max_new_tokens sets the context budget of every example (stages.examples), so all stages read it
+_SFT = _COMMON + ("max_new_tokens", "dtype", "lora_r", "lora_alpha", "lora_dropout", "sft_epochs",
+                  "sft_lr", "sft_batch_size", "micro_batch_size", "max_train_examples")
 _DPO = _COMMON + ("dtype", "lora_r", "lora_alpha", "lora_dropout", "dpo_preset", "dpo_epochs",
                   "dpo_batch_size", "micro_batch_size", "max_pairs")
-_GEN = ("temperature", "top_p", "max_new_tokens")
+_GEN = ("temperature", "top_p", "max_new_tokens", "gen_batch_size")  # batch size seeds sampling
 _JUDGE = ("judge", "judge_model")
 CONFIG_FIELDS = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
@@ -49,15 +52,6 @@ CONFIG_FIELDS = {
     "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
     "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples"),
 }
-
-
-def downstream(stage: str) -> list[str]:
-    """Every stage that (transitively) depends on ``stage``."""
-    out: list[str] = []
-    for s in STAGES:
-        if any(d == stage or d in out for d in DEPENDS[s]):
-            out.append(s)
-    return out
 
 
 def parse_stages(spec: str | None) -> list[str]:
@@ -72,7 +66,10 @@ def parse_stages(spec: str | None) -> list[str]:
 
 
 class Run:
-    """A run directory: stage markers and the config the stages were built with."""
+    """A run directory and the settings it is run with: stage markers, status, skip rules.
+
+    ``config.json`` holds the settings of the last pipeline call that finished without error.
+    """
 
     def __init__(self, config: PipelineConfig):
         self.config = config
@@ -82,11 +79,10 @@ class Run:
     def open(cls, run_dir: str | Path) -> "Run":
         """An existing run directory, with the config it was run with (``config.json``)."""
         path = Path(run_dir) / "config.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a decesc run directory ({e})") from None
-        return cls(PipelineConfig(**{**data, "run_dir": str(run_dir)}))
+        if not path.is_file():
+            raise ValueError(f"{path}: not found (not a decesc run directory, or no pipeline call "
+                             "on it has finished yet)")
+        return cls(PipelineConfig(**{**read_config_file(path), "run_dir": str(run_dir)}))
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
@@ -113,11 +109,13 @@ class Run:
         return tokens
 
     def status(self, stage: str) -> str:
-        """"done", "stale" (done, but its config or inputs changed) or "todo"."""
+        """"done", "todo", or "stale": done, but its settings or inputs changed, or a stage it
+        depends on (directly or not) is itself not done."""
         done = self.marker(stage)
         if done is None:
             return "todo"
-        if done.get("config") != self.config_hash(stage) or done.get("inputs") != self.inputs(stage):
+        if (done.get("config") != self.config_hash(stage) or done.get("inputs") != self.inputs(stage)
+                or any(self.status(dep) != "done" for dep in DEPENDS[stage])):
             return "stale"
         return "done"
 
@@ -139,7 +137,8 @@ class Run:
     def finish(self, stage: str, summary: dict, seconds: float) -> None:
         record = {"stage": stage, "token": uuid.uuid4().hex, "config": self.config_hash(stage),
                   "inputs": self.inputs(stage), "seconds": round(seconds, 1),
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary}
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary,
+                  "settings": {k: getattr(self.config, k) for k in CONFIG_FIELDS[stage]}}
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
 
 
@@ -164,7 +163,6 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
     run = Run(config)
     if is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.dir / "config.json", json.dumps(config.to_json(), indent=2))
     outcome = {}
     for stage in stages:
         status = run.status(stage)
@@ -192,4 +190,6 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
         if distributed:
             barrier()
         outcome[stage] = "ran"
+    if is_main:  # only a call that finished records its settings as the run's
+        atomic_write_text(run.dir / "config.json", json.dumps(config.to_json(), indent=2))
     return outcome

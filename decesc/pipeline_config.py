@@ -1,8 +1,10 @@
 """The one configuration of the DecoupledESC pipeline, with the paper's defaults (SPEC §1).
 
 Every field is a command-line flag of ``python -m tools.train`` (``--sft-lr`` for ``sft_lr``) and
-a key of the optional JSON file given with ``--config``; flags win over the file, the file wins
-over the profile, the profile wins over the defaults below.
+a key of the optional JSON file given with ``--config``. Precedence, highest first: flags, the
+``--config`` file, the ``config.json`` of an existing run directory (a run remembers its settings),
+the profile, the defaults below. ``--model tiny`` raises ``max_seq_len`` to 1024 (its small
+vocabulary needs about twice the tokens) unless it is set explicitly.
 
 Profiles. ``paper`` is the dataclass defaults: Appendix D's hyper-parameters (LoRA r 16 / alpha 16
 / dropout 0.05; SFT 3 epochs, lr 1e-5, batch 32; DPO 1 epoch, batch 32, per-module lr and beta of
@@ -43,8 +45,9 @@ class PipelineConfig:
     device: str | None = _f(None, "cpu or cuda (default: cuda if available)")
     dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (parameters stay fp32)",
                     choices=("fp32", "bf16"))
-    max_seq_len: int = _f(4096, "token budget of prompt + reply; older turns are dropped to fit "
-                          "(the reply is never cut)")
+    max_seq_len: int = _f(4096, "token budget of one example: prompt + gold reply must fit in "
+                          "max_seq_len - max_new_tokens (so a generated reply fits too); older "
+                          "turns are dropped to fit, the reply is never cut")
     # ------------------------------------------------------------------ LoRA / SFT (eqs. 3, 4)
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
@@ -56,6 +59,8 @@ class PipelineConfig:
                                "half as many pairs: chosen and rejected are both sequences)")
     max_train_examples: int | None = _f(None, "use at most this many SFT examples per module "
                                         "(seeded subset; default all)")
+    save_every: int = _f(25, "write a training checkpoint every N optimizer steps (0: never); an "
+                         "interrupted training stage resumes from the last one")
     # ------------------------------------------------------------------ IPM mining
     mine_contexts: int | None = _f(None, "mine at most this many training contexts (seeded subset; "
                                    "default all)")
@@ -110,26 +115,69 @@ class PipelineConfig:
 DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_size=8,
             max_train_examples=64, mine_contexts=24, mine_samples=2, dpo_batch_size=8,
             dpo_lr_sp=3e-4, dpo_lr_rg=3e-4, dpo_lr_vanilla=3e-4, dpo_beta_sp=0.1, dpo_beta_rg=0.1,
-            dpo_beta_vanilla=0.1, max_pairs=32, max_new_tokens=40)
+            dpo_beta_vanilla=0.1, max_pairs=32, max_new_tokens=40, save_every=2)
 
 
-def build_config(file: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
-    """Defaults <- profile <- JSON file <- explicit overrides (flags)."""
-    known = {f.name for f in fields(PipelineConfig)}
-    from_file = {}
-    if file is not None:
+# ``--model tiny`` has a small byte-level vocabulary: its prompts take about twice as many tokens.
+TINY_MODEL = dict(max_seq_len=1024)
+_OPTIONAL_INT = ("max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
+
+
+def field_type(name: str) -> type:
+    """int, float or str: the type a field's value must have (None is allowed where the default is)."""
+    if name in _OPTIONAL_INT:
+        return int
+    if name.startswith(("dpo_lr_", "dpo_beta_")):
+        return float
+    default = PipelineConfig.__dataclass_fields__[name].default
+    return {int: int, float: float}.get(type(default), str)
+
+
+def _coerce(values: dict, where: str) -> dict:
+    out = {}
+    for name, value in values.items():
+        kind = field_type(name)
+        if value is None or isinstance(value, kind) and not isinstance(value, bool):
+            out[name] = value
+            continue
         try:
-            from_file = json.loads(Path(file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: cannot read the config ({e})") from None
-        unknown = sorted(set(from_file) - known)
-        if unknown:
-            raise ValueError(f"{file}: unknown config key(s) {', '.join(unknown)}")
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    merged = {**from_file, **overrides}
+            if kind is str or isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+                raise ValueError
+            out[name] = kind(value) if kind is float else int(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be {'an integer' if kind is int else 'a number' if kind is float else 'a string'}, "
+                             f"got {value!r}") from None
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Settings from a JSON file, checked against the known keys and their types."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in fields(PipelineConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {', '.join(unknown)}")
+    return _coerce(data, str(path))
+
+
+def build_config(file: str | Path | None = None, overrides: dict | None = None,
+                 saved: dict | None = None) -> PipelineConfig:
+    """Defaults <- profile <- the run's saved config <- JSON file <- explicit overrides (flags).
+
+    ``saved`` is the ``config.json`` of an existing run directory: a run remembers its settings,
+    so ``--run-dir R --stages eval`` continues run R as it was configured.
+    """
+    from_file = read_config_file(file) if file is not None else {}
+    overrides = _coerce({k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    merged = {**(saved or {}), **from_file, **overrides}
     base = PipelineConfig(**{k: v for k, v in merged.items() if k in ("data", "profile")})
     profile = DEMO if base.resolved_profile() == "demo" else {}
-    config = PipelineConfig(**{**profile, **merged})
+    tiny = TINY_MODEL if merged.get("model") == "tiny" else {}
+    config = PipelineConfig(**{**profile, **tiny, **merged})
     validate_config(config)
     return config
 
@@ -140,12 +188,27 @@ def validate_config(c: PipelineConfig) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(c, f.name) not in choices:
             raise ValueError(f"config: {f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
-    positive = ("max_seq_len", "lora_r", "sft_epochs", "sft_batch_size", "micro_batch_size",
-                "mine_samples", "dpo_epochs", "dpo_batch_size", "max_new_tokens", "gen_batch_size",
-                "judge_samples")
+    at_least_one = ("max_seq_len", "lora_r", "sft_epochs", "sft_batch_size", "micro_batch_size",
+                    "mine_samples", "dpo_epochs", "dpo_batch_size", "max_new_tokens", "gen_batch_size",
+                    "judge_samples", "max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
+    for name in at_least_one:
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ValueError(f"config: {name} must be >= 1, got {value}")
+    positive = ("lora_alpha", "sft_lr", "dpo_lr_sp", "dpo_lr_rg", "dpo_lr_vanilla", "dpo_beta_sp",
+                "dpo_beta_rg", "dpo_beta_vanilla")
     for name in positive:
-        if getattr(c, name) < 1:
-            raise ValueError(f"config: {name} must be >= 1, got {getattr(c, name)}")
+        value = getattr(c, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"config: {name} must be > 0, got {value}")
+    if not 0 <= c.lora_dropout < 1:
+        raise ValueError(f"config: lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if c.temperature < 0:
+        raise ValueError(f"config: temperature must be >= 0, got {c.temperature}")
+    if not 0 < c.top_p <= 1:
+        raise ValueError(f"config: top_p must be in (0, 1], got {c.top_p}")
+    if c.save_every < 0:
+        raise ValueError(f"config: save_every must be >= 0, got {c.save_every}")
     if c.judge == "openai" and not (c.judge_url and c.judge_model):
         raise ValueError("config: --judge openai needs --judge-url and --judge-model")
     if c.judge == "local" and not c.judge_model:

@@ -38,8 +38,9 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: 
         input_ids, labels = tokenizer.encode_prompt_target(chat_messages(ex.prompt, ex.system),
                                                            ex.target)
         if len(input_ids) > max_seq_len:
+            where = f" ({ex.source})" if ex.source else ""
             raise SequenceTooLongError(
-                f"SFT example {i}: {len(input_ids)} tokens (prompt {labels.count(IGNORE_INDEX)} + "
+                f"SFT example {i}{where}: {len(input_ids)} tokens (prompt {labels.count(IGNORE_INDEX)} + "
                 f"target {len(input_ids) - labels.count(IGNORE_INDEX)}) exceed "
                 f"max_seq_len={max_seq_len}")
         items.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids)})

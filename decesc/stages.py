@@ -27,11 +27,12 @@ from .judges import ERROR_TYPES, JudgeItem, Judgment, LocalJudge, OpenAIJudge, R
 from .loading import load_pretrained
 from .lora import load_adapter, remove_lora
 from .pipeline_config import BUILTIN, PipelineConfig
-from .prompts import Example, build_examples, rg_example, split_vanilla_output, task_example
+from .prompts import (SYSTEMS, Example, build_examples, instruction, rg_example, split_vanilla_output,
+                      task_example)
 from .trainer import TrainConfig
 
 MODULES = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "vanilla joint model"}
-_BASE_CACHE: dict[tuple, tuple] = {}  # (model source, device) -> (model, tokenizer), loaded once
+_BASE_CACHE: dict[str, tuple] = {}  # model source -> (CPU model, tokenizer), read from disk once
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -41,13 +42,21 @@ def device_of(config: PipelineConfig) -> str:
     return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _cached_base(config: PipelineConfig):
+    if config.model not in _BASE_CACHE:
+        _BASE_CACHE[config.model] = load_pretrained(config.model, dtype=torch.float32, device="cpu")
+    return _BASE_CACHE[config.model]
+
+
 def base_model(config: PipelineConfig):
-    """A fresh copy of the base model (fp32) and its tokenizer; the file is read once."""
-    key = (config.model, device_of(config))
-    if key not in _BASE_CACHE:
-        _BASE_CACHE[key] = load_pretrained(config.model, dtype=torch.float32, device=key[1])
-    model, tokenizer = _BASE_CACHE[key]
-    return copy.deepcopy(model), tokenizer
+    """A fresh copy of the base model (fp32, on the run's device) and its tokenizer. The
+    checkpoint is read once per process and kept on the CPU."""
+    model, tokenizer = _cached_base(config)
+    return copy.deepcopy(model).to(device_of(config)), tokenizer
+
+
+def base_tokenizer(config: PipelineConfig):
+    return _cached_base(config)[1]
 
 
 def module_model(config: PipelineConfig, *adapters: Path | None):
@@ -79,7 +88,15 @@ def examples(config: PipelineConfig, tokenizer, split: str, task: str, overflow:
     if budget < 64:
         raise ValueError(f"max_seq_len {config.max_seq_len} leaves only {budget} tokens for the "
                          f"prompt after max_new_tokens {config.max_new_tokens}")
-    return build_examples(data[split], task, tokenizer.count_tokens, budget, overflow=overflow)
+    out = build_examples(data[split], task, tokenizer.count_tokens, budget, overflow=overflow)
+    turns = sum(t.speaker == "supporter" for d in data[split] for t in d.turns)
+    if len(out) < turns / 2:  # most dropped: the budget cannot even hold the fixed prompt text
+        fixed = tokenizer.count_tokens(SYSTEMS[task]) + tokenizer.count_tokens(instruction(task, "Question"))
+        raise ValueError(f"{split} split, task {task}: only {len(out)} of {turns} examples fit the context budget of "
+                         f"{budget} tokens (max_seq_len {config.max_seq_len} - max_new_tokens "
+                         f"{config.max_new_tokens}); the system prompt and instruction alone take "
+                         f"about {fixed} tokens with this tokenizer: raise --max-seq-len")
+    return out
 
 
 def subset(items: list, n: int | None, seed: int) -> list:
@@ -100,7 +117,7 @@ def train_config(config: PipelineConfig, **kw) -> TrainConfig:
     return TrainConfig(micro_batch_size=config.micro_batch_size, max_seq_len=config.max_seq_len,
                        dtype=config.dtype, seed=config.seed, lora_r=config.lora_r,
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                       device=config.device, save_every=25, **kw)
+                       device=config.device, save_every=config.save_every, **kw)
 
 
 def make_judge(config: PipelineConfig, run_dir: Path):
@@ -124,7 +141,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); delete the file to "
+                                 "recompute it") from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- SFT (eqs. 3, 4)
@@ -138,7 +163,8 @@ def sft(run, stage: str) -> dict:
     c, task = run.config, stage.split("-", 1)[1]
     model, tokenizer = base_model(c)
     train = subset(examples(c, tokenizer, "train", task), c.max_train_examples, c.seed)
-    data = [SFTExample(e.prompt, e.target, e.system) for e in train]
+    data = [SFTExample(e.prompt, e.target, e.system, f"{c.data} train, dialogue {e.dialogue}, turn {e.turn}")
+            for e in train]
     tc = train_config(c, lr=c.sft_lr, epochs=c.sft_epochs, batch_size=c.sft_batch_size)
     result = train_sft(model, tokenizer, data, tc, run.stage_dir(stage),
                        base_model_name_or_path=c.model, resume=True)
@@ -162,7 +188,7 @@ def mine(run, stage) -> dict:
     """Inferential Preference Mining on training contexts (see :mod:`decesc.ipm`)."""
     c, d = run.config, run.stage_dir(stage)
     judge = make_judge(c, run.dir)
-    _, tokenizer = base_model(c)
+    tokenizer = base_tokenizer(c)
     contexts = subset(examples(c, tokenizer, "train", "rg"), c.mine_contexts, c.seed)
     k = c.mine_samples
 
@@ -253,7 +279,8 @@ def dpo(run, stage: str) -> dict:
     tc = train_config(c, lr=lr, beta=beta, epochs=c.dpo_epochs, batch_size=c.dpo_batch_size,
                       ref_cache_dir=str(run.dir / "ref_cache"))
     tc.micro_batch_size = max(1, c.micro_batch_size // 2)  # n pairs = 2n sequences per forward
-    data = [PreferencePair(p.prompt, p.chosen, p.rejected, p.system) for p in pairs]
+    data = [PreferencePair(p.prompt, p.chosen, p.rejected, p.system,
+                           f"{module}_pairs.jsonl, dialogue {p.dialogue}, turn {p.turn}") for p in pairs]
     result = train_dpo(model, tokenizer, data, tc, run.stage_dir(stage), sft_adapter=adapter_of(run, f"sft-{module}"),
                        base_model_name_or_path=c.model, resume=True)
     m = result.last_metrics
@@ -264,20 +291,23 @@ def dpo(run, stage: str) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def system_outputs(run, path: Path, progress: bool = True) -> tuple[list[Example], dict]:
+def system_outputs(run, path: Path, progress: bool = True,
+                   reuse: Path | None = None) -> tuple[list[Example], dict]:
     """Every system's outputs on the evaluation turns: {system: {"strategies", "replies"}}.
 
     Generated once and stored in ``path`` together with the settings that produced them; a
-    later call with the same settings (and the same trained stages) reloads them.
+    later call with the same settings (and the same trained stages) reloads them, from ``path``
+    or from ``reuse`` (another such file, only read).
     """
     c = run.config
-    _, tokenizer = base_model(c)
+    tokenizer = base_tokenizer(c)
     tests = subset(examples(c, tokenizer, c.eval_split, "rg", overflow="keep"), c.eval_turns, c.seed)
     settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval")}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            return tests, saved["systems"]
+    for candidate in (path, reuse):
+        if candidate is not None and candidate.is_file():
+            saved = json.loads(candidate.read_text())
+            if saved.get("settings") == settings:
+                return tests, saved["systems"]
     sft = {m: adapter_of(run, f"sft-{m}") for m in MODULES}
     dpo = {m: adapter_of(run, f"dpo-{m}") for m in MODULES}
     systems: dict = {}
@@ -307,12 +337,13 @@ def system_outputs(run, path: Path, progress: bool = True) -> tuple[list[Example
     return tests, systems
 
 
-def score_run(run, outputs_path: Path, prefix: str = "", progress: bool = True) -> list[dict]:
+def score_run(run, outputs_path: Path, prefix: str = "", progress: bool = True,
+              reuse: Path | None = None) -> list[dict]:
     """Report rows for a run's systems (outputs generated or reloaded, then judged)."""
     from .evaluation import SystemOutputs, score_system
 
     c = run.config
-    tests, systems = system_outputs(run, outputs_path, progress)
+    tests, systems = system_outputs(run, outputs_path, progress, reuse)
     judge = make_judge(c, run.dir)
     judged = subset(list(range(len(tests))), c.judge_samples, c.seed)
     gold_s, gold_r = [e.strategy for e in tests], [e.response for e in tests]

@@ -84,14 +84,6 @@ for _name in STRATEGIES:
 del _name
 
 
-def strategy_id(name: str) -> int:
-    """Index of an exact strategy name in `STRATEGIES` (ValueError if it is not one)."""
-    try:
-        return STRATEGIES.index(name)
-    except ValueError:
-        raise ValueError(f"not an exact strategy name: {name!r}") from None
-
-
 def normalize_strategy(label: str) -> str:
     """Map an annotation label to its exact ESConv name; ValueError if it is unknown.
 

@@ -87,7 +87,10 @@ class Tokenizer:
         cfg = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
         template = cfg.get("chat_template")
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
@@ -128,9 +131,6 @@ class Tokenizer:
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

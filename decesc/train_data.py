@@ -25,6 +25,7 @@ class SFTExample:
     prompt: str
     target: str
     system: str | None = None
+    source: str = ""  # where it came from ("file.jsonl:12", "dialogue 3, turn 5"), for errors
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     system: str | None = None
+    source: str = ""  # where it came from, for errors
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict]:
@@ -51,30 +53,33 @@ def _read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such data file")
     records = []
     allowed = set(required) | {"system"}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for name in required:
+            if name not in rec:
+                raise DataError(f"{where}: missing field '{name}'")
+        for name in allowed & set(rec):
+            value = rec[name]
+            if name == "system" and value is None:
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for name in required:
-                if name not in rec:
-                    raise DataError(f"{where}: missing field '{name}'")
-            for name in allowed & set(rec):
-                value = rec[name]
-                if name == "system" and value is None:
-                    continue
-                if not isinstance(value, str):
-                    raise DataError(f"{where}: field '{name}' must be a string, "
-                                    f"got {type(value).__name__}")
-                if name != "system" and not value.strip():
-                    raise DataError(f"{where}: field '{name}' is empty")
-            records.append(rec)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field '{name}' must be a string, "
+                                f"got {type(value).__name__}")
+            if name != "system" and not value.strip():
+                raise DataError(f"{where}: field '{name}' is empty")
+        records.append({**rec, "_source": where})
     if not records:
         raise DataError(f"{path}: no examples")
     return records
@@ -82,11 +87,11 @@ def _read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
 
 def read_sft_jsonl(path: str | Path) -> list[SFTExample]:
     """SFT examples from a JSONL file with fields prompt, target (and optional system)."""
-    return [SFTExample(r["prompt"], r["target"], r.get("system"))
+    return [SFTExample(r["prompt"], r["target"], r.get("system"), r["_source"])
             for r in _read_records(path, ("prompt", "target"))]
 
 
 def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
     """Preference pairs from a JSONL file with fields prompt, chosen, rejected (optional system)."""
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("system"))
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("system"), r["_source"])
             for r in _read_records(path, ("prompt", "chosen", "rejected"))]

@@ -252,8 +252,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines of steps after ``step`` (written by a run that died after its checkpoint)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

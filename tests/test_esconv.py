@@ -3,7 +3,6 @@ the real data (skipped when ../shared/data/esconv is absent)."""
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

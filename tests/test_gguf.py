@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from decesc.gguf import (GGML_TYPES, GGUFError, build_tokenizer, gguf_to_hf, llama3_rope_scaling,
+from decesc.gguf import (GGML_TYPES, GGUFError, gguf_to_hf, llama3_rope_scaling,
                          read_gguf, unpermute_rope_rows)
 
 gguf = pytest.importorskip("gguf")

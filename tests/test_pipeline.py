@@ -84,9 +84,21 @@ def test_changed_setting_reruns_the_affected_stages(run_dir, capsys):
     assert train(run_dir, "--judge-samples", "2") == 0
     after = tokens(run_dir)
     assert {s for s in after if after[s] != before[s]} == {"eval"}
-    assert train(run_dir, "--status") == 0  # the default setting differs again: eval is stale
-    assert "eval         stale" in capsys.readouterr().out
-    assert train(run_dir) == 0
+    capsys.readouterr()
+    # the run remembers its settings: without flags nothing is stale
+    assert train_cli.main(["--run-dir", str(run_dir), "--status"]) == 0
+    assert capsys.readouterr().out.count(" done") == 8
+    # a changed setting makes its stage stale and, transitively, everything downstream
+    assert train(run_dir, "--mine-samples", "3", "--status") == 0
+    status = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert [s for s, v in status.items() if v == "stale"] == ["mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval"]
+    # asking for eval alone then is an error naming what is out of date; config.json is untouched
+    saved = (run_dir / "config.json").read_text()
+    assert train(run_dir, "--mine-samples", "3", "--stages", "eval") == 1
+    assert "stage eval needs dpo-sp, dpo-rg, dpo-vanilla to be up to date" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_text() == saved
+    assert train(run_dir, "--judge-samples", "100") == 0
+    capsys.readouterr()
 
 
 def test_status_and_bad_stage(run_dir, capsys):
@@ -96,16 +108,46 @@ def test_status_and_bad_stage(run_dir, capsys):
     assert "unknown stage(s) nope" in capsys.readouterr().err
 
 
+def test_readme_tiny_command_and_context_budget_error(tmp_path, capsys):
+    """`python -m tools.train --model tiny` as in the README (demo profile sizes), then a budget
+    too small for the prompts: a clear error instead of training on nothing."""
+    assert train_cli.main(["--model", "tiny", "--run-dir", str(tmp_path / "readme")]) == 0
+    assert (tmp_path / "readme" / "eval" / "report.md").is_file()
+    capsys.readouterr()
+    assert train_cli.main(["--model", "tiny", "--run-dir", str(tmp_path / "small"), "--max-seq-len", "400",
+                           "--stages", "sft-rg"]) == 1
+    assert "examples fit the context budget of 360 tokens" in capsys.readouterr().err
+
+
+def test_bad_config_values_name_the_field(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"max_seq_len": "long"}))
+    assert train_cli.main(["--config", str(tmp_path / "c.json"), "--status"]) == 2
+    assert "max_seq_len must be an integer, got 'long'" in capsys.readouterr().err
+    assert train_cli.main(["--temperature", "-1", "--status"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+
+
 def test_missing_dependency_is_named(tmp_path, capsys):
     assert train(tmp_path / "fresh", "--stages", "mine") == 1
     assert "stage mine needs sft-sp, sft-rg, sft-vanilla" in capsys.readouterr().err
 
 
 def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
+    eval_report = (run_dir / "eval" / "report.json").read_text()
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rows) == 4 and all(r["turns"] == 4 for r in rows)
+    assert [r["Q"] for r in rows] == [r["Q"] for r in json.loads(eval_report)]  # same outputs reused
+    assert not list((run_dir / "evaluate").glob("outputs-*.json"))
     assert "report written to" in capsys.readouterr().out
+    # other settings: own outputs and report, the eval stage's files untouched
+    assert evaluate_cli.main([str(run_dir), "--split", "valid", "--no-progress"]) == 0
+    assert list((run_dir / "evaluate").glob("outputs-*.json"))
+    assert (run_dir / "evaluate" / "report.md").is_file()
+    assert (run_dir / "eval" / "report.json").read_text() == eval_report
+    capsys.readouterr()
+    assert train(run_dir) == 0
+    assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to evaluate")
     p.add_argument("--out", default=None,
                    help="where to write report.md/.json and strategy_distribution.svg "
-                        "(default: <RUN_DIR>/eval for one run, ./eval_report for several)")
+                        "(default: <RUN_DIR>/evaluate for one run, ./eval_report for several; the "
+                        "pipeline's own eval stage output is never overwritten)")
     p.add_argument("--split", choices=("test", "valid"), default=None,
                    help="split to evaluate (default: the run's eval_split)")
     p.add_argument("--eval-turns", type=int, default=None,
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge for rubric scores and error types (default: the run's judge)")
     p.add_argument("--judge-url", default=None, help="base URL of the OpenAI-compatible judge API")
     p.add_argument("--judge-model", default=None, help="judge model name (openai) or source (local)")
+    p.add_argument("--judge-api-key-env", default=None,
+                   help="environment variable holding the judge API key (default: the run's, "
+                        "OPENAI_API_KEY)")
     p.add_argument("--judge-samples", type=int, default=None,
                    help="replies per system scored by the judge (default: the run's setting, paper 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,6 +57,7 @@ def main(argv=None) -> int:
             changes = {k: v for k, v in {"eval_split": args.split, "eval_turns": args.eval_turns,
                                          "judge": args.judge, "judge_url": args.judge_url,
                                          "judge_model": args.judge_model,
+                                         "judge_api_key_env": args.judge_api_key_env,
                                          "judge_samples": args.judge_samples}.items() if v is not None}
             run.config = replace(run.config, **changes)
             validate_config(run.config)
@@ -60,14 +65,16 @@ def main(argv=None) -> int:
             if missing:
                 raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
                                  f"run python -m tools.train --run-dir {run_dir} first")
-            own = run.stage_dir("eval")
-            outputs = own / "outputs.json"  # reused when its settings match, else regenerated
+            # our own cache of outputs, per settings; the eval stage's outputs are reused (read
+            # only) when they were made with the same settings
+            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash('eval')}.json"
             prefix = f"{Path(run_dir).name}: " if len(args.runs) > 1 else ""
-            rows += score_run(run, outputs, prefix, progress=not args.no_progress)
+            rows += score_run(run, outputs, prefix, progress=not args.no_progress,
+                              reuse=run.stage_dir("eval") / "outputs.json")
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else (Path(args.runs[0]) / "eval" if len(args.runs) == 1
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
                                            else Path("eval_report"))
     report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(args.runs))
     print(report.read_text())

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    try:
+        model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.raw:
         prompt = tok.encode(args.prompt, add_special_tokens=True)
     else:

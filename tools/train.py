@@ -58,7 +58,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                      help=f"effective batch: {'examples' if stage == 'sft' else 'pairs'} per "
                           f"optimizer step over all processes (default {d.batch_size})")
     opt.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
-                     help=f"examples per forward pass per process (default {d.micro_batch_size})")
+                     help=f"{'examples' if stage == 'sft' else 'pairs (2 sequences each)'} per forward "
+                          f"pass per process (default {d.micro_batch_size})")
     opt.add_argument("--grad-accum", type=int, default=None,
                      help="gradient accumulation steps; sets the batch size to micro-batch x "
                           "grad-accum x processes (instead of --batch-size)")
@@ -114,7 +115,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
     from decesc.fsdp import launched_by_torchrun
 
     defaults = TrainConfig() if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
-    batch_size = args.batch_size or defaults.batch_size
+    batch_size = defaults.batch_size if args.batch_size is None else args.batch_size
     if args.grad_accum is not None:
         if args.batch_size is not None:
             raise ValueError("give --batch-size or --grad-accum, not both")
@@ -173,7 +174,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     from dataclasses import MISSING, fields
 
     from decesc.pipeline import STAGES
-    from decesc.pipeline_config import PipelineConfig
+    from decesc.pipeline_config import DEMO, TINY_MODEL, PipelineConfig, field_type
 
     p = argparse.ArgumentParser(
         prog="python -m tools.train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -187,14 +188,14 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    help="print each stage's status in the run directory and exit")
     for f in fields(PipelineConfig):
         default = f.default if f.default is not MISSING else None
-        kind = {int: int, float: float}.get(type(default), str)
-        if f.name in ("max_train_examples", "mine_contexts", "max_pairs", "eval_turns"):
-            kind = int
-        if f.name.startswith(("dpo_lr_", "dpo_beta_")):
-            kind = float
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                       choices=f.metadata.get("choices"),
-                       help=f"{f.metadata['help']} (default: {default})")
+        shown = [] if default is None else [f"default: {default}"]
+        if f.name in DEMO:
+            shown.append(f"demo profile: {DEMO[f.name]}")
+        if f.name in TINY_MODEL:
+            shown.append(f"with --model tiny: {TINY_MODEL[f.name]}")
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f.name),
+                       default=None, choices=f.metadata.get("choices"),
+                       help=f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else ""))
     return p
 
 
@@ -210,6 +211,10 @@ and what depends on it. With no arguments: every stage on the built-in sample wi
 demo model and the rule-based judge (the 'demo' profile). Training stages also run under
 torchrun (FSDP2); mine and eval then run in a single process.
 
+Settings, highest precedence first: these flags, the --config file, the config.json of an
+existing run directory (a run remembers the settings of its last finished call), the profile
+('demo' on the built-in sample, else 'paper' = the defaults shown), the defaults.
+
 Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSONL file)
 """
 
@@ -217,13 +222,20 @@ Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSO
 def run_pipeline(argv: list[str]) -> int:
     import time
 
+    from pathlib import Path
+
     from decesc.pipeline import STAGES, Run, parse_stages, run_pipeline as run_stages
-    from decesc.pipeline_config import build_config
+    from decesc.pipeline_config import PipelineConfig, build_config, read_config_file
 
     args = pipeline_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "stages", "status")}
     try:
-        config = build_config(args.config, overrides)
+        from_file = read_config_file(args.config) if args.config else {}
+        run_dir = Path(overrides.get("run_dir") or from_file.get("run_dir") or PipelineConfig.run_dir)
+        saved = None
+        if (run_dir / "config.json").is_file():
+            saved = {**read_config_file(run_dir / "config.json"), "run_dir": str(run_dir)}
+        config = build_config(args.config, overrides, saved)
         stages = parse_stages(args.stages)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -246,6 +258,12 @@ def run_pipeline(argv: list[str]) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, OSError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if launched_by_torchrun():
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     if main_process:
         print(f"finished in {time.perf_counter() - t0:.0f} s", flush=True)
         report = Run(config).stage_dir("eval") / "report.md"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ERROR_TYPES: tuple[str, ...] = ("Strategy Mismatch", "Lack of Empathy", "Early Emotion Shift",
                                 "Template Response", "Emotion Misread")
