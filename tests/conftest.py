@@ -72,7 +72,7 @@ def hf_smollm2():
     """transformers' own GGUF loading of the same file: (model, tokenizer). ~20 s, done once."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from decesc.loading import smollm2_gguf_path
+    from decesc.formats.zoo import smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()

@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import ESCONV_DIR
-from decesc.esconv import builtin_sample_path
-from decesc.strategies import STRATEGIES
+
+from decesc.esc.esconv import builtin_sample_path
+from decesc.esc.strategies import STRATEGIES
 from tools.data_stats import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-
-from decesc import dpo
-from decesc.lora import apply_lora, load_adapter, lora_disabled, save_adapter
-from decesc.trainer import TrainConfig
 from toy import preference_pairs, tiny_model, toy_tokenizer
+
+from decesc.core.lora import apply_lora, lora_disabled
+from decesc.formats.peft import load_adapter, save_adapter
+from decesc.train import dpo
+from decesc.train.trainer import TrainConfig
 
 
 def test_dpo_loss_and_rewards_by_hand():
@@ -66,7 +67,7 @@ def _sft_adapter(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
     path = tmp_path / "sft"
-    from decesc.lora import LoRAConfig
+    from decesc.core.lora import LoRAConfig
 
     save_adapter(model, path, LoRAConfig(r=4, alpha=8, dropout=0.0), "tiny")
     return path

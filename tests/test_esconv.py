@@ -5,11 +5,18 @@ import json
 from collections import Counter
 
 import pytest
-
 from conftest import ESCONV_DIR
-from decesc.esconv import (DataError, Dialogue, Turn, builtin_sample_path, load_dialogues,
-                           load_splits, split_dialogues)
-from decesc.strategies import STRATEGIES
+
+from decesc.esc.esconv import (
+    DataError,
+    Dialogue,
+    Turn,
+    builtin_sample_path,
+    load_dialogues,
+    load_splits,
+    split_dialogues,
+)
+from decesc.esc.strategies import STRATEGIES
 
 REAL = ESCONV_DIR
 

@@ -24,14 +24,14 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # for the torchrun workers (no pyt
 
 
 def sft_config(micro):
-    from decesc.trainer import TrainConfig
+    from decesc.train.trainer import TrainConfig
 
     return TrainConfig(lr=1e-2, epochs=3, batch_size=8, micro_batch_size=micro, lora_r=4,
                        lora_alpha=8, lora_dropout=0.0, warmup_steps=1, progress=False, seed=7)
 
 
 def dpo_config(micro, cache):
-    from decesc.trainer import TrainConfig
+    from decesc.train.trainer import TrainConfig
 
     return TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=micro, lora_r=4,
                        lora_alpha=8, lora_dropout=0.0, beta=0.2, warmup_steps=1,
@@ -40,9 +40,10 @@ def dpo_config(micro, cache):
 
 def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
     """SFT into out/sft, then DPO (from ``sft_adapter``, default: this run's SFT) into out/dpo."""
-    from decesc.dpo import train_dpo
-    from decesc.sft import train_sft
     from toy import preference_pairs, sft_examples, tiny_model, toy_tokenizer
+
+    from decesc.train.dpo import train_dpo
+    from decesc.train.sft import train_sft
 
     tok = toy_tokenizer()
     train_sft(tiny_model(), tok, sft_examples(), sft_config(micro), out / "sft")
@@ -54,8 +55,9 @@ def crash_and_resume_sft(out: Path) -> None:
     """SFT that dies inside step 3 (after checkpoint step-2) on every rank, then resumes."""
     import dataclasses
 
-    from decesc import sft
     from toy import sft_examples, tiny_model, toy_tokenizer
+
+    from decesc.train import sft
 
     config = dataclasses.replace(sft_config(1), save_every=2)
     real, calls = sft.sft_loss, [0]
@@ -129,7 +131,7 @@ def test_fsdp_matches_single_process(tmp_path):
 if __name__ == "__main__":  # torchrun worker: python test_fsdp.py OUT SFT_ADAPTER
     import torch.distributed as dist
 
-    from decesc.fsdp import setup_distributed
+    from decesc.train.fsdp import setup_distributed
 
     info = setup_distributed("cpu")
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import tiny_hf_config
-from decesc.generate import generate, sample_next, truncate_at_stop
-from decesc.model import CausalLM, ModelConfig
+
+from decesc.core.generate import generate, sample_next, truncate_at_stop
+from decesc.core.model import CausalLM, ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for decesc.gguf, our from-scratch GGUF reader.
+"""Tests for decesc.formats.gguf, our from-scratch GGUF reader.
 
 References: the `gguf` package (llama.cpp's own Python writer, reader and dequantisers) builds the
 test files and supplies the expected values; transformers supplies the HF models and, for the
@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from decesc.gguf import (GGML_TYPES, GGUFError, gguf_to_hf, llama3_rope_scaling,
-                         read_gguf, unpermute_rope_rows)
+from decesc.formats.gguf import (
+    GGML_TYPES,
+    GGUFError,
+    gguf_to_hf,
+    llama3_rope_scaling,
+    read_gguf,
+    unpermute_rope_rows,
+)
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -2,13 +2,19 @@
 
 import torch
 
-from decesc.esconv import builtin_sample_path, load_dialogues
-from decesc.inference import Sampling, choose_strategies, decoupled, score_strategies, vanilla
-from decesc.logprobs import model_sequence_logprobs
-from decesc.prompts import build_examples
-from decesc.strategies import STRATEGIES
-from decesc.tiny import load_tiny
-from decesc.train_data import chat_messages
+from decesc.core.logprobs import model_sequence_logprobs
+from decesc.core.tokenizer import chat_messages
+from decesc.esc.esconv import builtin_sample_path, load_dialogues
+from decesc.esc.inference import (
+    Sampling,
+    choose_strategies,
+    decoupled,
+    score_strategies,
+    vanilla,
+)
+from decesc.esc.prompts import build_examples
+from decesc.esc.strategies import STRATEGIES
+from decesc.formats.zoo import load_tiny
 
 
 def test_strategy_scores_equal_sequence_logprobs():

@@ -1,7 +1,7 @@
 """IPM routing: hand-made SFT outputs with known judged errors land in the right dataset."""
 
-from decesc.ipm import Candidate, read_pairs, route, statistics, write_pairs
-from decesc.prompts import Example
+from decesc.esc.ipm import Candidate, read_pairs, route, statistics, write_pairs
+from decesc.esc.prompts import Example
 
 
 def ex(task, turn, strategy="Question", response="How long has this been weighing on you?"):

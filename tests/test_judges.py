@@ -10,11 +10,23 @@ import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-import decesc.judges.local as local_module
 from conftest import ESCONV_DIR
-from decesc.judges import (ERROR_TYPES, RUBRIC, SYSTEM_PROMPT, InvalidReply, JudgeError, JudgeItem,
-                           Judgment, JudgmentCache, LocalJudge, OpenAIJudge, RuleJudge, parse_judgment)
+
+import decesc.esc.judges.local as local_module
+from decesc.esc.judges import (
+    ERROR_TYPES,
+    RUBRIC,
+    SYSTEM_PROMPT,
+    InvalidReply,
+    JudgeError,
+    JudgeItem,
+    Judgment,
+    JudgmentCache,
+    LocalJudge,
+    OpenAIJudge,
+    RuleJudge,
+    parse_judgment,
+)
 
 CONTEXT = ("Conversation so far:\n"
            "Supporter: Hi there, how are you doing today?\n"
@@ -244,7 +256,7 @@ def test_openai_cache_makes_reruns_free(server, tmp_path):
 
 # ---------------------------------------------------------------------------------- local judge
 class ScriptedGenerate:
-    """Stands in for decesc.generate.generate_chat: returns scripted replies, records calls."""
+    """Stands in for decesc.core.generate.generate_chat: returns scripted replies, records calls."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []
@@ -413,8 +425,8 @@ def test_rule_judge_on_esconv_gold_replies():
     path = ESCONV_DIR / "valid.jsonl"
     if not path.is_file():
         pytest.skip(f"ESConv not available at {path}")
-    from decesc.esconv import load_dialogues
-    from decesc.prompts import render_context
+    from decesc.esc.esconv import load_dialogues
+    from decesc.esc.prompts import render_context
 
     items = [JudgeItem(render_context(d, t), turn.text, turn.strategy, situation=d.situation)
              for d in load_dialogues(path)[:120] for t, turn in enumerate(d.turns)
@@ -447,7 +459,7 @@ def test_rule_judge_reads_contexts_in_several_forms():
 
 
 def test_user_prompt_parts():
-    from decesc.judges import user_prompt
+    from decesc.esc.judges import user_prompt
 
     text = user_prompt(JudgeItem(CONTEXT, "Reply.", strategy="questions", situation="Layoffs at work."))
     assert "Seeker's situation: Layoffs at work." in text and "asked to use: Question (" in text

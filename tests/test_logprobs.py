@@ -4,10 +4,14 @@ import math
 
 import pytest
 import torch
-
-from decesc.logprobs import (model_sequence_logprobs, next_token_targets,
-                             sequence_logprobs, target_counts)
 from toy import tiny_model
+
+from decesc.core.logprobs import (
+    model_sequence_logprobs,
+    next_token_targets,
+    sequence_logprobs,
+    target_counts,
+)
 
 
 def hand_example():

@@ -5,27 +5,25 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_hf_config, write_hf_model
+
 from decesc import load_pretrained
-from decesc.lora import (
+from decesc.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    export_merged,
-    load_adapter,
     load_lora_state_dict,
     lora_disabled,
     lora_modules,
     lora_state_dict,
     merge_lora,
     remove_lora,
-    save_adapter,
     set_lora_enabled,
     unmerge_lora,
 )
-from decesc.model import CausalLM, ModelConfig
+from decesc.core.model import CausalLM, ModelConfig
+from decesc.formats.peft import export_merged, load_adapter, save_adapter
 
 MODEL_TYPES = ("llama", "qwen2")
 

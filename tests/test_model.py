@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_hf_config, write_hf_model
+
 from decesc import load_pretrained
-from decesc.model import CausalLM, ConfigError, ModelConfig
+from decesc.core.model import CausalLM, ConfigError, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

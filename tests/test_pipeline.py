@@ -160,7 +160,7 @@ def test_chat_through_stdin(run_dir):
     replies = [line for line in proc.stdout.splitlines() if line.startswith("Supporter [")]
     assert len(replies) == 2
     strategy = replies[0].split("[", 1)[1].split("]", 1)[0]
-    from decesc.strategies import STRATEGIES
+    from decesc.esc.strategies import STRATEGIES
 
     assert strategy in STRATEGIES
     assert "(new conversation)" in proc.stdout

@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from decesc.metrics import preference, preference_bias, strategy_confusion
-from decesc.strategies import STRATEGIES
+from decesc.esc.metrics import preference, preference_bias, strategy_confusion
+from decesc.esc.strategies import STRATEGIES
 
 
 def no_warnings(fn, *args):

@@ -4,10 +4,22 @@ import warnings
 
 import pytest
 
-from decesc.esconv import Dialogue, Turn, builtin_sample_path, load_dialogues
-from decesc.prompts import (RG_SYSTEM, SP_SYSTEM, VANILLA_SYSTEM, build_examples, format_vanilla_target,
-                            rg_example, split_vanilla_output)
-from decesc.strategies import DEFINITIONS, STRATEGIES, normalize_strategy, parse_strategy
+from decesc.esc.esconv import Dialogue, Turn, builtin_sample_path, load_dialogues
+from decesc.esc.prompts import (
+    RG_SYSTEM,
+    SP_SYSTEM,
+    VANILLA_SYSTEM,
+    build_examples,
+    format_vanilla_target,
+    rg_example,
+    split_vanilla_output,
+)
+from decesc.esc.strategies import (
+    DEFINITIONS,
+    STRATEGIES,
+    normalize_strategy,
+    parse_strategy,
+)
 
 
 def words(text: str) -> int:
@@ -197,3 +209,18 @@ def test_normalize_strategy():
         normalize_strategy("Hugging")
     with pytest.raises(ValueError):
         normalize_strategy(None)
+
+
+def test_shipped_tiny_tokenizer_is_trained_on_the_sample_and_the_prompts():
+    """``decesc/data/tiny_tokenizer.json`` (``--model tiny``) is exactly what
+    :func:`decesc.formats.zoo.train_tiny_tokenizer` makes from the built-in sample's utterances and
+    the prompt texts; rebuild it with this recipe when the prompts change."""
+    from decesc.esc.esconv import builtin_sample_path, load_dialogues
+    from decesc.esc.prompts import SYSTEMS, instruction
+    from decesc.esc.strategies import STRATEGIES
+    from decesc.formats.zoo import TINY_TOKENIZER_FILE, train_tiny_tokenizer
+
+    texts = [t.text for d in load_dialogues(builtin_sample_path()) for t in d.turns]
+    texts += list(SYSTEMS.values())
+    texts += [instruction("rg", s) for s in STRATEGIES] + [instruction("sp"), instruction("vanilla")]
+    assert train_tiny_tokenizer(texts) == TINY_TOKENIZER_FILE.read_text()

@@ -6,14 +6,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from decesc.lora import DEFAULT_TARGETS, apply_lora
-from decesc.sft import (SequenceTooLongError, collate_sft, masked_lm_loss, sft_objective,
-                        tokenize_sft, train_sft)
-from decesc.train_data import SFTExample
-from decesc.trainer import TrainConfig, micro_batches
 from test_logprobs import hand_example
 from toy import sft_examples, tiny_model, toy_tokenizer
+
+from decesc.core.lora import DEFAULT_TARGETS, apply_lora
+from decesc.train.data import SFTExample
+from decesc.train.sft import (
+    SequenceTooLongError,
+    collate_sft,
+    masked_lm_loss,
+    sft_objective,
+    tokenize_sft,
+    train_sft,
+)
+from decesc.train.trainer import TrainConfig, micro_batches
 
 
 def test_loss_is_cross_entropy_over_target_tokens_only():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from decesc.generate import generate
+from decesc.core.generate import generate
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from decesc.metrics import macro_f1, strategy_distribution, weighted_f1
-from decesc.strategies import STRATEGIES
+from decesc.esc.metrics import macro_f1, strategy_distribution, weighted_f1
+from decesc.esc.strategies import STRATEGIES
 
 
 def test_f1_worked_by_hand():

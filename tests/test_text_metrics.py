@@ -5,8 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from decesc.metrics import text_metrics, tokenize
-from decesc.metrics.text import distinct_1, lcs_length, rouge_l, sentence_bleu, unigram_f1
+from decesc.esc.metrics import text_metrics, tokenize
+from decesc.esc.metrics.text import (
+    distinct_1,
+    lcs_length,
+    rouge_l,
+    sentence_bleu,
+    unigram_f1,
+)
 
 
 def test_tokenize():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from decesc.tokenizer import Tokenizer
+from decesc.core.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from toy import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
 
 from decesc import load_pretrained
-from decesc.lora import load_adapter, lora_modules
-from toy import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
+from decesc.core.lora import lora_modules
+from decesc.formats.peft import load_adapter
 from tools.train import STAGES, build_parser, main
 
 
@@ -57,7 +58,7 @@ def test_sft_then_dpo(workdir, capsys):
     ids = torch.tensor([[3, 10, 11, 12, 4]])
     with torch.no_grad():
         sft_logits = model(ids)
-        from decesc.lora import remove_lora
+        from decesc.core.lora import remove_lora
 
         remove_lora(model)
         load_adapter(model, workdir / "dpo")

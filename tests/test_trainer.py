@@ -5,11 +5,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from decesc import sft
-from decesc.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from decesc.trainer import NonFiniteLossError, TrainConfig, epoch_order, lr_at, micro_batches
 from toy import sft_examples, tiny_model, toy_tokenizer
+
+from decesc.train import sft
+from decesc.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from decesc.train.trainer import (
+    NonFiniteLossError,
+    TrainConfig,
+    epoch_order,
+    lr_at,
+    micro_batches,
+)
 
 
 def test_lr_schedule_by_hand():

@@ -12,11 +12,12 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers
-
 from conftest import tiny_hf_config
-from decesc.model import CausalLM, ModelConfig
-from decesc.tokenizer import Tokenizer
+from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHARS = string.ascii_lowercase + string.digits + " \n.,!?'-:"
@@ -49,7 +50,7 @@ def tiny_model(seed: int = 0, **overrides) -> CausalLM:
 
 def write_tiny_hf_dir(path: Path, seed: int = 0) -> Path:
     """A Hugging Face model directory (config, safetensors, tokenizer files) of the tiny model."""
-    from decesc.loading import save_pretrained
+    from decesc.formats.loading import save_pretrained
 
     save_pretrained(tiny_model(seed), toy_tokenizer(), path)
     return path
@@ -82,13 +83,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def sft_examples():
-    from decesc.train_data import SFTExample
+    from decesc.train.data import SFTExample
 
     return [SFTExample(r["prompt"], r["target"], r.get("system")) for r in SFT_RECORDS]
 
 
 def preference_pairs():
-    from decesc.train_data import PreferencePair
+    from decesc.train.data import PreferencePair
 
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("system"))
             for r in PAIR_RECORDS]

@@ -15,7 +15,7 @@ import time
 import torch
 
 from decesc import load_pretrained
-from decesc.generate import generate
+from decesc.core.generate import generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPTS = [

@@ -9,14 +9,14 @@ only); DPO = 2 pairs = 4 sequences in one batch (reference log-probs precomputed
 The same fp32 weights are loaded into transformers' LlamaForCausalLM (written to a temporary
 directory with decesc.save_pretrained); both sides run in the same process and dtype
 (fp32, or bf16 autocast over fp32 parameters). decesc runs through its real trainer
-(decesc.trainer.train); transformers + peft through a plain loop (forward with labels,
+(decesc.train.trainer.train); transformers + peft through a plain loop (forward with labels,
 backward, clip, AdamW step). The first ``--warmup`` steps are not timed.
 
 Memory: peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the
 RSS before the run, in MB: activations, gradients, optimizer state and allocator caches, not
 the already-loaded weights.
 
-Finally a repeated DPO run: the same ``decesc.dpo.train_dpo`` call twice on 8 text pairs, the
+Finally a repeated DPO run: the same ``decesc.train.dpo.train_dpo`` call twice on 8 text pairs, the
 first computing the reference log-probs, the second finding them in the cache (ratio of wall
 times, model loading excluded).
 """
@@ -36,12 +36,17 @@ from pathlib import Path
 import torch
 
 from decesc import load_pretrained, save_pretrained
-from decesc.dpo import compute_reference_logps, dpo_objective, prepare_dpo_model, train_dpo
-from decesc.fsdp import DistInfo
-from decesc.lora import DEFAULT_TARGETS, apply_lora
-from decesc.sft import sft_objective
-from decesc.train_data import PreferencePair
-from decesc.trainer import TrainConfig, train
+from decesc.core.lora import DEFAULT_TARGETS, apply_lora
+from decesc.train.data import PreferencePair
+from decesc.train.dpo import (
+    compute_reference_logps,
+    dpo_objective,
+    prepare_dpo_model,
+    train_dpo,
+)
+from decesc.train.fsdp import DistInfo
+from decesc.train.sft import sft_objective
+from decesc.train.trainer import TrainConfig, train
 
 PROMPT_FRACTION = 0.75
 
@@ -205,7 +210,7 @@ def hf_loop(model, batches, step_fn, dtype, warmup) -> tuple[float, int]:
 
 
 def hf_sft(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]:
-    from decesc.sft import collate_sft
+    from decesc.train.sft import collate_sft
 
     model = hf_model(hf_dir)
     items = sft_items(batch * (steps + warmup), seq, vocab)
@@ -218,7 +223,7 @@ def hf_sft(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]
 def hf_dpo(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]:
     import torch.nn.functional as F
 
-    from decesc.dpo import collate_pairs
+    from decesc.train.dpo import collate_pairs
 
     model = hf_model(hf_dir)
     pairs = batch // 2

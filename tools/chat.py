@@ -45,8 +45,8 @@ def module_adapters(args) -> tuple[str, list, list]:
         if not (args.model and args.sp and args.rg):
             raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
         return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg]
-    from decesc.pipeline import Run
-    from decesc.stages import adapter_of
+    from decesc.pipeline.run import Run
+    from decesc.pipeline.stages import adapter_of
 
     run = Run.open(args.run)
     chains = []
@@ -60,8 +60,8 @@ def module_adapters(args) -> tuple[str, list, list]:
 
 
 def build_models(source: str, sp_chain: list, rg_chain: list, device: str):
-    from decesc.pipeline_config import PipelineConfig
-    from decesc.stages import module_model
+    from decesc.pipeline.config import PipelineConfig
+    from decesc.pipeline.stages import module_model
 
     config = PipelineConfig(model=source, device=device)
     planner, tokenizer = module_model(config, *sp_chain)
@@ -71,8 +71,8 @@ def build_models(source: str, sp_chain: list, rg_chain: list, device: str):
 
 def fit_context(turns, tokenizer, budget: int) -> str:
     """The history block of the most recent turns whose RG prompt fits ``budget`` tokens."""
-    from decesc.esconv import Dialogue
-    from decesc.prompts import make_example, render_context
+    from decesc.esc.esconv import Dialogue
+    from decesc.esc.prompts import make_example, render_context
 
     dialogue = Dialogue(turns=turns, emotion_type="", problem_type="", situation="", source="chat", index=0)
     start = 0
@@ -86,9 +86,9 @@ def fit_context(turns, tokenizer, budget: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from decesc.esconv import Turn
-    from decesc.inference import Sampling, generate_replies, plan
-    from decesc.prompts import make_example
+    from decesc.esc.esconv import Turn
+    from decesc.esc.inference import Sampling, generate_replies, plan
+    from decesc.esc.prompts import make_example
 
     try:
         source, sp_chain, rg_chain = module_adapters(args)

@@ -16,8 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from decesc.esconv import SEEKER, SUPPORTER, DataError, Dialogue, find_split_files, load_dialogues
-from decesc.strategies import STRATEGIES
+from decesc.esc.esconv import (
+    SEEKER,
+    SUPPORTER,
+    DataError,
+    Dialogue,
+    find_split_files,
+    load_dialogues,
+)
+from decesc.esc.strategies import STRATEGIES
 
 
 def dataset_stats(dialogues: list[Dialogue]) -> dict:

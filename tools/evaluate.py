@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from decesc.evaluation import write_report
-    from decesc.pipeline import Run, STAGES
-    from decesc.pipeline_config import validate_config
-    from decesc.stages import score_run
+    from decesc.esc.report import write_report
+    from decesc.pipeline.config import validate_config
+    from decesc.pipeline.run import STAGES, Run
+    from decesc.pipeline.stages import score_run
 
     rows = []
     try:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from decesc import load_pretrained
-from decesc.generate import generate, truncate_at_stop
+from decesc.core.generate import generate, truncate_at_stop
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -9,13 +9,13 @@
     python -m tools.train sft --model SRC --data train.jsonl --out runs/sft
     python -m tools.train dpo --model SRC --sft-adapter runs/sft --data pairs.jsonl --out runs/dpo
 
-Without a stage word the pipeline runs (see ``--help``; the work is in decesc.pipeline and
-decesc.stages). With ``sft`` / ``dpo`` one stage trains on a JSONL file. SFT data: one JSON
+Without a stage word the pipeline runs (see ``--help``; the work is in decesc.pipeline.run and
+decesc.pipeline.stages). With ``sft`` / ``dpo`` one stage trains on a JSONL file. SFT data: one JSON
 object per line with "prompt", "target" and optionally "system"; DPO data: "prompt", "chosen",
 "rejected" and optionally "system". The output directory receives the adapter in PEFT format
 (adapter_model.safetensors, adapter_config.json), metrics.jsonl, train_config.json and
 checkpoints/. DPO merges the SFT adapter into the model: its reference is the SFT model and its
-adapter applies on top of it. The work is done by decesc.sft.train_sft / decesc.dpo.train_dpo.
+adapter applies on top of it. The work is done by decesc.train.sft.train_sft / decesc.train.dpo.train_dpo.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import sys
 
 import torch
 
-from decesc.trainer import DTYPES, SCHEDULES, NonFiniteLossError, TrainConfig
+from decesc.train.trainer import DTYPES, SCHEDULES, NonFiniteLossError, TrainConfig
 
 STAGES = ("sft", "dpo")
 
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
     """Flags of one stage; defaults are the paper's (SFT: TrainConfig, DPO: paper_dpo_config)."""
-    from decesc.dpo import paper_dpo_config
+    from decesc.train.dpo import paper_dpo_config
 
     d = TrainConfig() if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
     p = argparse.ArgumentParser(prog=f"python -m tools.train {stage}", description=__doc__,
@@ -111,8 +111,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
-    from decesc.dpo import paper_dpo_config
-    from decesc.fsdp import launched_by_torchrun
+    from decesc.train.dpo import paper_dpo_config
+    from decesc.train.fsdp import launched_by_torchrun
 
     defaults = TrainConfig() if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
     batch_size = defaults.batch_size if args.batch_size is None else args.batch_size
@@ -138,7 +138,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
 
 def run_stage(stage: str, argv: list[str]) -> int:
     from decesc import load_pretrained
-    from decesc.fsdp import setup_distributed
+    from decesc.train.fsdp import setup_distributed
 
     args = build_parser(stage).parse_args(argv)
     try:
@@ -146,14 +146,14 @@ def run_stage(stage: str, argv: list[str]) -> int:
         info = setup_distributed(config.device)
         model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
         if stage == "sft":
-            from decesc.sft import train_sft
-            from decesc.train_data import read_sft_jsonl
+            from decesc.train.data import read_sft_jsonl
+            from decesc.train.sft import train_sft
 
             result = train_sft(model, tokenizer, read_sft_jsonl(args.data), config, args.out,
                                base_model_name_or_path=args.model, resume=args.resume)
         else:
-            from decesc.dpo import train_dpo
-            from decesc.train_data import read_pairs_jsonl
+            from decesc.train.data import read_pairs_jsonl
+            from decesc.train.dpo import train_dpo
 
             result = train_dpo(model, tokenizer, read_pairs_jsonl(args.data), config, args.out,
                                sft_adapter=args.sft_adapter, base_model_name_or_path=args.model,
@@ -173,8 +173,8 @@ def pipeline_parser() -> argparse.ArgumentParser:
     """Flags of the full pipeline: one per PipelineConfig field, plus --config and --stages."""
     from dataclasses import MISSING, fields
 
-    from decesc.pipeline import STAGES
-    from decesc.pipeline_config import DEMO, TINY_MODEL, PipelineConfig, field_type
+    from decesc.pipeline.config import DEMO, TINY_MODEL, PipelineConfig, field_type
+    from decesc.pipeline.run import STAGES
 
     p = argparse.ArgumentParser(
         prog="python -m tools.train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -221,11 +221,11 @@ Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSO
 
 def run_pipeline(argv: list[str]) -> int:
     import time
-
     from pathlib import Path
 
-    from decesc.pipeline import STAGES, Run, parse_stages, run_pipeline as run_stages
-    from decesc.pipeline_config import PipelineConfig, build_config, read_config_file
+    from decesc.pipeline.config import PipelineConfig, build_config, read_config_file
+    from decesc.pipeline.run import STAGES, Run, parse_stages
+    from decesc.pipeline.run import run_pipeline as run_stages
 
     args = pipeline_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "stages", "status")}
@@ -245,7 +245,7 @@ def run_pipeline(argv: list[str]) -> int:
         for stage in STAGES:
             print(f"{stage:12s} {run.status(stage)}")
         return 0
-    from decesc.fsdp import launched_by_torchrun
+    from decesc.train.fsdp import launched_by_torchrun
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:

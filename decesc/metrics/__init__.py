@@ -1,11 +1,20 @@
-"""Evaluation metrics (SPEC §2): strategy preference / bias, strategy F1 and distribution, text metrics."""
+"""The evaluation metrics' public home (numpy only: importing this does not import torch).
 
-from decesc.metrics.preference import preference, preference_bias, strategy_confusion
-from decesc.metrics.strategy import macro_f1, strategy_distribution, weighted_f1
-from decesc.metrics.text import text_metrics, tokenize
+Strategy preference p and preference bias B (eqs. 7-8), the strategy confusion counts, weighted /
+macro F1 (Q_W / Q), the strategy distribution, and the text metrics D-1 / B-1 / F1 / R-L. They are
+implemented in :mod:`decesc.esc.metrics` (the ESC layer, next to the strategies they count).
+"""
 
-__all__ = [
-    "strategy_confusion", "preference", "preference_bias",
-    "weighted_f1", "macro_f1", "strategy_distribution",
-    "text_metrics", "tokenize",
-]
+from decesc.esc.metrics import (
+                                macro_f1,
+                                preference,
+                                preference_bias,
+                                strategy_confusion,
+                                strategy_distribution,
+                                text_metrics,
+                                tokenize,
+                                weighted_f1,
+)
+
+__all__ = ["strategy_confusion", "preference", "preference_bias", "weighted_f1", "macro_f1",
+           "strategy_distribution", "text_metrics", "tokenize"]

@@ -1,0 +1,140 @@
+"""Inferential Preference Mining (IPM): preference pairs from the SFT models' own mistakes.
+
+The SFT models are run on TRAINING contexts and every error they make becomes a DPO pair whose
+chosen side is the gold annotation (SPEC §1, "IPM-PrefDial"):
+
+- Strategy Planner: each predicted strategy that differs from the gold one is a Strategy
+  Mismatch -> SP pair (context, chosen = gold strategy, rejected = predicted strategy).
+- Response Generator: k sampled replies per context, generated with the GOLD strategy, are
+  judged; a reply showing Lack of Empathy, Early Emotion Shift or Template Response -> RG pair
+  (context + strategy, chosen = gold reply, rejected = sampled reply). This is the paper's
+  dynamic data routing. A judged "Strategy Mismatch" on a reply is NOT routed to the RG data: the
+  generator was given the gold strategy, and strategy-level pairs come from the planner itself.
+  Emotion Misread is reported in the error analysis only, as in the paper.
+- Vanilla (joint) model, for the Table 5 ablations: sampled "[Strategy] reply" outputs are
+  labelled by P/N (positive/negative) for the strategy (s: equal to gold?) and the response
+  (r: free of the three routed error types?): PsPr samples are good and give no pair; PsNr, NsPr
+  and NsNr give pairs whose chosen side is the gold "[Strategy] reply" (which is PsPr). An
+  unreadable strategy tag counts as Ns.
+
+Rejected texts identical to the chosen text are dropped, and so are duplicate rejected texts for
+the same context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from decesc.esc.prompts import Example, format_vanilla_target
+from decesc.formats.atomic import atomic_write_text
+
+STRATEGY_MISMATCH = "Strategy Mismatch"
+RG_ROUTED = ("Lack of Empathy", "Early Emotion Shift", "Template Response")
+VANILLA_CATEGORIES = ("PsNr", "NsPr", "NsNr")
+
+
+@dataclass
+class Pair:
+    """One IPM-PrefDial preference pair (a JSONL line)."""
+
+    task: str  # "sp" | "rg" | "vanilla"
+    system: str
+    prompt: str
+    chosen: str
+    rejected: str
+    strategy: str  # gold strategy of the turn
+    error_types: list[str] = field(default_factory=list)
+    category: str | None = None  # vanilla only: PsNr | NsPr | NsNr
+    source_model: str = ""
+    dialogue: int = -1
+    turn: int = -1
+
+
+@dataclass
+class Candidate:
+    """One SFT output to route: a planned strategy or a sampled reply, with its judged errors."""
+
+    example: Example  # the context it was produced for (task "sp", "rg" or "vanilla")
+    output: str  # predicted strategy name, or reply text, or raw "[Strategy] reply" text
+    errors: tuple[str, ...] = ()  # judged error types (replies); planner outputs: computed here
+    strategy: str | None = None  # vanilla: the strategy parsed from the output (None = unreadable)
+
+
+def _pair(ex: Example, rejected: str, errors, source: str, chosen: str | None = None,
+          category: str | None = None) -> Pair:
+    return Pair(ex.task, ex.system, ex.prompt, chosen if chosen is not None else ex.target, rejected,
+                ex.strategy, list(errors), category, source, ex.dialogue, ex.turn)
+
+
+def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list[Pair]]:
+    """Dynamic data routing: each candidate becomes at most one pair in the right dataset.
+
+    Returns {"sp": [...], "rg": [...], "vanilla": [...]} (see the module docstring for the rules).
+    """
+    out: dict[str, list[Pair]] = {"sp": [], "rg": [], "vanilla": []}
+    seen: set[tuple] = set()
+    for c in candidates:
+        ex, text = c.example, c.output.strip()
+        key = (ex.task, ex.dialogue, ex.turn, ex.prompt, text)
+        if key in seen:
+            continue
+        seen.add(key)
+        if ex.task == "sp":
+            if text != ex.strategy:
+                out["sp"].append(_pair(ex, text, [STRATEGY_MISMATCH], source_model))
+        elif ex.task == "rg":
+            routed = [e for e in RG_ROUTED if e in c.errors]
+            if routed and text != ex.response.strip():
+                out["rg"].append(_pair(ex, text, routed, source_model))
+        elif ex.task == "vanilla":
+            s_ok = c.strategy == ex.strategy
+            r_bad = [e for e in RG_ROUTED if e in c.errors]
+            if s_ok and not r_bad:
+                continue  # PsPr: a good sample
+            category = ("P" if s_ok else "N") + "s" + ("N" if r_bad else "P") + "r"
+            errors = ([] if s_ok else [STRATEGY_MISMATCH]) + r_bad
+            chosen = format_vanilla_target(ex.strategy, ex.response)
+            if text != chosen:
+                out["vanilla"].append(_pair(ex, text, errors, source_model, chosen, category))
+        else:
+            raise ValueError(f"unknown task {ex.task!r} in a mining candidate")
+    return out
+
+
+def statistics(pairs: list[Pair]) -> dict:
+    """Table-1-style statistics of a pair set: counts by error type / category, text lengths."""
+    n = len(pairs)
+    by_error: dict[str, int] = {}
+    by_category: dict[str, int] = {}
+    for p in pairs:
+        for e in p.error_types:
+            by_error[e] = by_error.get(e, 0) + 1
+        if p.category:
+            by_category[p.category] = by_category.get(p.category, 0) + 1
+    return {
+        "pairs": n,
+        "contexts": len({(p.dialogue, p.turn) for p in pairs}),
+        "dialogues": len({p.dialogue for p in pairs}),
+        "by_error_type": dict(sorted(by_error.items())),
+        "by_category": dict(sorted(by_category.items())),
+        "avg_chars_chosen": round(sum(len(p.chosen) for p in pairs) / n, 1) if n else 0.0,
+        "avg_chars_rejected": round(sum(len(p.rejected) for p in pairs) / n, 1) if n else 0.0,
+    }
+
+
+def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    pairs.append(Pair(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno}: not an IPM pair ({e})") from None
+    return pairs

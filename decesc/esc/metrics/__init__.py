@@ -1,0 +1,15 @@
+"""Evaluation metrics (SPEC §2): strategy preference / bias, strategy F1 and distribution, text metrics."""
+
+from decesc.esc.metrics.preference import (
+    preference,
+    preference_bias,
+    strategy_confusion,
+)
+from decesc.esc.metrics.strategy import macro_f1, strategy_distribution, weighted_f1
+from decesc.esc.metrics.text import text_metrics, tokenize
+
+__all__ = [
+    "strategy_confusion", "preference", "preference_bias",
+    "weighted_f1", "macro_f1", "strategy_distribution",
+    "text_metrics", "tokenize",
+]

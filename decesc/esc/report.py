@@ -1,0 +1,153 @@
+"""The Table-3-style report: score each system's test outputs and render markdown, JSON and a chart.
+
+Columns (SPEC §2): D-1, B-1, F1, R-L (text metrics on the reply text, x100), Flu, Pro, Emp, Hel
+(mean 0-5 judge scores on the judged sample), B (preference bias, eq. 8), Q_W and Q (weighted and
+macro strategy F1, x100). Also reported per system: the number of unparseable strategies, the
+share of judged replies showing each error type, and the strategy preference p and distribution
+(predicted vs gold shares, the paper's Fig. 3), drawn as an SVG bar chart.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from decesc.esc.judges import ERROR_TYPES, RUBRIC
+from decesc.esc.metrics import (
+    macro_f1,
+    preference,
+    preference_bias,
+    strategy_confusion,
+    strategy_distribution,
+    text_metrics,
+    weighted_f1,
+)
+from decesc.esc.strategies import SHORT, STRATEGIES
+from decesc.formats.atomic import atomic_write_text
+
+COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "Q_W", "Q")
+
+
+@dataclass
+class SystemOutputs:
+    """What one system produced on the test turns (same order as the gold lists)."""
+
+    name: str
+    strategies: list[str | None]  # planned / parsed strategy per turn (None = unparseable)
+    replies: list[str]
+    judgments: list = field(default_factory=list)  # Judgment per judged turn (a subset)
+    judged: list[int] = field(default_factory=list)  # indices of the judged turns
+
+
+def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: list[str]) -> dict:
+    """All report numbers for one system (a flat dict, JSON-ready; NaN where undefined)."""
+    row: dict = {"system": out.name, "turns": len(out.replies)}
+    row.update({k: v for k, v in text_metrics(out.replies, gold_replies).items()})
+    n = len(out.judgments)
+    for col, dim in zip(("Flu", "Pro", "Emp", "Hel"), RUBRIC):
+        row[col] = sum(j.scores[dim] for j in out.judgments) / n if n else math.nan
+    with warnings.catch_warnings():  # degenerate preference inputs are reported as NaN
+        warnings.simplefilter("ignore")
+        w = strategy_confusion(gold_strategies, out.strategies)
+        row["B"] = float(preference_bias(w))
+        row["preference"] = dict(zip(STRATEGIES, (float(x) for x in preference(w))))
+    row["Q_W"] = 100 * weighted_f1(gold_strategies, out.strategies)
+    row["Q"] = 100 * macro_f1(gold_strategies, out.strategies)
+    row["unparseable"] = sum(s is None for s in out.strategies)
+    row["judged"] = n
+    row["error_share"] = {e: (100 * sum(e in j.errors for j in out.judgments) / n if n else math.nan)
+                          for e in ERROR_TYPES}
+    row["distribution"] = strategy_distribution(gold_strategies, out.strategies)
+    return row
+
+
+def _fmt(x, digits=2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def render_markdown(rows: list[dict], title: str = "Evaluation") -> str:
+    lines = [f"# {title}", "",
+             "| system | " + " | ".join(COLUMNS) + " | unparseable | judged |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
+                     + f" | {r['unparseable']}/{r['turns']} | {r['judged']} |")
+    lines += ["", "D-1/B-1/F1/R-L and Q_W/Q are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
+              "B is the preference bias (lower = less biased). – = undefined: B and p have no finite "
+              "Bradley–Terry estimate when a predicted strategy never loses or nothing was mispredicted "
+              "(rules in decesc/metrics/preference.py); rubric columns need judged replies.", "",
+              "## Error types in judged replies (% of judged replies)", "",
+              "| system | " + " | ".join(ERROR_TYPES) + " |", "|---|" + "---|" * len(ERROR_TYPES)]
+    for r in rows:
+        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["error_share"][e], 1) for e in ERROR_TYPES) + " |")
+    lines += ["", "## Strategy preference p (Bradley–Terry, mean 1)", "",
+              "| system | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["preference"][s]) for s in STRATEGIES) + " |")
+    lines += ["", "## Strategy distribution (% of turns; gold vs predicted)", "",
+              "| strategy | gold | " + " | ".join(r["system"] for r in rows) + " |",
+              "|---|---|" + "---|" * len(rows)]
+    for s in list(STRATEGIES) + ["unparseable"]:
+        gold = rows[0]["distribution"][s]["gold"] * 100 if rows else 0
+        lines.append(f"| {s} | {gold:.1f} | " + " | ".join(
+            f"{r['distribution'][s]['pred'] * 100:.1f}" for r in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PALETTE = ("#444444", "#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6")
+
+
+def strategy_chart_svg(rows: list[dict]) -> str:
+    """Grouped bar chart: per strategy, the gold share and each system's predicted share (Fig. 3)."""
+    series = [("Gold", [rows[0]["distribution"][s]["gold"] for s in STRATEGIES])] if rows else []
+    series += [(r["system"], [r["distribution"][s]["pred"] for s in STRATEGIES]) for r in rows]
+    top = max([v for _, vals in series for v in vals] + [0.05])
+    W, H, left, bottom, plot_h = 900, 420, 60, 60, 300
+    group_w = (W - left - 20) / len(STRATEGIES)
+    bar_w = group_w * 0.8 / max(len(series), 1)
+    y = lambda v: H - bottom - v / top * plot_h  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15">Strategy distribution: '
+             'gold vs predicted (share of turns)</text>']
+    for k in range(5):  # horizontal grid with % labels
+        v = top * k / 4
+        parts.append(f'<line x1="{left}" x2="{W - 20}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v * 100:.0f}%</text>')
+    for g, s in enumerate(STRATEGIES):
+        x0 = left + g * group_w + group_w * 0.1
+        for k, (_, vals) in enumerate(series):
+            parts.append(f'<rect x="{x0 + k * bar_w:.1f}" y="{y(vals[g]):.1f}" width="{bar_w:.1f}" '
+                         f'height="{H - bottom - y(vals[g]):.1f}" fill="{PALETTE[k % len(PALETTE)]}"/>')
+        parts.append(f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{H - bottom + 16}" '
+                     f'text-anchor="middle">{SHORT[s]}</text>')
+    for k, (name, _) in enumerate(series):  # legend
+        lx = left + k * 150
+        parts.append(f'<rect x="{lx}" y="{H - 24}" width="12" height="12" fill="{PALETTE[k % len(PALETTE)]}"/>'
+                     f'<text x="{lx + 16}" y="{H - 14}">{html.escape(name)}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def json_safe(x):
+    """NaN -> None, recursively, so the output is strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_report(rows: list[dict], out_dir: str | Path, title: str = "Evaluation") -> Path:
+    """Write report.md, report.json and strategy_distribution.svg; return the markdown path."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "report.json", json.dumps(json_safe(rows), indent=2))
+    atomic_write_text(out_dir / "strategy_distribution.svg", strategy_chart_svg(rows))
+    md = render_markdown(rows, title) + "\n![strategy distribution](strategy_distribution.svg)\n"
+    atomic_write_text(out_dir / "report.md", md)
+    return out_dir / "report.md"

@@ -1,0 +1,215 @@
+"""The one configuration of the DecoupledESC pipeline, with the paper's defaults (SPEC §1).
+
+Every field is a command-line flag of ``python -m tools.train`` (``--sft-lr`` for ``sft_lr``) and
+a key of the optional JSON file given with ``--config``. Precedence, highest first: flags, the
+``--config`` file, the ``config.json`` of an existing run directory (a run remembers its settings),
+the profile, the defaults below. ``--model tiny`` raises ``max_seq_len`` to 1024 (its small
+vocabulary needs about twice the tokens) unless it is set explicitly.
+
+Profiles. ``paper`` is the dataclass defaults: Appendix D's hyper-parameters (LoRA r 16 / alpha 16
+/ dropout 0.05; SFT 3 epochs, lr 1e-5, batch 32; DPO 1 epoch, batch 32, per-module lr and beta of
+the chosen backbone preset), every training context mined, the whole test split evaluated with
+100 judged replies, sampling at T 0.7 / top-p 0.95. ``demo`` shrinks the work so the whole
+pipeline runs on a 2-core CPU in about ten minutes with SmolLM2-135M on the built-in sample:
+480-token contexts, one SFT epoch over at most 64 examples per module and at most 32 pairs per
+DPO module, both at a high LoRA learning rate so that so few steps show an effect, 24 mined
+contexts with 2 samples each, replies of at most 40 tokens, bf16 autocast.
+``auto`` (the default) means ``demo`` for the built-in sample and ``paper`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+PROFILES = ("auto", "paper", "demo")
+BUILTIN = "builtin"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PipelineConfig:
+    # ------------------------------------------------------------------ what to run on
+    model: str = _f("smollm2-135m-instruct", "base model: Hugging Face directory, .gguf file, Hub "
+                    "repo id, 'smollm2-135m-instruct' (demo GGUF) or 'tiny' (random, for smoke runs)")
+    data: str = _f(BUILTIN, "ESConv data: a directory with train/valid/test files (used as they are), "
+                   "one file (split 8:1:1 by dialogue), or 'builtin' (decesc's own sample)")
+    run_dir: str = _f("runs/default", "run directory: every stage writes its outputs here")
+    profile: str = _f("auto", "default sizes: paper, demo, or auto (demo for the built-in sample)",
+                      choices=PROFILES)
+    seed: int = _f(42, "seed for splits, sampling, adapter init and data order")
+    device: str | None = _f(None, "cpu or cuda (default: cuda if available)")
+    dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (parameters stay fp32)",
+                    choices=("fp32", "bf16"))
+    max_seq_len: int = _f(4096, "token budget of one example: prompt + gold reply must fit in "
+                          "max_seq_len - max_new_tokens (so a generated reply fits too); older "
+                          "turns are dropped to fit, the reply is never cut")
+    # ------------------------------------------------------------------ LoRA / SFT (eqs. 3, 4)
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    sft_epochs: int = _f(3, "SFT epochs")
+    sft_lr: float = _f(1e-5, "SFT peak learning rate")
+    sft_batch_size: int = _f(32, "SFT effective batch (examples per optimizer step)")
+    micro_batch_size: int = _f(4, "sequences per forward pass per process (a DPO micro-batch holds "
+                               "half as many pairs: chosen and rejected are both sequences)")
+    max_train_examples: int | None = _f(None, "use at most this many SFT examples per module "
+                                        "(seeded subset; default all)")
+    save_every: int = _f(25, "write a training checkpoint every N optimizer steps (0: never); an "
+                         "interrupted training stage resumes from the last one")
+    # ------------------------------------------------------------------ IPM mining
+    mine_contexts: int | None = _f(None, "mine at most this many training contexts (seeded subset; "
+                                   "default all)")
+    mine_samples: int = _f(4, "samples per context from each SFT model (strategies, replies)")
+    # ------------------------------------------------------------------ DPO (eqs. 5, 6)
+    dpo_preset: str = _f("qwen2.5-7b", "paper lr/beta preset: qwen2.5-7b or llama3.1-8b",
+                         choices=("qwen2.5-7b", "llama3.1-8b"))
+    dpo_epochs: int = _f(1, "DPO epochs")
+    dpo_batch_size: int = _f(32, "DPO effective batch (pairs per optimizer step)")
+    dpo_lr_sp: float | None = _f(None, "DPO lr of the Strategy Planner (default: preset)")
+    dpo_lr_rg: float | None = _f(None, "DPO lr of the Response Generator (default: preset)")
+    dpo_lr_vanilla: float | None = _f(None, "DPO lr of the vanilla model (default: preset)")
+    dpo_beta_sp: float | None = _f(None, "DPO beta of the Strategy Planner (default: preset)")
+    dpo_beta_rg: float | None = _f(None, "DPO beta of the Response Generator (default: preset)")
+    dpo_beta_vanilla: float | None = _f(None, "DPO beta of the vanilla model (default: preset)")
+    max_pairs: int | None = _f(None, "train each DPO module on at most this many pairs (seeded)")
+    # ------------------------------------------------------------------ generation
+    temperature: float = _f(0.7, "sampling temperature of replies (and of mined strategies)")
+    top_p: float = _f(0.95, "nucleus sampling mass")
+    max_new_tokens: int = _f(128, "longest generated reply, in tokens")
+    gen_batch_size: int = _f(8, "prompts per generation batch")
+    # ------------------------------------------------------------------ judge
+    judge: str = _f("rule", "error/rubric judge: rule (deterministic, offline), openai "
+                    "(OpenAI-compatible endpoint) or local (a model run by decesc)",
+                    choices=("rule", "openai", "local"))
+    judge_url: str | None = _f(None, "base URL of the OpenAI-compatible API, e.g. http://localhost:8000/v1")
+    judge_model: str | None = _f(None, "judge model name (openai) or model source (local)")
+    judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge API key")
+    # ------------------------------------------------------------------ evaluation
+    eval_split: str = _f("test", "split to evaluate", choices=("test", "valid"))
+    eval_turns: int | None = _f(None, "evaluate at most this many turns (seeded subset; default all)")
+    judge_samples: int = _f(100, "replies per system scored by the judge (paper: 100)")
+
+    # ------------------------------------------------------------------ helpers
+    def resolved_profile(self) -> str:
+        if self.profile != "auto":
+            return self.profile
+        return "demo" if self.data == BUILTIN else "paper"
+
+    def dpo_setting(self, module: str) -> tuple[float, float]:
+        """(lr, beta) of a DPO module: explicit field, else the paper preset."""
+        from decesc.train.dpo import PAPER_DPO
+
+        lr, beta = PAPER_DPO[self.dpo_preset][module]
+        own_lr, own_beta = getattr(self, f"dpo_lr_{module}"), getattr(self, f"dpo_beta_{module}")
+        return (own_lr if own_lr is not None else lr, own_beta if own_beta is not None else beta)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_size=8,
+            max_train_examples=64, mine_contexts=24, mine_samples=2, dpo_batch_size=8,
+            dpo_lr_sp=3e-4, dpo_lr_rg=3e-4, dpo_lr_vanilla=3e-4, dpo_beta_sp=0.1, dpo_beta_rg=0.1,
+            dpo_beta_vanilla=0.1, max_pairs=32, max_new_tokens=40, save_every=2)
+
+
+# ``--model tiny`` has a small byte-level vocabulary: its prompts take about twice as many tokens.
+TINY_MODEL = dict(max_seq_len=1024)
+_OPTIONAL_INT = ("max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
+
+
+def field_type(name: str) -> type:
+    """int, float or str: the type a field's value must have (None is allowed where the default is)."""
+    if name in _OPTIONAL_INT:
+        return int
+    if name.startswith(("dpo_lr_", "dpo_beta_")):
+        return float
+    default = PipelineConfig.__dataclass_fields__[name].default
+    return {int: int, float: float}.get(type(default), str)
+
+
+def _coerce(values: dict, where: str) -> dict:
+    out = {}
+    for name, value in values.items():
+        kind = field_type(name)
+        if value is None or isinstance(value, kind) and not isinstance(value, bool):
+            out[name] = value
+            continue
+        try:
+            if kind is str or isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+                raise ValueError
+            out[name] = kind(value) if kind is float else int(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be {'an integer' if kind is int else 'a number' if kind is float else 'a string'}, "
+                             f"got {value!r}") from None
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Settings from a JSON file, checked against the known keys and their types."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in fields(PipelineConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {', '.join(unknown)}")
+    return _coerce(data, str(path))
+
+
+def build_config(file: str | Path | None = None, overrides: dict | None = None,
+                 saved: dict | None = None) -> PipelineConfig:
+    """Defaults <- profile <- the run's saved config <- JSON file <- explicit overrides (flags).
+
+    ``saved`` is the ``config.json`` of an existing run directory: a run remembers its settings,
+    so ``--run-dir R --stages eval`` continues run R as it was configured.
+    """
+    from_file = read_config_file(file) if file is not None else {}
+    overrides = _coerce({k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    merged = {**(saved or {}), **from_file, **overrides}
+    base = PipelineConfig(**{k: v for k, v in merged.items() if k in ("data", "profile")})
+    profile = DEMO if base.resolved_profile() == "demo" else {}
+    tiny = TINY_MODEL if merged.get("model") == "tiny" else {}
+    config = PipelineConfig(**{**profile, **tiny, **merged})
+    validate_config(config)
+    return config
+
+
+def validate_config(c: PipelineConfig) -> None:
+    """Raise ValueError naming the first bad field."""
+    for f in fields(c):
+        choices = f.metadata.get("choices")
+        if choices and getattr(c, f.name) not in choices:
+            raise ValueError(f"config: {f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
+    at_least_one = ("max_seq_len", "lora_r", "sft_epochs", "sft_batch_size", "micro_batch_size",
+                    "mine_samples", "dpo_epochs", "dpo_batch_size", "max_new_tokens", "gen_batch_size",
+                    "judge_samples", "max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
+    for name in at_least_one:
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ValueError(f"config: {name} must be >= 1, got {value}")
+    positive = ("lora_alpha", "sft_lr", "dpo_lr_sp", "dpo_lr_rg", "dpo_lr_vanilla", "dpo_beta_sp",
+                "dpo_beta_rg", "dpo_beta_vanilla")
+    for name in positive:
+        value = getattr(c, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"config: {name} must be > 0, got {value}")
+    if not 0 <= c.lora_dropout < 1:
+        raise ValueError(f"config: lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if c.temperature < 0:
+        raise ValueError(f"config: temperature must be >= 0, got {c.temperature}")
+    if not 0 < c.top_p <= 1:
+        raise ValueError(f"config: top_p must be in (0, 1], got {c.top_p}")
+    if c.save_every < 0:
+        raise ValueError(f"config: save_every must be >= 0, got {c.save_every}")
+    if c.judge == "openai" and not (c.judge_url and c.judge_model):
+        raise ValueError("config: --judge openai needs --judge-url and --judge-model")
+    if c.judge == "local" and not c.judge_model:
+        raise ValueError("config: --judge local needs --judge-model (a model source)")

@@ -1,0 +1,438 @@
+"""The training loop shared by SFT and DPO.
+
+A stage (SFT, DPO, and later the ESC stages) describes *what* is optimised with an
+:class:`Objective` - three plain functions: how to collate examples into a batch, how many
+normalisation units a batch holds (target tokens for SFT, pairs for DPO), and the loss summed over
+those units. :func:`train` does the rest:
+
+- AdamW on the trainable parameters (the LoRA adapters), learning rate with linear warmup then
+  cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast;
+- an effective batch of ``batch_size`` examples per optimizer step, split over data-parallel ranks
+  and micro-batches (gradient accumulation). Each micro-batch's summed loss is divided by the
+  number of units in the *whole effective batch* (all micro-batches, all ranks), so the gradient
+  is that of the batch mean however the batch is split (single process == FSDP, up to rounding);
+- a seeded data order: epoch e visits the examples in ``randperm(N, seed*100003 + e)`` order,
+  so the data position is just the step number; torch's global RNG (LoRA dropout) is seeded
+  from (seed, rank) at the start, and its state is saved in checkpoints;
+- tqdm progress (rank 0), one JSON line per step in ``out_dir/metrics.jsonl``;
+- checkpoints every ``save_every`` steps (adapter, optimizer, RNG, step; see
+  :mod:`decesc.train.checkpoint`) and exact resume from the latest one;
+- a non-finite loss or gradient norm stops the run with an error naming the step; nothing of
+  that step is applied and earlier checkpoints are left untouched.
+
+At the end the adapter is written to ``out_dir`` in PEFT's format (rank 0, gathered from all
+ranks), so ``out_dir`` is directly usable as ``--sft-adapter`` or with ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig
+from decesc.formats.atomic import atomic_write_text
+from decesc.formats.peft import save_adapter, write_adapter
+from decesc.train import fsdp
+from decesc.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training stage. Defaults: the paper's SFT setting (SPEC §1:
+    LoRA r 16 / alpha 16 / dropout 0.05 on all projections, 3 epochs, lr 1e-5, batch 32).
+    Warmup, schedule, clipping and weight decay are not given in the paper; ours are common
+    choices. For DPO see :func:`decesc.train.dpo.paper_dpo_config`."""
+
+    lr: float = 1e-5
+    epochs: int = 3
+    batch_size: int = 32  # effective (global) batch: examples or pairs per optimizer step
+    micro_batch_size: int = 4  # examples per forward pass, per process
+    max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
+    max_seq_len: int = 2048
+    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup ...
+    warmup_steps: int | None = None  # ... or an explicit number of steps
+    schedule: str = "cosine"  # after warmup: cosine | linear (to 0) | constant
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
+    seed: int = 42
+    lora_r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    beta: float = 0.1  # DPO only
+    ref_cache_dir: str | None = None  # DPO only; default <out_dir>/../ref_cache
+    save_every: int = 0  # checkpoint every N steps (0: never)
+    keep_checkpoints: int = 2
+    progress: bool = True
+    device: str | None = None  # cpu | cuda | None (cuda if available)
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
+            (self.save_every >= 0, "save_every must be >= 0"),
+            (self.beta > 0, "beta must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+        return self
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+                for k, v in d.items()}
+
+
+# Fields that change the optimisation trajectory: a resumed run must use the same values.
+_TRAJECTORY_FIELDS = ("lr", "epochs", "batch_size", "max_steps", "max_seq_len", "warmup_ratio",
+                      "warmup_steps", "schedule", "weight_decay", "adam_betas", "adam_eps",
+                      "max_grad_norm", "dtype", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                      "lora_targets", "beta")
+
+
+@dataclass
+class Objective:
+    """What a stage optimises. ``loss`` returns SUMS over the batch's units (and metric sums);
+    the trainer divides by the unit count of the whole effective batch."""
+
+    collate: Callable[[list[dict]], dict[str, Any]]  # items -> batch ("num_tokens": real tokens)
+    count: Callable[[dict[str, Any]], int]  # normalisation units in a batch
+    loss: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_metrics: dict = field(default_factory=dict)
+    out_dir: str = ""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped before applying that step."""
+
+
+# ----------------------------------------------------------------------------- schedule & data
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Learning rate of optimizer update ``step`` (0-based) out of ``total``.
+
+    Warmup: peak * (step + 1) / (warmup + 1) for step < warmup; then, with progress
+    p = (step - warmup) / (total - warmup) in [0, 1): cosine peak * (1 + cos(pi p)) / 2,
+    linear peak * (1 - p), constant peak.
+    """
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    p = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return peak * (1.0 - p)
+    return peak
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which epoch ``epoch`` visits examples 0..n-1."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def micro_batches(indices: list[int], lengths: list[int], rank: int, world: int,
+                  micro: int) -> list[list[int]]:
+    """This rank's micro-batches of one effective batch.
+
+    Rank r takes ``indices[r::world]``, sorted by length (less padding), cut into
+    ceil(len(indices) / (micro * world)) micro-batches - the same count on every rank, which
+    FSDP's collectives need. A rank may get an empty micro-batch at the tail of a short batch.
+    """
+    n_micro = math.ceil(len(indices) / (micro * world))
+    mine = sorted(indices[rank::world], key=lambda i: (lengths[i], i))
+    return [mine[k * micro:(k + 1) * micro] for k in range(n_micro)]
+
+
+def data_fingerprint(items: list[dict]) -> str:
+    """Hash of tokenised training items (so a resume can check it trains on the same data)."""
+    h = hashlib.blake2b(digest_size=16)
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- model setup
+
+
+def prepare_model(model: nn.Module, config: TrainConfig,
+                  info: fsdp.DistInfo | None = None) -> tuple[nn.Module, fsdp.DistInfo]:
+    """Move the (LoRA-applied) model to this rank's device and shard it under torchrun."""
+    info = info or fsdp.setup_distributed(config.device)
+    model.to(info.device)
+    fsdp.shard_model(model, info)
+    return model, info
+
+
+def save_final_adapter(model: nn.Module, out_dir: Path, lora_config: LoRAConfig,
+                       base_model_name_or_path: str, info: fsdp.DistInfo) -> None:
+    """PEFT adapter in ``out_dir``: from the live model, or gathered to rank 0 under FSDP."""
+    if not info.distributed:
+        save_adapter(model, out_dir, lora_config, base_model_name_or_path)
+        return
+    state = fsdp.full_trainable_state(model)  # collective
+    if info.is_main:
+        write_adapter(state, out_dir, lora_config, base_model_name_or_path)
+    fsdp.barrier()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _rng_states(info: fsdp.DistInfo) -> dict[str, torch.Tensor]:
+    mine = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(info.device)
+    out = {}
+    for rank, states in enumerate(fsdp.all_gather_object(mine)):
+        out.update({f"{dev}/rank{rank}": t for dev, t in states.items()})
+    return out
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], info: fsdp.DistInfo, seed: int, step: int) -> None:
+    key = f"cpu/rank{info.rank}"
+    if key in rng:
+        torch.set_rng_state(rng[key])
+        if info.device.type == "cuda" and f"cuda/rank{info.rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda/rank{info.rank}"], info.device)
+    else:  # resumed with more processes than the checkpoint had: a fresh, seeded stream
+        torch.manual_seed(seed * 100003 + step * 101 + info.rank)
+
+
+def _check_resumable(meta: dict, config: TrainConfig, n_items: int, data_fp: str, where) -> None:
+    saved = meta.get("config", {})
+    now = config.to_json()
+    for name in _TRAJECTORY_FIELDS:
+        if name in saved and saved[name] != now[name]:
+            raise ValueError(f"{where}: cannot resume: the checkpoint was trained with "
+                             f"{name}={saved[name]!r}, this run has {name}={now[name]!r}")
+    if meta.get("n_items") != n_items or meta.get("data_fingerprint") != data_fp:
+        raise ValueError(f"{where}: cannot resume: the checkpoint was trained on different data "
+                         f"({meta.get('n_items')} items, this run has {n_items})")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (written by a run that died after its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train(model: nn.Module, items: list[dict], objective: Objective, config: TrainConfig,
+          out_dir: str | Path, *, base_model_name_or_path: str,
+          info: fsdp.DistInfo | None = None, resume: bool | str | Path = False,
+          lengths: list[int] | None = None, name: str = "train") -> TrainResult:
+    """Train the model's trainable (LoRA) parameters on ``items`` with ``objective``.
+
+    ``model`` must already be prepared (:func:`prepare_model`). ``items`` are tokenised examples
+    (dicts of plain Python values, the same list on every rank). ``lengths`` (token length of
+    each item) is used to group similar lengths in micro-batches. ``resume``: True = continue
+    from the newest checkpoint in ``out_dir/checkpoints`` if there is one, or a checkpoint path.
+    Returns the number of steps done and the last step's metrics.
+    """
+    from tqdm import tqdm
+
+    config.validate()
+    info = info or fsdp.setup_distributed(config.device)
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    metrics_file = out_dir / "metrics.jsonl"
+    lora_config = config.lora_config()
+    if not items:
+        raise ValueError("train: no training examples")
+    lengths = lengths or [0] * len(items)
+
+    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    warmup = (config.warmup_steps if config.warmup_steps is not None
+              else int(config.warmup_ratio * total))
+    data_fp = data_fingerprint(items)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameters (apply LoRA first)")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
+                                  eps=config.adam_eps, weight_decay=config.weight_decay)
+
+    start = 0
+    torch.manual_seed(config.seed * 100003 + info.rank)  # dropout masks (restored on resume)
+    if resume:
+        ckpt = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(ckpt_root)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            _check_resumable(state["meta"], config, len(items), data_fp, ckpt)
+            fsdp.load_trainable_state(model, state["adapter"])
+            fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+            start = state["meta"]["step"]
+            _restore_rng(state["rng"], info, config.seed, start)
+            if info.is_main:
+                _truncate_metrics(metrics_file, start)
+                print(f"resumed from {ckpt} at step {start}/{total}", flush=True)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
+        if start == 0:  # a fresh run replaces the log and checkpoints of an earlier one
+            metrics_file.unlink(missing_ok=True)
+            if list_checkpoints(ckpt_root):
+                print(f"fresh run: removing old checkpoints in {ckpt_root}", flush=True)
+                shutil.rmtree(ckpt_root)
+    fsdp.barrier()
+
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+    clip = config.max_grad_norm if config.max_grad_norm else float("inf")
+    last_ckpt = latest_checkpoint(ckpt_root) if start else None
+    bar = tqdm(total=total, initial=start, disable=not (info.is_main and config.progress),
+               desc=name, dynamic_ncols=True)
+    log = open(metrics_file, "a", encoding="utf-8") if info.is_main else None
+    order, order_epoch = None, -1
+    metrics: dict = {}
+    model.train()
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(items), config.seed, epoch), epoch
+            batch_idx = order[position * config.batch_size:(position + 1) * config.batch_size]
+            chunks = micro_batches(batch_idx, lengths, info.rank, info.world_size,
+                                   config.micro_batch_size)
+            # An empty micro-batch (short last batch, many ranks) still runs a forward/backward
+            # (FSDP collectives) on a stand-in item with weight 0.
+            batches = [(objective.collate([items[i] for i in (c or batch_idx[:1])]), bool(c))
+                       for c in chunks]
+            units = torch.tensor(float(sum(objective.count(b) for b, real in batches if real)),
+                                 device=info.device)
+            units = fsdp.all_reduce_sum(units)  # units in the whole effective batch
+            lr = lr_at(step, total, warmup, config.lr, config.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            metrics, global_tokens = _forward_backward(model, objective, batches, units,
+                                                       autocast, info)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = float(fsdp.full_value(grad_norm))
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"
+                raise NonFiniteLossError(
+                    f"step {step + 1}: non-finite {what} (loss={metrics['loss']}, "
+                    f"grad_norm={grad_norm}); stopping before the optimizer update. "
+                    f"Last good checkpoint: {last_ckpt or 'none saved yet'}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                   **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_tokens),
+                   "tokens/s": global_tokens / dt}
+            metrics = row
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+
+            if config.save_every and (step + 1) % config.save_every == 0:
+                last_ckpt = _save_checkpoint(model, optimizer, ckpt_root, step + 1, config, info,
+                                             lora_config, base_model_name_or_path, len(items),
+                                             data_fp, epoch, position + 1) or last_ckpt
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+    model.eval()
+    save_final_adapter(model, out_dir, lora_config, base_model_name_or_path, info)
+    return TrainResult(steps=total, last_metrics=metrics, out_dir=str(out_dir))
+
+
+def _forward_backward(model, objective: Objective, batches: list[tuple[dict, bool]],
+                      units: torch.Tensor, autocast, info: fsdp.DistInfo) -> tuple[dict, float]:
+    """Accumulate the gradient of one effective batch; return its metrics (per unit, summed over
+    ranks) and its token count. ``batches`` pairs each micro-batch with "is real" (not a stand-in)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for batch, real in batches:
+        batch = _to_device(batch, info.device)
+        with autocast:
+            loss_sum, metric_sums = objective.loss(model, batch)
+        # d(mean over the effective batch); FSDP averages gradients over ranks, hence * world
+        weight = info.world_size / units if real else 0.0
+        (loss_sum * weight).backward()
+        tokens += batch["num_tokens"] if real else 0
+        for k, v in {"loss": loss_sum, **metric_sums}.items():  # the same keys on every rank
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * float(real)
+    names = ["loss"] + sorted(k for k in sums if k != "loss")
+    packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(tokens), device=info.device)])
+    packed = fsdp.all_reduce_sum(packed).cpu()
+    metrics = {k: float(v) / float(units) for k, v in zip(names, packed[:-1])}
+    return metrics, float(packed[-1])
+
+
+def _save_checkpoint(model, optimizer, root, step, config, info, lora_config, base_name,
+                     n_items, data_fp, epoch, batch_in_epoch) -> Path | None:
+    """Gather adapter + optimizer + RNG on rank 0 and write a checkpoint (collective)."""
+    adapter = fsdp.full_trainable_state(model)
+    optim = fsdp.full_optimizer_state(model, optimizer)
+    rng = _rng_states(info)
+    path = None
+    if info.is_main:
+        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "n_items": n_items,
+                "data_fingerprint": data_fp, "world_size": info.world_size,
+                "config": config.to_json()}
+        path = save_checkpoint(root, step, adapter_state=adapter, optimizer_state=optim,
+                               rng_states=rng, meta=meta, lora_config=lora_config,
+                               base_model_name_or_path=base_name, keep=config.keep_checkpoints)
+    fsdp.barrier()
+    return path
