@@ -7,15 +7,9 @@ from collections import Counter
 import pytest
 from conftest import ESCONV_DIR
 
-from decesc.esc.esconv import (
-    DataError,
-    Dialogue,
-    Turn,
-    builtin_sample_path,
-    load_dialogues,
-    load_splits,
-    split_dialogues,
-)
+from decesc.esc.esconv import Dialogue, Turn, builtin_sample_path, load_dialogues, load_splits, split_dialogues
+
+from decesc.formats.records import DataError
 from decesc.esc.strategies import STRATEGIES
 
 REAL = ESCONV_DIR

@@ -1,12 +1,15 @@
 """IPM routing: hand-made SFT outputs with known judged errors land in the right dataset."""
 
-from decesc.esc.ipm import Candidate, read_pairs, route, statistics, write_pairs
+from decesc.esc.ipm import Candidate, route, statistics
+from decesc.formats.records import read_pairs_jsonl as read_pairs
+from decesc.formats.records import write_pairs
 from decesc.esc.prompts import Example
 
 
 def ex(task, turn, strategy="Question", response="How long has this been weighing on you?"):
     target = {"sp": strategy, "rg": response, "vanilla": f"[{strategy}] {response}"}[task]
-    return Example(task, "sys", f"context {turn}", target, strategy, 0, turn, response, f"context {turn}")
+    return Example(f"context {turn}", target, "sys", task=task, strategy=strategy, dialogue=0, turn=turn,
+                   response=response, context=f"context {turn}")
 
 
 def test_routing_counts_by_dataset():

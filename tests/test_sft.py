@@ -10,7 +10,7 @@ from test_logprobs import hand_example
 from toy import sft_examples, tiny_model, toy_tokenizer
 
 from decesc.core.lora import DEFAULT_TARGETS, apply_lora
-from decesc.train.data import SFTExample
+from decesc.formats.records import SFTExample
 from decesc.train.sft import (
     SequenceTooLongError,
     collate_sft,

@@ -9,7 +9,8 @@ from toy import PAIR_RECORDS, SFT_RECORDS, write_jsonl, write_tiny_hf_dir
 from decesc import load_pretrained
 from decesc.core.lora import lora_modules
 from decesc.formats.peft import load_adapter
-from tools.train import STAGES, build_parser, main
+from tools.train import main
+from tools.train_stage import STAGES, build_parser
 
 
 @pytest.fixture(scope="module")

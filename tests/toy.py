@@ -83,13 +83,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def sft_examples():
-    from decesc.train.data import SFTExample
+    from decesc.formats.records import SFTExample
 
     return [SFTExample(r["prompt"], r["target"], r.get("system")) for r in SFT_RECORDS]
 
 
 def preference_pairs():
-    from decesc.train.data import PreferencePair
+    from decesc.formats.records import PreferencePair
 
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("system"))
             for r in PAIR_RECORDS]

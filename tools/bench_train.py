@@ -37,7 +37,7 @@ import torch
 
 from decesc import load_pretrained, save_pretrained
 from decesc.core.lora import DEFAULT_TARGETS, apply_lora
-from decesc.train.data import PreferencePair
+from decesc.formats.records import PreferencePair
 from decesc.train.dpo import (
     compute_reference_logps,
     dpo_objective,

@@ -16,14 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from decesc.esc.esconv import (
-    SEEKER,
-    SUPPORTER,
-    DataError,
-    Dialogue,
-    find_split_files,
-    load_dialogues,
-)
+from decesc.esc.esconv import SEEKER, SUPPORTER, Dialogue, find_split_files, load_dialogues
+
+from decesc.formats.records import DataError
 from decesc.esc.strategies import STRATEGIES
 
 

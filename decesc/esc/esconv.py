@@ -35,32 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from decesc.esc.strategies import normalize_strategy
+from decesc.formats.records import DataError, read_text
 
 SEEKER = "seeker"
 SUPPORTER = "supporter"
 SPLITS = ("train", "valid", "test")
 _SPLIT_FILE_STEMS = {"train": ("train",), "valid": ("valid", "dev", "validation"), "test": ("test",)}
 _METADATA = ("emotion_type", "problem_type", "situation")
-
-
-class DataError(ValueError):
-    """Bad ESConv data; the message says where (file, line, dialogue, turn, field)."""
-
-    def __init__(self, message: str, path, *, line: int | None = None, dialogue: int | None = None,
-                 turn: int | None = None, field: str | None = None):
-        self.path, self.line, self.dialogue, self.turn, self.field = str(path), line, dialogue, turn, field
-        where = self.path
-        if line is not None:
-            where += f", line {line}"
-            if dialogue is not None:
-                where += f" (dialogue {dialogue})"
-        elif dialogue is not None:
-            where += f", dialogue {dialogue}"
-        if turn is not None:
-            where += f", turn {turn}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass
@@ -189,10 +170,7 @@ def load_dialogues(path) -> list[Dialogue]:
     path = Path(path)
     if path.is_dir():
         return [d for split in load_splits(path).values() for d in split]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+    text = read_text(path)
     start = text.lstrip()[:1]
     if start == "[":
         return _load_json_array(text, path)

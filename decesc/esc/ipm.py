@@ -23,33 +23,14 @@ the same context.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from decesc.esc.prompts import Example, format_vanilla_target
-from decesc.formats.atomic import atomic_write_text
+from decesc.formats.records import PreferencePair
 
 STRATEGY_MISMATCH = "Strategy Mismatch"
 RG_ROUTED = ("Lack of Empathy", "Early Emotion Shift", "Template Response")
 VANILLA_CATEGORIES = ("PsNr", "NsPr", "NsNr")
-
-
-@dataclass
-class Pair:
-    """One IPM-PrefDial preference pair (a JSONL line)."""
-
-    task: str  # "sp" | "rg" | "vanilla"
-    system: str
-    prompt: str
-    chosen: str
-    rejected: str
-    strategy: str  # gold strategy of the turn
-    error_types: list[str] = field(default_factory=list)
-    category: str | None = None  # vanilla only: PsNr | NsPr | NsNr
-    source_model: str = ""
-    dialogue: int = -1
-    turn: int = -1
 
 
 @dataclass
@@ -63,17 +44,18 @@ class Candidate:
 
 
 def _pair(ex: Example, rejected: str, errors, source: str, chosen: str | None = None,
-          category: str | None = None) -> Pair:
-    return Pair(ex.task, ex.system, ex.prompt, chosen if chosen is not None else ex.target, rejected,
-                ex.strategy, list(errors), category, source, ex.dialogue, ex.turn)
+          category: str | None = None) -> PreferencePair:
+    return PreferencePair(ex.prompt, chosen if chosen is not None else ex.target, rejected, ex.system,
+                          task=ex.task, strategy=ex.strategy, error_types=list(errors),
+                          category=category, source_model=source, dialogue=ex.dialogue, turn=ex.turn)
 
 
-def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list[Pair]]:
+def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list[PreferencePair]]:
     """Dynamic data routing: each candidate becomes at most one pair in the right dataset.
 
     Returns {"sp": [...], "rg": [...], "vanilla": [...]} (see the module docstring for the rules).
     """
-    out: dict[str, list[Pair]] = {"sp": [], "rg": [], "vanilla": []}
+    out: dict[str, list[PreferencePair]] = {"sp": [], "rg": [], "vanilla": []}
     seen: set[tuple] = set()
     for c in candidates:
         ex, text = c.example, c.output.strip()
@@ -103,7 +85,7 @@ def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list
     return out
 
 
-def statistics(pairs: list[Pair]) -> dict:
+def statistics(pairs: list[PreferencePair]) -> dict:
     """Table-1-style statistics of a pair set: counts by error type / category, text lengths."""
     n = len(pairs)
     by_error: dict[str, int] = {}
@@ -122,19 +104,3 @@ def statistics(pairs: list[Pair]) -> dict:
         "avg_chars_chosen": round(sum(len(p.chosen) for p in pairs) / n, 1) if n else 0.0,
         "avg_chars_rejected": round(sum(len(p.rejected) for p in pairs) / n, 1) if n else 0.0,
     }
-
-
-def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
-    atomic_write_text(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
-
-
-def read_pairs(path: str | Path) -> list[Pair]:
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    pairs.append(Pair(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: not an IPM pair ({e})") from None
-    return pairs

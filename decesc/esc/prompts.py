@@ -51,6 +51,8 @@ import bisect
 import re
 import warnings
 from dataclasses import dataclass
+
+from decesc.formats.records import SFTExample
 from typing import Callable
 
 from decesc.esc.esconv import SEEKER, SUPPORTER, Dialogue
@@ -133,12 +135,13 @@ def split_vanilla_output(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
-@dataclass
-class Example:
+@dataclass(frozen=True, kw_only=True)
+class Example(SFTExample):
+    """A supporter turn as a training example of one task: an :class:`SFTExample` (system prompt,
+    user message = rendered history + instruction, target = what the model must produce) that
+    also keeps its turn's annotation."""
+
     task: str            # "sp" | "rg" | "vanilla"
-    system: str          # system prompt
-    prompt: str          # user message: rendered history + instruction
-    target: str          # what the model must produce (loss is on these tokens only)
     strategy: str        # gold strategy (for rg_example: the strategy named in the prompt)
     dialogue: int        # position of the dialogue in the list given to build_examples
     turn: int            # index of the supporter turn in that dialogue
@@ -182,8 +185,9 @@ def make_example(task: str, context: str, strategy: str | None, response: str = 
     show it, so it may be None there when unknown (a live chat).
     """
     prompt = context + "\n\n" + instruction(task, strategy)
-    return Example(task, SYSTEMS[task], prompt, _target(task, strategy, response), strategy,
-                   dialogue, turn, response, context)
+    return Example(prompt, _target(task, strategy, response), SYSTEMS[task],
+                   f"dialogue {dialogue}, turn {turn}", task=task, strategy=strategy,
+                   dialogue=dialogue, turn=turn, response=response, context=context)
 
 
 def rg_example(example: Example, strategy: str) -> Example:

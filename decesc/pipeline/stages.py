@@ -28,7 +28,8 @@ from decesc.esc.inference import (
     plan,
     score_strategies,
 )
-from decesc.esc.ipm import Candidate, read_pairs, route, statistics, write_pairs
+from decesc.esc.ipm import Candidate, route, statistics
+from decesc.formats.records import read_jsonl, read_pairs_jsonl, write_jsonl, write_pairs
 from decesc.esc.judges import (
     ERROR_TYPES,
     JudgeItem,
@@ -157,28 +158,12 @@ def judge_items(examples: list[Example], replies: list[str], strategies: list[st
             for e, r, s in zip(examples, replies, strategies)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); delete the file to "
-                                 "recompute it") from None
-    return rows
-
-
 # ----------------------------------------------------------------------------- SFT (eqs. 3, 4)
 
 
 def sft(run, stage: str) -> dict:
     """sft-sp / sft-rg / sft-vanilla: LoRA SFT of one module on its training examples."""
-    from decesc.train.data import SFTExample
+    from decesc.formats.records import SFTExample
     from decesc.train.sft import train_sft
 
     c, task = run.config, stage.split("-", 1)[1]
@@ -199,7 +184,7 @@ def sft(run, stage: str) -> dict:
 def _cached_step(path: Path, compute) -> list[dict]:
     """Rows of a finished mining sub-step, computed once (resumable at sub-step granularity)."""
     if path.is_file():
-        return read_jsonl(path)
+        return [row for _, row in read_jsonl(path)]
     rows = compute()
     write_jsonl(path, rows)
     return rows
@@ -287,12 +272,12 @@ def stats_markdown(stats: dict) -> str:
 
 def dpo(run, stage: str) -> dict:
     """dpo-sp / dpo-rg / dpo-vanilla: DPO of one module on its mined pairs, SFT model as reference."""
-    from decesc.train.data import PreferencePair
     from decesc.train.dpo import train_dpo
 
     c, module = run.config, stage.split("-", 1)[1]
-    pairs = subset(read_pairs(run.stage_dir("mine") / f"{module}_pairs.jsonl"), c.max_pairs, c.seed)
-    if not pairs:
+    data = subset(read_pairs_jsonl(run.stage_dir("mine") / f"{module}_pairs.jsonl", allow_empty=True),
+                  c.max_pairs, c.seed)
+    if not data:
         return {"module": MODULES[module], "pairs": 0, "steps": 0,
                 "note": "no preference pairs were mined: the SFT model is used for this module"}
     lr, beta = c.dpo_setting(module)
@@ -300,8 +285,6 @@ def dpo(run, stage: str) -> dict:
     tc = train_config(c, lr=lr, beta=beta, epochs=c.dpo_epochs, batch_size=c.dpo_batch_size,
                       ref_cache_dir=str(run.dir / "ref_cache"))
     tc.micro_batch_size = max(1, c.micro_batch_size // 2)  # n pairs = 2n sequences per forward
-    data = [PreferencePair(p.prompt, p.chosen, p.rejected, p.system,
-                           f"{module}_pairs.jsonl, dialogue {p.dialogue}, turn {p.turn}") for p in pairs]
     result = train_dpo(model, tokenizer, data, tc, run.stage_dir(stage), sft_adapter=adapter_of(run, f"sft-{module}"),
                        base_model_name_or_path=c.model, resume=True)
     m = result.last_metrics

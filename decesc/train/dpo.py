@@ -41,7 +41,7 @@ from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.formats.atomic import atomic_path, atomic_write_text
 from decesc.formats.peft import load_adapter
 from decesc.train import fsdp
-from decesc.train.data import PreferencePair
+from decesc.formats.records import PreferencePair
 from decesc.train.sft import SequenceTooLongError, pad_right
 from decesc.train.trainer import (
     Objective,

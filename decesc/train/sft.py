@@ -24,7 +24,7 @@ from decesc.core.logprobs import (
 )
 from decesc.core.lora import apply_lora
 from decesc.core.tokenizer import Tokenizer, chat_messages
-from decesc.train.data import SFTExample
+from decesc.formats.records import SFTExample
 from decesc.train.trainer import (
     Objective,
     TrainConfig,
