@@ -55,7 +55,7 @@ def test_builtin_sample_stats_match_the_raw_file(capsys):
     code, table, _ = run_here(capsys, builtin_sample_path())
     assert code == 0
     assert re.search(rf"^dialogues\s+{len(raw)}$", table, re.M)
-    for name in STRATEGIES:                                   # printed in SPEC id order
+    for name in STRATEGIES:                                   # printed in ESConv id order
         assert re.search(rf"^  {re.escape(name)}\s+{strategies[name]} \(", table, re.M)
     assert [table.index(f"  {n} ") for n in STRATEGIES] == sorted(table.index(f"  {n} ") for n in STRATEGIES)
 

@@ -1,4 +1,4 @@
-"""Strategy preference p and preference bias B (SPEC §2, eqs. 7-8), incl. the degenerate rules."""
+"""Strategy preference p and preference bias B (eqs. 7-8), incl. the degenerate rules."""
 
 import math
 import warnings
@@ -81,7 +81,7 @@ def test_diagonal_does_not_matter():
 
 
 def literal_eq7(w, sweeps=20):
-    """Eq. 7 transcribed literally with Python loops, as SPEC §2 describes the reference code:
+    """Eq. 7 transcribed literally with Python loops, as Kang et al.'s reference code does (see decesc.esc.metrics.preference):
     in-place updates i = 0..N-1, divide by the geometric mean of the positive entries after each
     sweep, rescale to sum N at the end."""
     n = len(w)

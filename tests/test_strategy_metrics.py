@@ -1,4 +1,4 @@
-"""Weighted / macro F1 (Q_W, Q) and the strategy distribution (SPEC §2)."""
+"""Weighted / macro F1 (Q_W, Q) and the strategy distribution (Table 3)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Text metrics D-1, B-1, F1, R-L and the tokenizer (SPEC §2), on sentence pairs worked by hand."""
+"""Text metrics D-1, B-1, F1, R-L and the tokenizer (Table 3), on sentence pairs worked by hand."""
 
 import math
 

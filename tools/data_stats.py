@@ -6,7 +6,7 @@ DATA is a file in any ESConv layout (original ESConv.json array or reformatted J
 directory with train / valid / test files (each split is reported, then their total).  For each
 it prints: dialogues, utterances (seeker / supporter), average utterances and supporter turns per
 dialogue, average characters per utterance (after whitespace cleanup; seeker / supporter), and
-the count and share of every strategy in SPEC id order.
+the count and share of every strategy in ESConv id order.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.data_stats",
         description="Print ESConv-style statistics (dialogues, utterances, lengths, strategy counts "
-                    "and shares in SPEC id order) for ESConv-format data.")
+                    "and shares in ESConv id order) for ESConv-format data.")
     parser.add_argument("data", nargs="+", metavar="DATA",
                         help="a data file in any ESConv layout (ESConv.json array or reformatted JSONL), "
                              "or a directory with train/valid/test files: each split and the total "

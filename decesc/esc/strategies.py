@@ -1,4 +1,4 @@
-"""The eight ESConv support strategies (SPEC §1), their aliases, and output parsing.
+"""The eight ESConv support strategies (ESConv; paper §3), their aliases, and output parsing.
 
 ESConv annotates every supporter turn with one of eight strategies drawn from Hill's helping
 skills. `STRATEGIES` lists them in the id order used everywhere in decesc (confusion matrices,

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §2): strategy preference / bias, strategy F1 and distribution, text metrics."""
+"""Evaluation metrics (paper §4.1 and Table 3): strategy preference / bias, strategy F1 and distribution, text metrics."""
 
 from decesc.esc.metrics.preference import (
     preference,

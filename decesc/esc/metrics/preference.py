@@ -1,4 +1,4 @@
-"""Strategy preference p and preference bias B (Kang et al., ACL 2024; SPEC §2, eqs. 7-8).
+"""Strategy preference p and preference bias B (Kang et al., ACL 2024; paper eqs. 7-8).
 
 Count matrix (`strategy_confusion`): w[i][j] = number of turns where the model predicted
 strategy i and the gold strategy was j.  Off-diagonal entries are Bradley-Terry "games": i beat

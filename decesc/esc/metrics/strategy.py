@@ -1,4 +1,4 @@
-"""Strategy-prediction metrics: weighted / macro F1 (Q_W, Q) and the strategy distribution (SPEC §2).
+"""Strategy-prediction metrics: weighted / macro F1 (Q_W, Q) and the strategy distribution (Table 3, Fig. 3).
 
 F1 follows scikit-learn's `f1_score(average="weighted" / "macro")` conventions:
   * the label set is the sorted union of the labels that occur in gold or in the predictions;
@@ -59,7 +59,7 @@ def strategy_distribution(gold, pred, labels=STRATEGIES) -> dict[str, dict[str, 
     """Share of each strategy among the predictions and among the gold labels (Fig. 3).
 
     Returns {name: {"pred": share, "gold": share, "pred_count": int, "gold_count": int}} for every
-    label in `labels` (SPEC id order), plus the entry "unparseable" for predictions that are None
+    label in `labels` (ESConv id order, decesc.esc.strategies.STRATEGIES), plus the entry "unparseable" for predictions that are None
     (its "gold" share is 0).  Shares are over all len(pred) turns, so the "pred" shares of the
     labels and of "unparseable" sum to 1.
     """

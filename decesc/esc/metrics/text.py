@@ -1,4 +1,4 @@
-"""Reference-based text metrics: Distinct-1, BLEU-1, unigram F1, ROUGE-L (SPEC §2).
+"""Reference-based text metrics: Distinct-1, BLEU-1, unigram F1, ROUGE-L (Table 3).
 
 All four are computed per sample on `tokenize`d text (response text only: strip the strategy
 tag first, e.g. with `decesc.esc.prompts.split_vanilla_output`), then averaged over samples and
