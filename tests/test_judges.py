@@ -72,6 +72,9 @@ def test_parse_judgment_without_object():
 
 
 # ---------------------------------------------------------------------------------- HTTP server
+HANG = float("inf")   # a ScriptedServer delay: never answer
+
+
 def completion(content: str) -> str:
     return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
 
@@ -80,13 +83,15 @@ class ScriptedServer:
     """An OpenAI-compatible endpoint on 127.0.0.1 (port 0) that plays back scripted answers.
 
     ``script`` holds (status, body, delay_seconds) answers used in order; once it is empty every
-    request gets ``default``.  ``requests`` records (path, headers, decoded JSON body).
+    request gets ``default``.  A delay of ``HANG`` never answers (until the server closes).
+    ``requests`` records (path, headers, decoded JSON body).
     """
 
     def __init__(self):
         self.script: list[tuple[int, str, float]] = []
         self.default = (200, completion(GOOD_REPLY), 0.0)
         self.requests: list[tuple[str, dict, dict]] = []
+        self.release = threading.Event()   # ends the HANG answers
         lock, server = threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,6 +100,9 @@ class ScriptedServer:
                 with lock:
                     server.requests.append((self.path, dict(self.headers), body))
                     status, text, delay = server.script.pop(0) if server.script else server.default
+                if delay == HANG:
+                    server.release.wait()
+                    return
                 time.sleep(delay)
                 try:
                     data = text.encode()
@@ -117,6 +125,7 @@ class ScriptedServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -228,14 +237,17 @@ def test_openai_sends_bearer_key_from_env(server, monkeypatch):
 
 
 def test_openai_without_key_warns_once_and_sends_no_header(server, monkeypatch):
+    """One warning per judge (no process-wide memory): at construction, never while judging."""
     monkeypatch.delenv("DECESC_TEST_UNSET_KEY", raising=False)
     with pytest.warns(UserWarning, match="DECESC_TEST_UNSET_KEY is not set"):
         judge = OpenAIJudge(server.url, "m", api_key_env="DECESC_TEST_UNSET_KEY", backoff=0.01)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # a second judge does not warn again
-        OpenAIJudge(server.url, "m", api_key_env="DECESC_TEST_UNSET_KEY")
-    judge.judge(ITEM)
+        warnings.simplefilter("error")   # judging does not warn again
+        judge.judge(ITEM)
+        judge.judge_many([ITEM, JudgeItem(CONTEXT, "another reply")], progress=False)
     assert "Authorization" not in server.requests[0][1]
+    with pytest.warns(UserWarning, match="DECESC_TEST_UNSET_KEY is not set"):
+        OpenAIJudge(server.url, "m", api_key_env="DECESC_TEST_UNSET_KEY")   # a new judge warns
 
 
 def test_openai_cache_makes_reruns_free(server, tmp_path):
@@ -249,8 +261,10 @@ def test_openai_cache_makes_reruns_free(server, tmp_path):
     assert len(server.requests) == 4
     assert again == first == [EXPECTED] * 5
     # another model is another judge: its judgments are not shared
-    OpenAIJudge(server.url, "other-model", api_key_env="DECESC_TEST_KEY",
-                cache_dir=tmp_path).judge(items[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # no key set
+        OpenAIJudge(server.url, "other-model", api_key_env="DECESC_TEST_KEY",
+                    cache_dir=tmp_path).judge(items[0])
     assert len(server.requests) == 5
 
 

@@ -1,11 +1,12 @@
-"""What a judge answers, and how an LLM judge's reply is read and checked (SPEC §1, §2, §5).
+"""What a judge answers, and how an LLM judge's reply is read and checked.
 
 A judge looks at ONE candidate supporter reply in its dialogue context and answers two questions:
 
-1. Which psychological error types the reply shows (any subset of `ERROR_TYPES`, SPEC §1).
+1. Which psychological error types the reply shows (any subset of `ERROR_TYPES`, the error
+   types of the paper's Inferential Preference Mining).
    IPM routes them (dynamic data routing): Strategy Mismatch -> SP-DPO pairs; Lack of Empathy,
    Early Emotion Shift, Template Response -> RG-DPO pairs; Emotion Misread is only analysed.
-2. The four integer rubric scores 0-5 of SPEC §2 (`RUBRIC`, levels described in
+2. The four integer rubric scores 0-5 of the paper's Table 8 (`RUBRIC`, levels described in
    :mod:`decesc.esc.judges.prompt`).
 
 LLM judges must reply with one JSON object::
@@ -15,14 +16,17 @@ LLM judges must reply with one JSON object::
 
 `parse_judgment` reads such a reply: the first ``{...}`` object in the text is used (so a
 ```json fence or chatter around it is fine), error names are matched ignoring case, spacing,
-"-" and "_"; unknown names, missing score keys and scores outside 0-5 are rejected with an
-`InvalidReply` that names the field.  The judges retry on `InvalidReply` and raise `JudgeError`
-when they give up.
+"-" and "_"; unknown names, missing score keys and bad scores are rejected with an
+`InvalidReply` that names the field.  A score must be an integer 0-5: an int, an integral float
+(``4.0``) or a digit string (``"4"``); nothing is rounded, so ``2.5``, ``-1``, ``7``, ``NaN``,
+``Infinity`` and ``1e999`` (read as infinity) are all invalid.  The judges retry on
+`InvalidReply` like on any bad reply and raise one `JudgeError` when they give up.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -88,15 +92,19 @@ _RUBRIC_KEYS = {_name_key(r): r for r in RUBRIC}
 
 
 def _score(value, key: str) -> int:
-    """An integer 0..5 from an int, an integral float (4.0) or a digit string ("4")."""
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.0*)?\s*", value):
+    """An integer 0..5 from an int, an integral float (4.0) or a digit string ("4"); no rounding."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,20}(\.0*)?\s*", value):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))):
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 20 else "a huge integer"
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise InvalidReply(f'field "scores.{key}": expected an integer {SCORE_MIN}-{SCORE_MAX}, '
-                           f"got {value!r}")
+                           f"got {shown}")
     value = int(value)
     if not SCORE_MIN <= value <= SCORE_MAX:
-        raise InvalidReply(f'field "scores.{key}": {value} is outside {SCORE_MIN}-{SCORE_MAX}')
+        shown = value if abs(value) < 10 ** 20 else "a huge integer"
+        raise InvalidReply(f'field "scores.{key}": {shown} is outside {SCORE_MIN}-{SCORE_MAX}')
     return value
 
 
@@ -146,7 +154,7 @@ def extract_json_object(text: str):
         try:
             obj, _ = decoder.raw_decode(text, start)
             return obj
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, absurd nesting
             start = text.find("{", start + 1)
     snippet = " ".join(text.split())[:80]
     raise InvalidReply(f"no JSON object in the reply: {snippet!r}")

@@ -1,4 +1,4 @@
-"""On-disk cache of judgments (SPEC §5): reruns and resumes never pay for a judgment twice.
+"""On-disk cache of judgments: reruns and resumes never pay for a judgment twice.
 
 Key: ``sha256(json.dumps([judge.name, prompt]))`` where ``judge.name`` identifies the judge kind,
 its model and the prompt version, and ``prompt`` is the full prompt text the judge sees (for the
@@ -7,7 +7,13 @@ rule judge: the item's fields).  Storage: one SQLite file ``judgments.sqlite3`` 
 so a crash loses at most the judgment in flight and never leaves a torn entry (SQLite's
 write-ahead log makes each commit atomic).  Lookups are a primary-key read.  Only valid
 judgments are ever stored; failures are not cached, so a rerun tries them again.  The cache is
-safe to share between the threads of one judge and between processes (SQLite locking).
+safe to share between threads and between processes (SQLite locking).
+
+A file that is not a readable SQLite database (truncated, overwritten) is moved aside to
+``judgments.sqlite3.corrupt-<YYYYmmdd-HHMMSS>`` with one warning naming both files, and an empty
+cache is started in its place: the judgments it held are made again.  The connection is closed
+by `JudgmentCache.close` (or ``with JudgmentCache(dir) as cache:``), and at the latest when the
+cache object is garbage-collected.
 """
 
 from __future__ import annotations
@@ -17,15 +23,53 @@ import json
 import sqlite3
 import threading
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 from .base import InvalidReply, Judgment
 
 CACHE_FILE = "judgments.sqlite3"
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
+           "judgment TEXT NOT NULL, raw TEXT, created REAL NOT NULL)")
 
 
 def cache_key(judge_name: str, prompt: str) -> str:
     return hashlib.sha256(json.dumps([judge_name, prompt]).encode("utf-8")).hexdigest()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (or create) the cache database and check it reads back (raises sqlite3.DatabaseError)."""
+    db = sqlite3.connect(path, timeout=60.0, check_same_thread=False,
+                         isolation_level=None)  # autocommit; we open transactions ourselves
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(_SCHEMA)
+        check = db.execute("PRAGMA quick_check").fetchall()
+        if check != [("ok",)]:
+            raise sqlite3.DatabaseError("; ".join(str(row[0]) for row in check[:3]))
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path, problem: Exception) -> Path:
+    """Rename a corrupt cache file (and its -wal/-shm companions) out of the way; warn once."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    path.replace(aside)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.replace(aside.with_name(aside.name + suffix))
+    warnings.warn(f"{path}: judge cache is not a readable SQLite database ({problem}); moved it "
+                  f"to {aside.name} and started an empty cache (its judgments will be made again)",
+                  stacklevel=2)
+    return aside
 
 
 class JudgmentCache:
@@ -35,11 +79,13 @@ class JudgmentCache:
         self.path = Path(cache_dir) / CACHE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False,
-                                   isolation_level=None)  # autocommit; we open transactions ourselves
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT "
-                         "NOT NULL, judgment TEXT NOT NULL, raw TEXT, created REAL NOT NULL)")
+        self.moved_aside: Path | None = None   # where a corrupt file went, if one was found
+        try:
+            self._db = _connect(self.path)
+        except sqlite3.DatabaseError as e:
+            self.moved_aside = _move_aside(self.path, e)
+            self._db = _connect(self.path)
+        self._finalizer = weakref.finalize(self, self._db.close)
 
     def get(self, key: str) -> Judgment | None:
         with self._lock:
@@ -69,27 +115,14 @@ class JudgmentCache:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._finalizer()   # closes the connection once; later calls do nothing
+
+    def __enter__(self) -> "JudgmentCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def open_cache(cache_dir: str | Path | None) -> JudgmentCache | None:
     return None if cache_dir is None else JudgmentCache(cache_dir)
-
-
-def split_cached(cache: JudgmentCache | None, keys: list[str]):
-    """Look ``keys`` up: (results with None for misses, {missing key: [item indices]}).
-
-    Equal keys (the same item twice) are grouped, so each missing judgment is made only once.
-    """
-    results: list[Judgment | None] = [None] * len(keys)
-    todo: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        if key in todo:
-            todo[key].append(i)
-            continue
-        hit = cache.get(key) if cache is not None else None
-        if hit is None:
-            todo[key] = [i]
-        else:
-            results[i] = hit
-    return results, todo

@@ -8,44 +8,51 @@ Stdlib only (``urllib.request``).  One request per item::
     many local servers reject it)
 
 with ``Authorization: Bearer $OPENAI_API_KEY`` when that variable (``api_key_env``) is set; a
-missing key is allowed (local servers need none) and reported by one warning.
+missing key is allowed (local servers need none) and reported by one warning per judge.  User
+info in the base URL (``http://user:pass@host/v1``) is taken out of the URL and sent as
+``Authorization: Basic`` when no key is set.
 
-Failures and what happens:
-- timeout, connection error, HTTP 429 and 5xx, a body that is not a chat completion, a reply
-  that is not a valid judgment (`decesc.esc.judges.base.parse_judgment`): try again after
-  ``backoff * 2**k`` seconds (k = 0, 1, ...; a numeric Retry-After header of a 429/503 is
-  honoured, up to 60 s), at most ``max_retries`` attempts in all, then `JudgeError`;
+Failures and what happens (the retries, fan-out and total timeout are `Judge`'s):
+- timeout (``timeout`` seconds per request), connection error, HTTP 429 and 5xx, a body that is
+  not a chat completion, a reply that is not a valid judgment
+  (`decesc.esc.judges.base.parse_judgment`, which rejects NaN, infinite and out-of-range
+  scores): try again after ``backoff * 2**k`` seconds (k = 0, 1, ...; a numeric Retry-After
+  header of a 429/503 is honoured, up to 60 s), at most ``max_retries`` attempts per item, then
+  one `JudgeError` naming the judge, the item and the server's last message;
 - any other HTTP 4xx (bad key, unknown model, prompt too long): `JudgeError` at once, with the
-  server's message.
+  server's message;
+- ``total_timeout`` seconds after ``judge_many`` began (None = no bound): `JudgeError`, and the
+  requests in flight are cut off (their sockets are shut down).
+Every message is redacted (:mod:`decesc.esc.judges.redact`): the key, Bearer tokens, key-like
+strings and URL user info never appear in errors, warnings or the repr.
 ``judge_many`` sends the uncached items from ``workers`` threads; each judgment is cached as soon
 as it arrives, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import http.client
 import json
 import os
 import random
 import socket
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import replace
+import weakref
 from typing import Sequence
 
-from tqdm import tqdm
-
-from .base import InvalidReply, JudgeError, JudgeItem, Judgment, parse_judgment
-from .cache import cache_key, open_cache, split_cached
+from .base import InvalidReply, JudgeItem, parse_judgment
+from .fanout import Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
+from .redact import redact, split_userinfo
 
-_WARNED_NO_KEY: set[str] = set()
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+SERVER_MESSAGE_CHARS = 300  # how much of a server's error text is quoted (after redaction)
 
 
 class _Retry(Exception):
@@ -71,9 +78,9 @@ def _server_message(err: urllib.error.HTTPError) -> str:
         msg = data.get("error", data) if isinstance(data, dict) else data
         msg = msg.get("message", msg) if isinstance(msg, dict) else msg
         body = msg if isinstance(msg, str) else json.dumps(msg)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
-    body = " ".join(body.split())[:300]
+    body = " ".join(body.split())[:SERVER_MESSAGE_CHARS]
     return f"HTTP {err.code} {err.reason}" + (f": {body}" if body else "")
 
 
@@ -85,42 +92,112 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None
 
 
-class OpenAIJudge:
+# ---------------------------------------------------------------------------------- transport
+class _Sockets:
+    """The sockets of this judge's connections, so `OpenAIJudge.abort` can cut requests off."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet = weakref.WeakSet()   # a socket leaves once garbage
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._live.add(sock)
+
+    def shutdown_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for sock in live:
+            try:   # the plain socket's shutdown (also for TLS): the reader sees EOF at once
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+class _Tracked:
+    """An ``http.client`` connection that registers its socket once connected."""
+
+    def __init__(self, host, *, sockets: _Sockets, **kwargs):
+        super().__init__(host, **kwargs)
+        self._sockets = sockets
+
+    def connect(self):
+        super().connect()
+        self._sockets.add(self.sock)
+
+
+class _HTTPConnection(_Tracked, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Tracked, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, sockets: _Sockets):
+        super().__init__()
+        self._sockets = sockets
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_HTTPConnection, sockets=self._sockets), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, sockets: _Sockets):
+        super().__init__()
+        self._sockets = sockets
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_HTTPSConnection, sockets=self._sockets), req,
+                            context=self._context)
+
+
+# ---------------------------------------------------------------------------------- the judge
+class OpenAIJudge(Judge):
     """LLM judge over an OpenAI-compatible ``/chat/completions`` endpoint (see module docstring).
 
-    max_retries: attempts per item in all (the first try counts; 1 = never retry).
+    timeout:       seconds per request (connect + answer).
+    max_retries:   attempts per item in all (the first try counts; 1 = never retry).
+    backoff:       seconds before the first retry, doubled for each further one.
+    workers:       requests in flight at once.
+    total_timeout: seconds a ``judge_many`` call may take in all (None = no bound beyond
+                   ``max_retries`` x (``timeout`` + backoff) per item).
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0,
                  temperature: float = 0.0, workers: int = 4, cache_dir=None,
-                 json_mode: bool = False):
-        if max_retries < 1:
-            raise ValueError(f"max_retries must be >= 1 (attempts in all), got {max_retries}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        host = urllib.parse.urlsplit(self.url).hostname
-        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https") or not host:
-            raise ValueError(f"judge base_url must be an http(s) URL, got {base_url!r}")
-        self.model, self.timeout, self.max_retries = model, timeout, max_retries
+                 json_mode: bool = False, total_timeout: float | None = None):
+        url, user, password = split_userinfo(base_url.rstrip("/") + "/chat/completions")
+        api_key = os.environ.get(api_key_env) or None
+        host = urllib.parse.urlsplit(url).hostname
+        secrets = (api_key, password, f"{user}:{password}" if password else None)
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not host:
+            raise ValueError(f"judge base_url must be an http(s) URL, got {redact(base_url, secrets)!r}")
+        if not timeout > 0:
+            raise ValueError(f"judge timeout must be > 0 seconds, got {timeout}")
+        super().__init__(f"openai/{model}/t{temperature:g}/{PROMPT_VERSION}", cache_dir=cache_dir,
+                         concurrency=workers, max_retries=max_retries, total_timeout=total_timeout,
+                         secrets=secrets)
+        self.url, self.model, self.timeout = url, model, timeout
         self.backoff, self.temperature, self.workers = backoff, temperature, workers
         self.json_mode = json_mode
-        self.name = f"openai/{model}/t{temperature:g}/{PROMPT_VERSION}"
-        self._api_key = os.environ.get(api_key_env) or None
-        if self._api_key is None and api_key_env not in _WARNED_NO_KEY:
-            _WARNED_NO_KEY.add(api_key_env)
-            warnings.warn(f"${api_key_env} is not set: calling {self.url} without an "
-                          "Authorization header (fine for a local server)", stacklevel=2)
+        self._authorization = (f"Bearer {api_key}" if api_key else None if user is None else
+                               "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
+        if api_key is None:
+            warnings.warn(self.redact(f"${api_key_env} is not set: calling {self.url} without an "
+                                      "API key (fine for a local server)"), stacklevel=2)
         # A local server must not be reached through an http_proxy from the environment.
+        self._sockets = _Sockets()
         handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
-        self._opener = urllib.request.build_opener(*handlers)
-        self.cache = open_cache(cache_dir)
+        self._opener = urllib.request.build_opener(*handlers, _HTTPHandler(self._sockets),
+                                                   _HTTPSHandler(self._sockets))
         self.requests = 0  # HTTP requests sent by this judge (for logs and tests)
         self._count_lock = threading.Lock()
 
-    def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIJudge(url={self.url!r}, model={self.model!r})"
+    def __repr__(self) -> str:  # never shows the key or URL user info
+        return self.redact(f"OpenAIJudge(url={self.url!r}, model={self.model!r})")
 
     # ------------------------------------------------------------------ one request
     def _post(self, messages: list[dict]) -> str:
@@ -128,8 +205,8 @@ class OpenAIJudge:
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
         headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        if self._authorization:
+            headers["Authorization"] = self._authorization
         request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"),
                                          headers=headers, method="POST")
         with self._count_lock:
@@ -152,68 +229,34 @@ class OpenAIJudge:
             raise _Retry(f"connection error: {type(e).__name__}: {e}") from None
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             snippet = " ".join(raw.decode("utf-8", "replace").split())[:120]
             raise InvalidReply(f"response body is not a chat completion: {snippet!r}") from None
         if not isinstance(content, str):
             raise InvalidReply("response message has no text content")
         return content
 
-    def _judge_one(self, item: JudgeItem, messages: list[dict]) -> tuple[Judgment, str]:
-        problem = ""
-        for attempt in range(self.max_retries):
+    # ------------------------------------------------------------------ the Judge hooks
+    def cache_text(self, item: JudgeItem) -> str:
+        return prompt_text(judge_messages(item))
+
+    def judge_uncached(self, items: Sequence[JudgeItem], attempt: int) -> list:
+        outcomes = []
+        for item in items:   # one item per call (batch_size 1): the workers are the fan-out
             try:
-                content = self._post(messages)
-                return parse_judgment(content), content
+                content = self._post(judge_messages(item))
+                outcomes.append((parse_judgment(content), content))
             except _Fatal as e:
-                raise JudgeError(f"{self.name}: item {item.short()}: {e}") from None
+                outcomes.append(Failure(str(e), retry=False))
             except _Retry as e:
-                problem, wait = str(e), e.wait
+                outcomes.append(Failure(str(e), wait=e.wait))
             except InvalidReply as e:
-                problem, wait = f"invalid reply: {e}", None
-            if attempt + 1 < self.max_retries:
-                delay = self.backoff * 2 ** attempt * (1 + 0.1 * random.random())  # jitter
-                time.sleep(max(delay, wait or 0.0))
-        raise JudgeError(f"{self.name}: item {item.short()}: no valid judgment after "
-                         f"{self.max_retries} attempt(s); last problem: {problem}")
+                outcomes.append(Failure(f"invalid reply: {e}"))
+        return outcomes
 
-    # ------------------------------------------------------------------ public API
-    def judge(self, item: JudgeItem) -> Judgment:
-        return self.judge_many([item], progress=False)[0]
+    def retry_delay(self, attempt: int, failure: Failure) -> float:
+        delay = self.backoff * 2 ** attempt * (1 + 0.1 * random.random())  # jitter
+        return max(delay, failure.wait or 0.0)
 
-    def judge_many(self, items: Sequence[JudgeItem], progress: bool = True) -> list[Judgment]:
-        """Judge every item (cache hits cost nothing); raises `JudgeError` on the first failure.
-
-        Judgments finished before a failure stay cached.
-        """
-        messages = [judge_messages(item) for item in items]
-        keys = [cache_key(self.name, prompt_text(m)) for m in messages]
-        results, todo = split_cached(self.cache, keys)
-        bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo.values())),
-                   disable=not progress, desc=f"judge {self.model}", unit="item")
-        pool = ThreadPoolExecutor(max_workers=self.workers)
-        failure = None
-        try:
-            futures = {pool.submit(self._judge_one, items[idx[0]], messages[idx[0]]): key
-                       for key, idx in todo.items()}
-            for future in as_completed(futures):
-                if future.cancelled():
-                    continue
-                try:
-                    judgment, raw = future.result()
-                except JudgeError as e:  # stop queued items; running ones finish and are cached
-                    failure = failure or e
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    continue
-                key = futures[future]
-                if self.cache is not None:
-                    self.cache.put(key, self.name, judgment, raw)
-                for i in todo[key]:
-                    results[i] = replace(judgment, scores=dict(judgment.scores))
-                bar.update(len(todo[key]))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-        if failure is not None:
-            raise failure
-        return results
+    def abort(self) -> None:
+        self._sockets.shutdown_all()

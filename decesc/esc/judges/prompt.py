@@ -1,9 +1,9 @@
 """The prompt shared by the LLM judges (OpenAI-compatible and local).
 
 The system prompt is built from the dictionaries below, so the definitions the judge sees and
-the ones documented here are the same text.  Error definitions paraphrase SPEC §1; the rubric
-follows the style of the paper's Table 8 (0 = harmful or incoherent ... 5 = excellent) in our
-own words.  Change ``PROMPT_VERSION`` whenever the text changes: it is part of every judge's
+the ones documented here are the same text.  Error definitions paraphrase the paper's error
+types of Inferential Preference Mining; the rubric follows the style of the paper's Table 8
+(0 = harmful or incoherent ... 5 = excellent) in our own words.  Change ``PROMPT_VERSION`` whenever the text changes: it is part of every judge's
 ``name`` and therefore of the cache key, so old cached judgments are not reused by mistake.
 """
 
