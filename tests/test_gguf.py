@@ -18,9 +18,12 @@ import torch
 from decesc.formats.gguf import (
     GGML_TYPES,
     GGUFError,
+    build_tokenizer,
     gguf_to_hf,
+    hf_config,
     llama3_rope_scaling,
     read_gguf,
+    tokenizer_meta,
     unpermute_rope_rows,
 )
 
@@ -477,6 +480,75 @@ def test_unsupported_architecture_and_tokenizer(tmp_path):
             gguf_to_hf(bad)
         message = one_line_error(e)
         assert str(bad) in message and expected in message
+
+
+def metadata_only_gguf(path: Path, **changes) -> Path:
+    """A llama GGUF with complete metadata and only ``token_embd.weight`` (enough for the config
+    and the tokenizer); ``changes`` replace metadata entries: key -> (value, type[, item type]),
+    with "." written as "__" in the key."""
+    tokens, types, merges = tiny_vocab()
+    entries = {
+        "llama.block_count": (1, V.UINT32), "llama.context_length": (64, V.UINT32),
+        "llama.embedding_length": (8, V.UINT32), "llama.feed_forward_length": (16, V.UINT32),
+        "llama.attention.head_count": (2, V.UINT32), "llama.attention.head_count_kv": (2, V.UINT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32),
+        "tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("gpt2", V.STRING),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+        "tokenizer.ggml.bos_token_id": (len(tokens) - 2, V.UINT32),
+    }
+    entries |= {k.replace("__", "."): v for k, v in changes.items()}
+    embd = np.zeros((len(tokens), 8), dtype=np.float32)
+    return write_gguf(path, {"token_embd.weight": (embd, None)},
+                      metadata=[(k, *v) for k, v in entries.items()])
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"llama__attention__head_count": ("2", V.STRING)},
+     "metadata key 'llama.attention.head_count' = '2' is not a positive integer"),
+    ({"llama__block_count": (0, V.UINT32)},
+     "metadata key 'llama.block_count' = 0 is not a positive integer"),
+    ({"llama__attention__head_count_kv": (3, V.UINT32)},
+     "'llama.attention.head_count' = 2 is not a multiple of 'llama.attention.head_count_kv' = 3"),
+    ({"llama__attention__key_length": (3, V.UINT32)}, "head_dim 3"),
+    ({"llama__attention__layer_norm_rms_epsilon": ("tiny", V.STRING)},
+     "metadata key 'llama.attention.layer_norm_rms_epsilon' = 'tiny' is not a finite number"),
+    ({"tokenizer__ggml__tokens": ([1, 2, 3], V.ARRAY, V.INT32)},
+     "metadata key 'tokenizer.ggml.tokens' is not an array of str"),
+    ({"tokenizer__ggml__merges": (["Ġ t", "ht"], V.ARRAY, V.STRING)},
+     "metadata key 'tokenizer.ggml.merges'[1] = 'ht' is not a merge"),
+    ({"tokenizer__ggml__merges": (["Ġ zz"], V.ARRAY, V.STRING)},
+     "'tokenizer.ggml.merges' do not form a BPE vocabulary"),
+    ({"tokenizer__ggml__bos_token_id": (10**6, V.UINT32),
+      "tokenizer__ggml__add_bos_token": (True, V.BOOL)},
+     "metadata key 'tokenizer.ggml.bos_token_id' = 1000000 is not a token id"),
+    ({"tokenizer__ggml__eos_token_id": ("<|im_end|>", V.STRING)},
+     "metadata key 'tokenizer.ggml.eos_token_id' = '<|im_end|>' is not a token id"),
+])
+def test_corrupt_metadata_is_one_line_naming_the_key(tmp_path, change, expected):
+    """Metadata of the wrong type or out of range (a corrupt file or a foreign writer) fails
+    with a GGUFError naming the file and the key, never a TypeError/IndexError from deep inside."""
+    valid = metadata_only_gguf(tmp_path / "valid.gguf")
+    with read_gguf(valid) as gf:
+        assert hf_config(gf)["head_dim"] == 4
+        build_tokenizer(gf.metadata)
+    bad = metadata_only_gguf(tmp_path / "bad.gguf", **change)
+    with pytest.raises(GGUFError) as e:
+        gguf_to_hf(bad)
+    message = one_line_error(e)
+    assert str(bad) in message and expected in message
+
+
+def test_unused_out_of_range_special_id_still_loads(tmp_path):
+    """An out-of-range id that nothing spells out (no add_bos) loads, with no token string, as
+    before; only a used one is an error (above)."""
+    path = metadata_only_gguf(tmp_path / "m.gguf",
+                              tokenizer__ggml__bos_token_id=(10**6, V.UINT32))
+    with read_gguf(path) as gf:
+        build_tokenizer(gf.metadata)
+        meta = tokenizer_meta(gf.metadata)
+    assert meta["bos_token_id"] == 10**6 and meta["bos_token"] is None
 
 
 # ----------------------------------------------------------------------------- SmolLM2 demo file

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+from decesc.core.families import FAMILIES
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # see decesc.core.families
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -64,7 +66,8 @@ class ModelConfig:
         """Build from a Hugging Face ``config.json`` dict (old ``rope_theta``/``rope_scaling``
         keys and transformers-5 ``rope_parameters`` are both understood)."""
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = FAMILIES.get(model_type)
+        if family is None:
             raise ConfigError(
                 f"{source}: unsupported model_type {model_type!r} "
                 f"(decesc supports {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -74,6 +77,14 @@ class ModelConfig:
         missing = [k for k in required if cfg.get(k) is None]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+        sizes = (*required, "num_key_value_heads", "head_dim")
+        bad = [k for k in sizes if cfg.get(k) is not None
+               and (isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] <= 0)]
+        if bad:
+            raise ConfigError(f"{source}: field(s) {', '.join(bad)} must be positive integers")
+        if cfg["num_attention_heads"] % (cfg.get("num_key_value_heads") or cfg["num_attention_heads"]):
+            raise ConfigError(f"{source}: num_attention_heads {cfg['num_attention_heads']} is not a "
+                              f"multiple of num_key_value_heads {cfg['num_key_value_heads']}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (need 'silu')")
         if cfg.get("use_sliding_window"):
@@ -88,8 +99,8 @@ class ModelConfig:
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
         heads = cfg["num_attention_heads"]
-        known = set(cls.__dataclass_fields__) | {"rope_parameters", "hidden_act",
-                                                 "use_sliding_window"}
+        known = (set(cls.__dataclass_fields__) | {"rope_parameters", "hidden_act", "use_sliding_window"}
+                 | {name for name, _ in family.fixed_hf_fields})
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -104,9 +115,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=family.qkv_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.tie_word_embeddings)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             extra={k: v for k, v in cfg.items() if k not in known},
@@ -117,11 +128,11 @@ class ModelConfig:
         d = asdict(self)
         extra = d.pop("extra")
         del d["qkv_bias"]  # implied by model_type
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-        out = {**extra, "architectures": [arch], "hidden_act": "silu", **d}
-        if self.model_type == "qwen2":
+        family = FAMILIES[self.model_type]
+        out = {**extra, "architectures": [family.architecture], "hidden_act": "silu", **d}
+        if not family.bias_switches:
             del out["attention_bias"], out["mlp_bias"]
-            out["use_sliding_window"] = False
+        out.update(family.fixed_hf_fields)
         if out["rope_scaling"] is None:
             del out["rope_scaling"]
         return out

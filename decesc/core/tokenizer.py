@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from decesc.core.logprobs import IGNORE_INDEX
+
 CHATML, LLAMA3 = "chatml", "llama3"
 _END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>"}
 
@@ -91,6 +93,8 @@ class Tokenizer:
                 cfg = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_file}: not a JSON object (expected tokenizer settings)")
         template = cfg.get("chat_template")
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
@@ -164,12 +168,13 @@ class Tokenizer:
         """(input_ids, labels) for training on one assistant reply.
 
         input_ids = chat prompt (with generation prompt) + target tokens + end-of-turn token;
-        labels are the same ids with every prompt position set to -100 (unshifted: the loss
-        code shifts), so only the target and its end-of-turn token are learned.
+        labels are the same ids with every prompt position set to ``IGNORE_INDEX`` (unshifted:
+        the loss code shifts, :mod:`decesc.core.logprobs`), so only the target and its
+        end-of-turn token are learned.
         """
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
         target_ids = self.encode(target) + [self.end_of_turn_id]
-        return prompt + target_ids, [-100] * len(prompt) + target_ids
+        return prompt + target_ids, [IGNORE_INDEX] * len(prompt) + target_ids
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict]:

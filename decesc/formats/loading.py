@@ -63,8 +63,11 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor name -> "
+                                  "shard file name (re-download the checkpoint)")
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files, weight_map = ["model.safetensors"], None
@@ -95,9 +98,12 @@ def load_hf_dir(path: Path, dtype=None, device=None) -> tuple[CausalLM, Tokenize
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     try:
-        cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        cfg_json = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
+    if not isinstance(cfg_json, dict):
+        raise ConfigError(f"{cfg_file}: not a JSON object (expected a Hugging Face config.json)")
+    cfg = ModelConfig.from_hf(cfg_json, source=str(cfg_file))
     tokenizer = Tokenizer.from_dir(path)
     model = build_model(cfg, read_safetensors_dir(path), str(path), dtype, device)
     return model, tokenizer

@@ -64,6 +64,8 @@ def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None) ->
 
 def lora_config_from_peft(d: dict, source: str = ADAPTER_CONFIG) -> LoRAConfig:
     """Read PEFT's ``adapter_config.json``; features we do not implement are refused."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: not a JSON object (expected PEFT's adapter_config.json)")
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{source}: peft_type is {d.get('peft_type')!r}, need 'LORA'")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -87,6 +89,16 @@ def lora_config_from_peft(d: dict, source: str = ADAPTER_CONFIG) -> LoRAConfig:
     elif isinstance(targets, str):
         raise ValueError(f"{source}: target_modules is a regular expression ({targets!r}); "
                          "decesc supports a list of module names")
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{source}: target_modules = {targets!r} is not a list of module names")
+    numbers = {"r": d["r"], "lora_alpha": d["lora_alpha"], "lora_dropout": d.get("lora_dropout", 0.0)}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: field {key} = {value!r} is not a number")
+    if numbers["r"] <= 0 or numbers["r"] != int(numbers["r"]):
+        raise ValueError(f"{source}: field r = {numbers['r']!r} is not a positive integer")
+    if not 0 <= numbers["lora_dropout"] < 1:
+        raise ValueError(f"{source}: field lora_dropout = {numbers['lora_dropout']!r} is not in [0, 1)")
     return LoRAConfig(r=int(d["r"]), alpha=d["lora_alpha"], dropout=float(d.get("lora_dropout", 0.0)),
                targets=tuple(targets))
 
