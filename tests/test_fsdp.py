@@ -31,11 +31,12 @@ def sft_config(micro):
 
 
 def dpo_config(micro, cache):
+    from decesc.train.config import PreferenceConfig
     from decesc.train.trainer import TrainConfig
 
-    return TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=micro, lora_r=4,
-                       lora_alpha=8, lora_dropout=0.0, beta=0.2, warmup_steps=1,
-                       progress=False, seed=7, ref_cache_dir=str(cache))
+    return (TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=micro, lora_r=4,
+                        lora_alpha=8, lora_dropout=0.0, warmup_steps=1, progress=False, seed=7),
+            PreferenceConfig(beta=0.2, ref_cache_dir=str(cache)))
 
 
 def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
@@ -47,8 +48,9 @@ def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
 
     tok = toy_tokenizer()
     train_sft(tiny_model(), tok, sft_examples(), sft_config(micro), out / "sft")
-    train_dpo(tiny_model(), tok, preference_pairs(), dpo_config(micro, out / "ref_cache"),
-              out / "dpo", sft_adapter=sft_adapter or out / "sft")
+    config, preference = dpo_config(micro, out / "ref_cache")
+    train_dpo(tiny_model(), tok, preference_pairs(), config, out / "dpo", preference=preference,
+              sft_adapter=sft_adapter or out / "sft")
 
 
 def crash_and_resume_sft(out: Path) -> None:

@@ -1,5 +1,6 @@
 """The shared trainer: schedule, data split, checkpoints, exact resume, non-finite loss."""
 
+import dataclasses
 import json
 
 import pytest
@@ -44,11 +45,15 @@ def test_data_order_and_split():
     assert per_rank[1][1] == []  # a short tail: rank 1 idles in its second micro-batch
 
 
-def _config(**kw):
+def _base(**kw):
     base = dict(lr=5e-3, epochs=2, batch_size=4, micro_batch_size=2, lora_dropout=0.1,
                 lora_r=4, lora_alpha=8, save_every=1, keep_checkpoints=2, progress=False, seed=3,
                 warmup_steps=1)
-    return TrainConfig(**{**base, **kw})
+    return {**base, **kw}
+
+
+def _config(**kw):
+    return TrainConfig(**_base(**kw))
 
 
 class Crash(Exception):
@@ -135,3 +140,38 @@ def test_incomplete_checkpoint_directory_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / "step-000009.tmp").mkdir()  # a crash while writing step 9
     (tmp_path / "checkpoints" / "step-000010").mkdir()  # no state.json: never completed
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+
+
+def test_trajectory_settings_are_derived_from_field_metadata():
+    """Every field is checked on resume unless declared free; the free ones are few and named."""
+    from decesc.train.config import PreferenceConfig, trajectory_fields
+
+    free = {f.name for f in dataclasses.fields(TrainConfig)} - set(trajectory_fields(TrainConfig))
+    assert free == {"micro_batch_size", "save_every", "keep_checkpoints", "progress", "device"}
+    assert set(trajectory_fields(PreferenceConfig)) == {"beta", "loss", "sft_weight"}
+
+
+@dataclasses.dataclass
+class _Extended(TrainConfig):
+    new_knob: float = 1.0  # a setting added later, without metadata
+
+
+def test_a_new_field_without_metadata_cannot_resume_under_another_value(tmp_path):
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1)), tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume: .* new_knob=1\.0, this run has new_knob=2\.0"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1), new_knob=2.0),
+                      tmp_path, resume=True)
+    # a checkpoint that predates the field counts as its default: 1.0 resumes, 2.0 does not
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        state = json.loads((ckpt / "state.json").read_text())
+        del state["config"]["new_knob"]
+        (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="new_knob=1.0, this run has new_knob=2.0"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1), new_knob=2.0),
+                      tmp_path, resume=True)
+    # free settings may change: a resume with another micro-batch size and keep_checkpoints runs
+    result = sft.train_sft(tiny_model(), tok, sft_examples(),
+                           _Extended(**_base(epochs=1, micro_batch_size=4, keep_checkpoints=3)),
+                           tmp_path, resume=True)
+    assert result.steps == 2

@@ -38,12 +38,9 @@ import torch
 from decesc import load_pretrained, save_pretrained
 from decesc.core.lora import DEFAULT_TARGETS, apply_lora
 from decesc.formats.records import PreferencePair
-from decesc.train.dpo import (
-    compute_reference_logps,
-    dpo_objective,
-    prepare_dpo_model,
-    train_dpo,
-)
+from decesc.train.config import PreferenceConfig
+from decesc.train.dpo import dpo_objective, prepare_dpo_model, train_dpo
+from decesc.train.reference import compute_reference_logps
 from decesc.train.fsdp import DistInfo
 from decesc.train.sft import sft_objective
 from decesc.train.trainer import TrainConfig, train
@@ -130,7 +127,7 @@ def text_pairs(n: int, prompt_words: int, reply_words: int, seed: int = 2) -> li
 def _config(dtype: str, batch: int, steps: int) -> TrainConfig:
     return TrainConfig(lr=1e-5, epochs=1, batch_size=batch, micro_batch_size=batch,
                        max_steps=steps, warmup_steps=0, dtype=dtype, progress=False, seed=0,
-                       lora_r=16, lora_alpha=16, lora_dropout=0.05, beta=0.1)
+                       lora_r=16, lora_alpha=16, lora_dropout=0.05)
 
 
 def _throughput(out_dir: Path, warmup: int) -> float:
@@ -157,12 +154,12 @@ def ours_dpo(base, tok, dtype, batch, seq, steps, warmup, tmp) -> tuple[float, i
     cfg = _config(dtype, pairs, steps + warmup)
     model = prepare_dpo_model(copy.deepcopy(base), cfg)
     items = pair_items(pairs * (steps + warmup), seq, base.config.vocab_size)
-    ref = compute_reference_logps(model, items, tok.pad_token_id, pairs, dtype, DistInfo())
+    ref, _ = compute_reference_logps(model, items, tok.pad_token_id, pairs, dtype, DistInfo())
     for item, (c, r) in zip(items, ref.tolist()):
         item["ref_chosen"], item["ref_rejected"] = c, r
     out = Path(tempfile.mkdtemp(dir=tmp))
     with PeakRSS() as mem:
-        train(model, items, dpo_objective(tok.pad_token_id, 0.1), cfg, out,
+        train(model, items, dpo_objective(tok.pad_token_id, PreferenceConfig(beta=0.1)), cfg, out,
               base_model_name_or_path="bench", info=DistInfo())
     return _throughput(out, warmup), mem.mb
 
@@ -223,7 +220,7 @@ def hf_sft(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]
 def hf_dpo(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]:
     import torch.nn.functional as F
 
-    from decesc.train.dpo import collate_pairs
+    from decesc.train.pairs import collate_pairs
 
     model = hf_model(hf_dir)
     pairs = batch // 2
@@ -304,12 +301,13 @@ def repeated_dpo(base, tok, dtype, tmp) -> tuple[float, float, int]:
     """Wall time of train_dpo computing the reference vs finding it cached: (t1, t2, tokens)."""
     pairs = text_pairs(8, 160, 62)
     cfg = TrainConfig(lr=1e-5, epochs=1, batch_size=2, micro_batch_size=2, dtype=dtype,
-                      progress=False, ref_cache_dir=str(tmp / "ref_cache"))
+                      progress=False)
+    pref = PreferenceConfig(ref_cache_dir=str(tmp / "ref_cache"))
     times = []
     for run in range(2):
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        train_dpo(model, tok, pairs, cfg, tmp / f"dpo-run{run}")
+        train_dpo(model, tok, pairs, cfg, tmp / f"dpo-run{run}", preference=pref)
         times.append(time.perf_counter() - t0)
     n = len(tok.apply_chat_template([{"role": "user", "content": pairs[0].prompt}], True))
     return times[0], times[1], n

@@ -6,7 +6,7 @@ learned (prompt, padding). Token t is predicted by the logits at position t-1, s
 
     log pi(y | x) = sum over t with labels[b, t] != -100 of log softmax(logits[b, t-1])[labels[b, t]]
 
-which is the SUM of token log-probs of the target given the prompt (SPEC §1; eqs. 3-6).
+which is the SUM of token log-probs of the target given the prompt (eqs. 3-6).
 
 Memory: a full logits tensor is (B, T, V) with V ~ 50-150k. Only positions that predict a
 labelled token matter, so :func:`model_sequence_logprobs` asks the model for those rows only

@@ -3,7 +3,7 @@
 A stage (SFT, DPO, and later the ESC stages) describes *what* is optimised with an
 :class:`Objective` - three plain functions: how to collate examples into a batch, how many
 normalisation units a batch holds (target tokens for SFT, pairs for DPO), and the loss summed over
-those units. :func:`train` does the rest:
+those units - plus its own settings (:mod:`decesc.train.config`). :func:`train` does the rest:
 
 - AdamW on the trainable parameters (the LoRA adapters), learning rate with linear warmup then
   cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast;
@@ -16,7 +16,8 @@ those units. :func:`train` does the rest:
   from (seed, rank) at the start, and its state is saved in checkpoints;
 - tqdm progress (rank 0), one JSON line per step in ``out_dir/metrics.jsonl``;
 - checkpoints every ``save_every`` steps (adapter, optimizer, RNG, step; see
-  :mod:`decesc.train.checkpoint`) and exact resume from the latest one;
+  :mod:`decesc.train.checkpoint`) and exact resume from the latest one, refused when a
+  trajectory setting differs (:func:`decesc.train.config.trajectory_fields`);
 - a non-finite loss or gradient norm stops the run with an error naming the step; nothing of
   that step is applied and earlier checkpoints are left untouched.
 
@@ -31,14 +32,14 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig
+from decesc.core.lora import LoRAConfig
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.peft import save_adapter, write_adapter
 from decesc.train import fsdp
@@ -48,88 +49,27 @@ from decesc.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training stage. Defaults: the paper's SFT setting (SPEC §1:
-    LoRA r 16 / alpha 16 / dropout 0.05 on all projections, 3 epochs, lr 1e-5, batch 32).
-    Warmup, schedule, clipping and weight decay are not given in the paper; ours are common
-    choices. For DPO see :func:`decesc.train.dpo.paper_dpo_config`."""
-
-    lr: float = 1e-5
-    epochs: int = 3
-    batch_size: int = 32  # effective (global) batch: examples or pairs per optimizer step
-    micro_batch_size: int = 4  # examples per forward pass, per process
-    max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
-    max_seq_len: int = 2048
-    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup ...
-    warmup_steps: int | None = None  # ... or an explicit number of steps
-    schedule: str = "cosine"  # after warmup: cosine | linear (to 0) | constant
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
-    seed: int = 42
-    lora_r: int = 16
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    beta: float = 0.1  # DPO only
-    ref_cache_dir: str | None = None  # DPO only; default <out_dir>/../ref_cache
-    save_every: int = 0  # checkpoint every N steps (0: never)
-    keep_checkpoints: int = 2
-    progress: bool = True
-    device: str | None = None  # cpu | cuda | None (cuda if available)
-
-    def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
-
-    def validate(self) -> "TrainConfig":
-        checks = [
-            (self.lr > 0, "lr must be > 0"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
-            (self.save_every >= 0, "save_every must be >= 0"),
-            (self.beta > 0, "beta must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-        return self
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
-                for k, v in d.items()}
-
-
-# Fields that change the optimisation trajectory: a resumed run must use the same values.
-_TRAJECTORY_FIELDS = ("lr", "epochs", "batch_size", "max_steps", "max_seq_len", "warmup_ratio",
-                      "warmup_steps", "schedule", "weight_decay", "adam_betas", "adam_eps",
-                      "max_grad_norm", "dtype", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                      "lora_targets", "beta")
+from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES: public here too)
+    DTYPES,
+    SCHEDULES,
+    TrainConfig,
+    field_default,
+    settings_json,
+    trajectory_fields,
+)
 
 
 @dataclass
 class Objective:
     """What a stage optimises. ``loss`` returns SUMS over the batch's units (and metric sums);
-    the trainer divides by the unit count of the whole effective batch."""
+    the trainer divides by the unit count of the whole effective batch. ``settings``: the
+    stage's own settings dataclass (e.g. :class:`decesc.train.config.PreferenceConfig`), written
+    to train_config.json and checkpoints next to the TrainConfig and checked on resume like it."""
 
     collate: Callable[[list[dict]], dict[str, Any]]  # items -> batch ("num_tokens": real tokens)
     count: Callable[[dict[str, Any]], int]  # normalisation units in a batch
     loss: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    settings: Any = None
 
 
 @dataclass
@@ -137,6 +77,7 @@ class TrainResult:
     steps: int
     last_metrics: dict = field(default_factory=dict)
     out_dir: str = ""
+    reference_forward_passes: int = 0  # DPO: reference-model forwards this call made (0: cached)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -242,13 +183,35 @@ def _restore_rng(rng: dict[str, torch.Tensor], info: fsdp.DistInfo, seed: int, s
         torch.manual_seed(seed * 100003 + step * 101 + info.rank)
 
 
-def _check_resumable(meta: dict, config: TrainConfig, n_items: int, data_fp: str, where) -> None:
+def run_settings(config: TrainConfig, objective: Objective) -> dict:
+    """The flat settings of a run (TrainConfig + the objective's), as train_config.json holds them."""
+    out = config.to_json()
+    if objective.settings is not None:
+        own = settings_json(objective.settings)
+        clash = sorted(set(out) & set(own))
+        if clash:
+            raise ValueError(f"{type(objective.settings).__name__} repeats TrainConfig field(s) "
+                             f"{', '.join(clash)}")
+        out.update(own)
+    return out
+
+
+def _check_resumable(meta: dict, config: TrainConfig, objective: Objective, n_items: int,
+                     data_fp: str, where) -> None:
+    """Every trajectory field (decesc.train.config.trajectory_fields) of the TrainConfig and of
+    the objective's settings must equal the checkpoint's; a field the checkpoint predates
+    counts as its default."""
     saved = meta.get("config", {})
-    now = config.to_json()
-    for name in _TRAJECTORY_FIELDS:
-        if name in saved and saved[name] != now[name]:
-            raise ValueError(f"{where}: cannot resume: the checkpoint was trained with "
-                             f"{name}={saved[name]!r}, this run has {name}={now[name]!r}")
+    for settings in (config, objective.settings):
+        if settings is None:
+            continue
+        now = settings_json(settings)
+        declared = {f.name: f for f in fields(settings)}
+        for name in trajectory_fields(settings):
+            was = saved.get(name, field_default(declared[name]))
+            if was != now[name]:
+                raise ValueError(f"{where}: cannot resume: the checkpoint was trained with "
+                                 f"{name}={was!r}, this run has {name}={now[name]!r}")
     if meta.get("n_items") != n_items or meta.get("data_fingerprint") != data_fp:
         raise ValueError(f"{where}: cannot resume: the checkpoint was trained on different data "
                          f"({meta.get('n_items')} items, this run has {n_items})")
@@ -283,6 +246,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
     from tqdm import tqdm
 
     config.validate()
+    if objective.settings is not None:
+        objective.settings.validate()
+    settings = run_settings(config, objective)
     info = info or fsdp.setup_distributed(config.device)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -312,7 +278,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
         ckpt = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(ckpt_root)
         if ckpt is not None:
             state = load_checkpoint(ckpt)
-            _check_resumable(state["meta"], config, len(items), data_fp, ckpt)
+            _check_resumable(state["meta"], config, objective, len(items), data_fp, ckpt)
             fsdp.load_trainable_state(model, state["adapter"])
             fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
             start = state["meta"]["step"]
@@ -322,7 +288,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
                 print(f"resumed from {ckpt} at step {start}/{total}", flush=True)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
+        atomic_write_text(out_dir / "train_config.json", json.dumps(settings, indent=2))
         if start == 0:  # a fresh run replaces the log and checkpoints of an earlier one
             metrics_file.unlink(missing_ok=True)
             if list_checkpoints(ckpt_root):
@@ -384,9 +350,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
 
             if config.save_every and (step + 1) % config.save_every == 0:
-                last_ckpt = _save_checkpoint(model, optimizer, ckpt_root, step + 1, config, info,
-                                             lora_config, base_model_name_or_path, len(items),
-                                             data_fp, epoch, position + 1) or last_ckpt
+                last_ckpt = _save_checkpoint(model, optimizer, ckpt_root, step + 1, config,
+                                             settings, info, lora_config, base_model_name_or_path,
+                                             len(items), data_fp, epoch, position + 1) or last_ckpt
     finally:
         bar.close()
         if log is not None:
@@ -420,7 +386,7 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     return metrics, float(packed[-1])
 
 
-def _save_checkpoint(model, optimizer, root, step, config, info, lora_config, base_name,
+def _save_checkpoint(model, optimizer, root, step, config, settings, info, lora_config, base_name,
                      n_items, data_fp, epoch, batch_in_epoch) -> Path | None:
     """Gather adapter + optimizer + RNG on rank 0 and write a checkpoint (collective)."""
     adapter = fsdp.full_trainable_state(model)
@@ -430,7 +396,7 @@ def _save_checkpoint(model, optimizer, root, step, config, info, lora_config, ba
     if info.is_main:
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "n_items": n_items,
                 "data_fingerprint": data_fp, "world_size": info.world_size,
-                "config": config.to_json()}
+                "config": settings}
         path = save_checkpoint(root, step, adapter_state=adapter, optimizer_state=optim,
                                rng_states=rng, meta=meta, lora_config=lora_config,
                                base_model_name_or_path=base_name, keep=config.keep_checkpoints)
