@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from decesc.train.config import DTYPES, SCHEDULES, PreferenceConfig, TrainConfig
+from decesc.train.config import DTYPES, PACKINGS, SCHEDULES, PreferenceConfig, TrainConfig
 from decesc.train.trainer import NonFiniteLossError
 
 STAGES = ("sft", "dpo")
@@ -48,9 +48,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=None,
                      help=f"effective batch: {'examples' if stage == 'sft' else 'pairs'} per "
                           f"optimizer step over all processes (default {d.batch_size})")
+    unit = ("examples" if stage == "sft" else
+            "preference pairs (one row each with shared-prefix packing, two with two-row)")
     opt.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
-                     help=f"{'examples' if stage == 'sft' else 'preference pairs'} per forward "
-                          f"pass per process (default {d.micro_batch_size})")
+                     help=f"{unit} per forward pass per process (default {d.micro_batch_size})")
     opt.add_argument("--grad-accum", type=int, default=None,
                      help="gradient accumulation steps; sets the batch size to micro-batch x "
                           "grad-accum x processes (instead of --batch-size)")
@@ -70,7 +71,15 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     opt.add_argument("--clip", type=float, default=d.max_grad_norm,
                      help=f"gradient-norm clipping threshold, 0 = off (default {d.max_grad_norm})")
     opt.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                     help="fp32, or bf16 autocast with fp32 parameters (default fp32)")
+                     help="compute dtype: fp32, or bf16 autocast (default fp32)")
+    opt.add_argument("--base-dtype", choices=DTYPES, default=None,
+                     help="stored dtype of the frozen base weights (LoRA weights and optimizer "
+                          "state stay fp32); default: the --dtype, so bf16 compute keeps the base "
+                          "in bf16 (half the memory); --base-dtype fp32 with --dtype bf16 is the "
+                          "older mixed setting")
+    opt.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute each transformer block's activations in backward instead of "
+                          "storing them: less memory, about a third more compute, same results")
     opt.add_argument("--seed", type=int, default=d.seed,
                      help=f"seed for the data order, adapter init and dropout (default {d.seed})")
     if stage == "dpo":
@@ -83,6 +92,11 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         pref.add_argument("--sft-weight", type=float, default=pd.sft_weight,
                           help="weight of an SFT term added to the loss: the chosen reply's mean "
                                f"token NLL, RPO-style; 0 = off (default {pd.sft_weight:g})")
+        pref.add_argument("--packing", choices=PACKINGS, default=pd.packing,
+                          help="how a pair is fed to the model: shared-prefix = one row [prompt | "
+                               "chosen | rejected], the prompt computed once (block attention "
+                               "mask); two-row = chosen and rejected as two rows (the reference "
+                               f"layout); same log-probs up to rounding (default {pd.packing})")
         pref.add_argument("--ref-cache", default=None,
                           help="directory of cached reference log-probs (default: "
                                "<out>/../ref_cache, shared by sibling runs of a sweep)")
@@ -132,7 +146,8 @@ def configs_from_args(args: argparse.Namespace,
         micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
         max_seq_len=args.max_seq_len, warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
-        max_grad_norm=args.clip or None, dtype=args.dtype, seed=args.seed,
+        max_grad_norm=args.clip or None, dtype=args.dtype, base_dtype=args.base_dtype,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=targets, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
@@ -141,7 +156,7 @@ def configs_from_args(args: argparse.Namespace,
     if stage == "sft":
         return config, None
     preference = PreferenceConfig(beta=args.beta, loss=args.loss, sft_weight=args.sft_weight,
-                                  ref_cache_dir=args.ref_cache).validate()
+                                  packing=args.packing, ref_cache_dir=args.ref_cache).validate()
     return config, preference
 
 

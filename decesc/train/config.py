@@ -6,7 +6,7 @@ checkpoint must use the same value, because the optimisation would otherwise con
 different path (learning rate, data order, loss, precision...). :func:`trajectory_fields` lists
 them and the trainer's resume check iterates over that list, so a field added later is checked
 on resume unless it is explicitly marked free. Free settings change where or how fast a run goes,
-not what it computes (up to rounding): micro-batch size, packing,
+not what it computes (up to rounding): micro-batch size, packing, activation checkpointing,
 checkpoint cadence, progress bar, device, cache location.
 """
 
@@ -16,11 +16,14 @@ import math
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from decesc.core.lora import LoRAConfig
 from decesc.train.losses import PREFERENCE_LOSSES
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def free(default):
@@ -77,8 +80,16 @@ class TrainConfig:
     choices. For DPO see :func:`decesc.train.dpo.paper_dpo_config`.
 
     ``micro_batch_size`` counts *examples* per forward pass and process: SFT examples, or
-    preference pairs for DPO (see :attr:`PreferenceConfig.rows_per_pair` for the rows a pair
-    takes).
+    preference pairs for DPO (one row per pair with shared-prefix packing, two with two-row:
+    :attr:`PreferenceConfig.rows_per_pair`).
+
+    Precision: ``dtype`` is the compute dtype (fp32, or bf16 autocast); ``base_dtype`` the stored
+    dtype of the frozen base weights (every non-LoRA parameter). ``None`` follows ``dtype``:
+    bf16 compute stores the base in bf16 (half the memory, and no fp32 -> bf16 cast of every
+    weight in every forward), fp32 compute keeps it fp32. ``base_dtype="fp32"`` with bf16 compute
+    is the older mixed setting (fp32 weights under bf16 autocast). LoRA weights and their AdamW
+    state are always fp32. ``activation_checkpointing`` recomputes each transformer block in
+    backward (memory for time; same results).
     """
 
     lr: float = 1e-5
@@ -94,7 +105,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    dtype: str = "fp32"  # compute: fp32 | bf16 (autocast; parameters stay fp32)
+    dtype: str = "fp32"  # compute: fp32 | bf16 (autocast)
+    base_dtype: str | None = None  # frozen base weights: fp32 | bf16 | None (= follow dtype)
+    activation_checkpointing: bool = free(False)  # recompute each block's activations in backward
     seed: int = 42
     lora_r: int = _LORA.r
     lora_alpha: float = _LORA.alpha
@@ -107,6 +120,10 @@ class TrainConfig:
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+    def resolved_base_dtype(self) -> str:
+        """The stored dtype of the frozen base weights: ``base_dtype``, or ``dtype`` if None."""
+        return self.base_dtype or self.dtype
 
     def validate(self) -> "TrainConfig":
         _check_finite(self)
@@ -126,6 +143,10 @@ class TrainConfig:
             (self.adam_eps > 0, "adam_eps must be > 0"),
             (self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
+            (self.base_dtype is None or self.base_dtype in DTYPES,
+             f"base_dtype must be one of {', '.join(DTYPES)} or None (follow dtype)"),
+            (not (self.dtype == "fp32" and self.base_dtype == "bf16"),
+             "base_dtype bf16 needs dtype bf16 (bf16 weights are computed under bf16 autocast)"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.lora_alpha > 0, "lora_alpha must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
@@ -138,7 +159,7 @@ class TrainConfig:
         return settings_json(self)
 
 
-PACKINGS = ("two-row",)
+PACKINGS = ("shared-prefix", "two-row")
 
 
 @dataclass(frozen=True)
@@ -149,20 +170,22 @@ class PreferenceConfig:
     ``loss``: a table entry; ``beta`` its temperature; ``sft_weight``: weight of the chosen
     reply's mean token NLL added to the loss (RPO-style; 0 = off). ``ref_cache_dir``: where the
     reference log-probs are cached (default ``<out_dir>/../ref_cache``, shared by sibling runs of
-    a sweep). ``packing``: how a pair becomes model input; ``"two-row"`` scores chosen and rejected
-    as two right-padded rows of one batch.
+    a sweep). ``packing``: how a pair becomes model input (:mod:`decesc.train.pairs`):
+    ``"shared-prefix"`` scores chosen and rejected in ONE row ``[prompt | chosen | rejected]``,
+    the prompt processed once; ``"two-row"`` as two right-padded rows, the checked reference
+    layout. Both give the same log-probs up to rounding, so packing is free on resume.
     """
 
     beta: float = 0.1
     loss: str = "sigmoid"
     sft_weight: float = 0.0
-    packing: str = free("two-row")
+    packing: str = free("shared-prefix")
     ref_cache_dir: str | None = free(None)
 
     @property
     def rows_per_pair(self) -> int:
-        """Rows one pair takes in a forward pass."""
-        return 2
+        """Rows one pair takes in a forward pass (1 with shared-prefix packing, 2 with two-row)."""
+        return 1 if self.packing == "shared-prefix" else 2
 
     @property
     def needs_reference(self) -> bool:

@@ -31,12 +31,18 @@ from decesc.core.lora import apply_lora, lora_modules, remove_lora
 from decesc.core.tokenizer import Tokenizer
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.peft import load_adapter
-from decesc.formats.records import PreferencePair  # noqa: F401  (public here too)
+from decesc.formats.records import PreferencePair
 from decesc.train.config import PreferenceConfig, TrainConfig
 from decesc.train.losses import dpo_loss, preference_losses  # noqa: F401  (dpo.dpo_loss: alias)
 from decesc.train.pairs import collate, collate_pairs, pair_logprobs, tokenize_pairs  # noqa: F401
 from decesc.train.reference import reference_fingerprint, reference_logps
-from decesc.train.trainer import Objective, TrainResult, prepare_model, train
+from decesc.train.trainer import (
+    Objective,
+    TrainResult,
+    prepare_model,
+    store_frozen_weights,
+    train,
+)
 
 # Paper, Appendix D: DPO (lr, beta) per backbone and module; 1 epoch, batch 32.
 PAPER_DPO = {
@@ -96,7 +102,8 @@ def prepare_dpo_model(model: nn.Module, config: TrainConfig,
     ``sft_adapter``: a PEFT adapter directory to merge. Without it, LoRA layers already on the
     model (an SFT adapter trained in this process) are merged; a model with no adapter is taken
     as the SFT model itself (e.g. an exported merged checkpoint). Merging computes W + s B A in
-    fp32 and rounds once to the weight's dtype.
+    fp32 and rounds once to the weight's dtype; :func:`train_dpo` then stores the merged base in
+    ``config``'s base dtype before the reference pass.
     """
     if sft_adapter is not None:
         if lora_modules(model):
@@ -106,13 +113,14 @@ def prepare_dpo_model(model: nn.Module, config: TrainConfig,
     if lora_modules(model):
         remove_lora(model)  # merge SFT into the weights: this is the reference
     lora = config.lora_config()
-    apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed)
+    apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed,
+               dtype=torch.float32)  # LoRA weights (and so their AdamW state) in fp32
     return model
 
 
 def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair],
               config: TrainConfig, out_dir: str | Path, *,
-              preference: PreferenceConfig = PreferenceConfig(),
+              preference: PreferenceConfig = PreferenceConfig(),  # noqa: B008 (frozen)
               sft_adapter: str | Path | None = None, base_model_name_or_path: str = "",
               resume: bool | str | Path = False) -> TrainResult:
     """DPO stage (eqs. 5, 6): merge the SFT adapter, cache reference log-probs, train a fresh
@@ -125,9 +133,11 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
     preference.validate()
     items = tokenize_pairs(pairs, tokenizer, config.max_seq_len)
     prepare_dpo_model(model, config, sft_adapter)
+    store_frozen_weights(model, config)  # the reference = exactly the weights the policy starts from
     passes = 0
     if preference.needs_reference:
-        fingerprint = reference_fingerprint(model, items, config.max_seq_len, config.dtype)
+        fingerprint = reference_fingerprint(model, items, config.max_seq_len, config.dtype,
+                                            preference.packing)
     model, info = prepare_model(model, config)
     if preference.needs_reference:
         cache_dir = preference.ref_cache_dir or Path(out_dir).resolve().parent / "ref_cache"

@@ -22,8 +22,8 @@ Only torch is imported, so ``from decesc import dpo_loss`` loads no trainer, FSD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -5,9 +5,11 @@ with its DPO adapter disabled. Its log-probs of the pairs are computed once befo
 grad, fixed order, the same tokenisation and collation as training) and stored in
 ``<cache_dir>/<fingerprint>.safetensors`` as an (N, 2) fp32 tensor ``logps`` (columns chosen,
 rejected). The fingerprint hashes the reference weights (every non-LoRA parameter, with its
-dtype), the model config, the tokenised pairs, max_seq_len and the compute dtype, so a beta / lr
-sweep on the same data and SFT model reuses one file and performs zero reference forward passes
-(the functions here return how many they made).
+dtype: an fp32 and a bf16 base never share a file), the model config, the tokenised pairs,
+max_seq_len, the compute dtype and the packing, so a beta / lr sweep on the same data and SFT
+model reuses one file and performs zero reference forward passes (the functions here return how
+many they made). Packings agree to rounding, but their caches are kept apart all the same; the
+two-row packing adds nothing to the hash, so caches written before packings existed stay valid.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from decesc.train import fsdp
 from decesc.train.pairs import collate, pair_logprobs
 
 
-def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int, dtype: str) -> str:
+def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int, dtype: str,
+                          packing: str = "two-row") -> str:
     """sha256 over the reference weights (non-LoRA parameters, unsharded), the model config,
-    the tokenised pairs, max_seq_len and the compute dtype."""
+    the tokenised pairs, max_seq_len, the compute dtype and the packing."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(json.dumps(config.to_hf() if hasattr(config, "to_hf") else None,
@@ -41,6 +44,8 @@ def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int,
         h.update(f"{name}:{t.dtype}:{tuple(p.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().data)
     h.update(json.dumps({"max_seq_len": max_seq_len, "dtype": dtype}).encode())
+    if packing != "two-row":
+        h.update(json.dumps({"packing": packing}).encode())
     for item in items:
         h.update(json.dumps([item["chosen_ids"], item["chosen_labels"], item["rejected_ids"],
                              item["rejected_labels"]], separators=(",", ":")).encode())
@@ -50,7 +55,7 @@ def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int,
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, items: list[dict], pad_token_id: int,
                             micro_batch_size: int, dtype: str, info: fsdp.DistInfo,
-                            packing: str = "two-row") -> tuple[torch.Tensor, int]:
+                            packing: str = "shared-prefix") -> tuple[torch.Tensor, int]:
     """(N, 2) fp32 [chosen, rejected] log-probs of the reference (DPO adapter disabled), and the
     number of forward passes this process made.
 
@@ -93,7 +98,7 @@ def read_cached(file: Path, n: int) -> torch.Tensor | None:
 
 def reference_logps(model: nn.Module, items: list[dict], fingerprint: str, cache_dir: str | Path,
                     pad_token_id: int, micro_batch_size: int, dtype: str,
-                    info: fsdp.DistInfo, packing: str = "two-row") -> tuple[torch.Tensor, int]:
+                    info: fsdp.DistInfo, packing: str = "shared-prefix") -> tuple[torch.Tensor, int]:
     """(N, 2) reference log-probs, read from the cache or computed once and cached (atomic), and
     the number of reference forward passes made (0 when cached)."""
     file = Path(cache_dir) / f"{fingerprint}.safetensors"

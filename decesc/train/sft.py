@@ -20,7 +20,7 @@ from decesc.core.logprobs import IGNORE_INDEX, model_sequence_logprobs, target_c
 from decesc.core.lora import apply_lora
 from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.formats.records import SFTExample
-from decesc.train.data import SequenceTooLongError, pad_right  # noqa: F401  (public here too)
+from decesc.train.data import SequenceTooLongError, pad_right  # (public here too)
 from decesc.train.trainer import (
     Objective,
     TrainConfig,
@@ -86,7 +86,8 @@ def train_sft(model: nn.Module, tokenizer: Tokenizer, examples: list[SFTExample]
     config.validate()
     items = tokenize_sft(examples, tokenizer, config.max_seq_len)
     lora = config.lora_config()
-    apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed)
+    apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed,
+               dtype=torch.float32)  # LoRA weights (and so their AdamW state) in fp32
     model, info = prepare_model(model, config)
     return train(model, items, sft_objective(tokenizer), config, out_dir,
                  base_model_name_or_path=base_model_name_or_path, info=info, resume=resume,

@@ -5,8 +5,10 @@ A stage (SFT, DPO, and later the ESC stages) describes *what* is optimised with 
 normalisation units a batch holds (target tokens for SFT, pairs for DPO), and the loss summed over
 those units - plus its own settings (:mod:`decesc.train.config`). :func:`train` does the rest:
 
-- AdamW on the trainable parameters (the LoRA adapters), learning rate with linear warmup then
-  cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast;
+- AdamW on the trainable parameters (the fp32 LoRA adapters), learning rate with linear warmup
+  then cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast, the
+  frozen base stored in fp32 or bf16 (:func:`store_frozen_weights`), optional activation
+  checkpointing;
 - an effective batch of ``batch_size`` examples per optimizer step, split over data-parallel ranks
   and micro-batches (gradient accumulation). Each micro-batch's summed loss is divided by the
   number of units in the *whole effective batch* (all micro-batches, all ranks), so the gradient
@@ -32,7 +34,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,19 +45,20 @@ from decesc.core.lora import LoRAConfig
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.peft import save_adapter, write_adapter
 from decesc.train import fsdp
-from decesc.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from decesc.train.checkpoint import list_checkpoints
 from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES: public here too)
     DTYPES,
     SCHEDULES,
+    TORCH_DTYPES,
     TrainConfig,
-    field_default,
-    settings_json,
-    trajectory_fields,
+)
+from decesc.train.resume import (
+    check_resumable,
+    restore_rng,
+    resume_point,
+    run_settings,
+    save_training_checkpoint,
+    truncate_metrics,
 )
 
 
@@ -139,10 +142,28 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- model setup
 
 
+def store_frozen_weights(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Store every frozen floating-point parameter (the base model) in ``config``'s base dtype,
+    in place; trainable (LoRA) parameters are left as they are (fp32)."""
+    dtype = TORCH_DTYPES[config.resolved_base_dtype()]
+    for p in model.parameters():  # tied weights are one Parameter: cast once
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def prepare_model(model: nn.Module, config: TrainConfig,
                   info: fsdp.DistInfo | None = None) -> tuple[nn.Module, fsdp.DistInfo]:
-    """Move the (LoRA-applied) model to this rank's device and shard it under torchrun."""
+    """Store the frozen base in its dtype, turn on activation checkpointing if asked, move the
+    (LoRA-applied) model to this rank's device and shard it under torchrun (checkpointing
+    first, so each block's checkpoint sits inside its FSDP unit)."""
     info = info or fsdp.setup_distributed(config.device)
+    store_frozen_weights(model, config)
+    if config.activation_checkpointing:
+        if not hasattr(model, "set_activation_checkpointing"):
+            raise ValueError(f"activation_checkpointing: {type(model).__name__} does not "
+                             "support it (decesc.core.model.CausalLM does)")
+        model.set_activation_checkpointing(True)
     model.to(info.device)
     fsdp.shard_model(model, info)
     return model, info
@@ -163,74 +184,6 @@ def save_final_adapter(model: nn.Module, out_dir: Path, lora_config: LoRAConfig,
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rng_states(info: fsdp.DistInfo) -> dict[str, torch.Tensor]:
-    mine = {"cpu": torch.get_rng_state()}
-    if info.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(info.device)
-    out = {}
-    for rank, states in enumerate(fsdp.all_gather_object(mine)):
-        out.update({f"{dev}/rank{rank}": t for dev, t in states.items()})
-    return out
-
-
-def _restore_rng(rng: dict[str, torch.Tensor], info: fsdp.DistInfo, seed: int, step: int) -> None:
-    key = f"cpu/rank{info.rank}"
-    if key in rng:
-        torch.set_rng_state(rng[key])
-        if info.device.type == "cuda" and f"cuda/rank{info.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda/rank{info.rank}"], info.device)
-    else:  # resumed with more processes than the checkpoint had: a fresh, seeded stream
-        torch.manual_seed(seed * 100003 + step * 101 + info.rank)
-
-
-def run_settings(config: TrainConfig, objective: Objective) -> dict:
-    """The flat settings of a run (TrainConfig + the objective's), as train_config.json holds them."""
-    out = config.to_json()
-    if objective.settings is not None:
-        own = settings_json(objective.settings)
-        clash = sorted(set(out) & set(own))
-        if clash:
-            raise ValueError(f"{type(objective.settings).__name__} repeats TrainConfig field(s) "
-                             f"{', '.join(clash)}")
-        out.update(own)
-    return out
-
-
-def _check_resumable(meta: dict, config: TrainConfig, objective: Objective, n_items: int,
-                     data_fp: str, where) -> None:
-    """Every trajectory field (decesc.train.config.trajectory_fields) of the TrainConfig and of
-    the objective's settings must equal the checkpoint's; a field the checkpoint predates
-    counts as its default."""
-    saved = meta.get("config", {})
-    for settings in (config, objective.settings):
-        if settings is None:
-            continue
-        now = settings_json(settings)
-        declared = {f.name: f for f in fields(settings)}
-        for name in trajectory_fields(settings):
-            was = saved.get(name, field_default(declared[name]))
-            if was != now[name]:
-                raise ValueError(f"{where}: cannot resume: the checkpoint was trained with "
-                                 f"{name}={was!r}, this run has {name}={now[name]!r}")
-    if meta.get("n_items") != n_items or meta.get("data_fingerprint") != data_fp:
-        raise ValueError(f"{where}: cannot resume: the checkpoint was trained on different data "
-                         f"({meta.get('n_items')} items, this run has {n_items})")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (written by a run that died after its checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def train(model: nn.Module, items: list[dict], objective: Objective, config: TrainConfig,
           out_dir: str | Path, *, base_model_name_or_path: str,
           info: fsdp.DistInfo | None = None, resume: bool | str | Path = False,
@@ -248,7 +201,8 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
     config.validate()
     if objective.settings is not None:
         objective.settings.validate()
-    settings = run_settings(config, objective)
+    own = [config] + ([objective.settings] if objective.settings is not None else [])
+    settings = run_settings(*own)
     info = info or fsdp.setup_distributed(config.device)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -274,17 +228,17 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
 
     start = 0
     torch.manual_seed(config.seed * 100003 + info.rank)  # dropout masks (restored on resume)
+    ckpt = None
     if resume:
-        ckpt = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(ckpt_root)
+        ckpt, state = resume_point(resume, ckpt_root, info)
         if ckpt is not None:
-            state = load_checkpoint(ckpt)
-            _check_resumable(state["meta"], config, objective, len(items), data_fp, ckpt)
+            check_resumable(state["meta"], own, len(items), data_fp, ckpt)
             fsdp.load_trainable_state(model, state["adapter"])
             fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
             start = state["meta"]["step"]
-            _restore_rng(state["rng"], info, config.seed, start)
+            restore_rng(state["rng"], info, config.seed, start)
             if info.is_main:
-                _truncate_metrics(metrics_file, start)
+                truncate_metrics(metrics_file, start)
                 print(f"resumed from {ckpt} at step {start}/{total}", flush=True)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +252,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
 
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
     clip = config.max_grad_norm if config.max_grad_norm else float("inf")
-    last_ckpt = latest_checkpoint(ckpt_root) if start else None
+    last_ckpt = ckpt if start else None
     bar = tqdm(total=total, initial=start, disable=not (info.is_main and config.progress),
                desc=name, dynamic_ncols=True)
     log = open(metrics_file, "a", encoding="utf-8") if info.is_main else None
@@ -350,9 +304,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
 
             if config.save_every and (step + 1) % config.save_every == 0:
-                last_ckpt = _save_checkpoint(model, optimizer, ckpt_root, step + 1, config,
-                                             settings, info, lora_config, base_model_name_or_path,
-                                             len(items), data_fp, epoch, position + 1) or last_ckpt
+                last_ckpt = save_training_checkpoint(
+                    model, optimizer, ckpt_root, step + 1, config, settings, info, lora_config,
+                    base_model_name_or_path, len(items), data_fp, epoch, position + 1) or last_ckpt
     finally:
         bar.close()
         if log is not None:
@@ -384,21 +338,3 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     packed = fsdp.all_reduce_sum(packed).cpu()
     metrics = {k: float(v) / float(units) for k, v in zip(names, packed[:-1])}
     return metrics, float(packed[-1])
-
-
-def _save_checkpoint(model, optimizer, root, step, config, settings, info, lora_config, base_name,
-                     n_items, data_fp, epoch, batch_in_epoch) -> Path | None:
-    """Gather adapter + optimizer + RNG on rank 0 and write a checkpoint (collective)."""
-    adapter = fsdp.full_trainable_state(model)
-    optim = fsdp.full_optimizer_state(model, optimizer)
-    rng = _rng_states(info)
-    path = None
-    if info.is_main:
-        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "n_items": n_items,
-                "data_fingerprint": data_fp, "world_size": info.world_size,
-                "config": settings}
-        path = save_checkpoint(root, step, adapter_state=adapter, optimizer_state=optim,
-                               rng_states=rng, meta=meta, lora_config=lora_config,
-                               base_model_name_or_path=base_name, keep=config.keep_checkpoints)
-    fsdp.barrier()
-    return path
