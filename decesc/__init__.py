@@ -22,7 +22,7 @@ _EXPORTS = {
     "sequence_logprobs": "decesc.core.logprobs",
     "load_pretrained": "decesc.formats.loading",
     "save_pretrained": "decesc.formats.loading",
-    "dpo_loss": "decesc.train.dpo",
+    "dpo_loss": "decesc.train.losses",
 }
 __all__ = sorted(_EXPORTS)
 

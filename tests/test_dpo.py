@@ -10,6 +10,7 @@ from toy import preference_pairs, tiny_model, toy_tokenizer
 from decesc.core.lora import apply_lora, lora_disabled
 from decesc.formats.peft import load_adapter, save_adapter
 from decesc.train import dpo
+from decesc.train.config import PreferenceConfig
 from decesc.train.trainer import TrainConfig
 
 
@@ -103,12 +104,13 @@ def test_reference_cache_reused_across_runs_and_sweeps(tmp_path):
     pairs = preference_pairs()
 
     def run(name, beta=0.1, data=pairs):
-        before = dpo.reference_forward_passes
-        cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=2, beta=beta,
+        cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=2,
                           lora_r=4, lora_alpha=8, progress=False, seed=5)
-        dpo.train_dpo(tiny_model(), tok, data, cfg, tmp_path / name, sft_adapter=sft_path)
+        result = dpo.train_dpo(tiny_model(), tok, data, cfg, tmp_path / name,
+                               preference=PreferenceConfig(beta=beta, packing="two-row"),
+                               sft_adapter=sft_path)
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return dpo.reference_forward_passes - before, rows
+        return result.reference_forward_passes, rows
 
     n1, rows1 = run("a")
     assert n1 == 3
@@ -127,7 +129,41 @@ def test_reference_cache_reused_across_runs_and_sweeps(tmp_path):
 
 
 def test_paper_config():
-    cfg = dpo.paper_dpo_config("llama3.1-8b", "sp")
-    assert (cfg.lr, cfg.beta, cfg.epochs, cfg.batch_size, cfg.lora_r) == (8e-8, 0.5, 1, 32, 16)
+    cfg, pref = dpo.paper_dpo_config("llama3.1-8b", "sp")
+    assert (cfg.lr, pref.beta, cfg.epochs, cfg.batch_size, cfg.lora_r) == (8e-8, 0.5, 1, 32, 16)
+    cfg, pref = dpo.paper_dpo_config("qwen2.5-7b", "rg", micro_batch_size=2, loss="ipo")
+    assert (cfg.micro_batch_size, pref.loss, pref.beta) == (2, "ipo", 0.2)
+    with pytest.raises(ValueError, match="unknown setting"):
+        dpo.paper_dpo_config("qwen2.5-7b", "rg", bogus=1)
     with pytest.raises(ValueError, match="no paper setting"):
         dpo.paper_dpo_config("gpt2", "rg")
+
+
+def test_loss_from_the_table_and_resume_checks_preference_settings(tmp_path):
+    """A reference-free loss makes no reference pass and writes no cache; ipo + an SFT term
+    trains (first loss = (1/(2 beta))^2 + sft_weight * mean chosen NLL, policy == reference);
+    a resume with another beta is refused because PreferenceConfig fields are checked too."""
+    tok = toy_tokenizer()
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=6, micro_batch_size=3, lora_r=4, lora_alpha=8,
+                      lora_dropout=0.0, progress=False, save_every=1)
+    free = dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / "free",
+                         preference=PreferenceConfig(loss="reference-free"))
+    assert free.reference_forward_passes == 0 and not (tmp_path / "ref_cache").exists()
+    pref = PreferenceConfig(loss="ipo", beta=0.5, sft_weight=0.25)
+    result = dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / "ipo",
+                           preference=pref)
+    assert result.reference_forward_passes == 2
+    row = json.loads((tmp_path / "ipo" / "metrics.jsonl").read_text().splitlines()[0])
+    items = dpo.tokenize_pairs(preference_pairs(), tok, 2048)
+    batch = dpo.collate_pairs(items, tok.pad_token_id)
+    with torch.no_grad():
+        chosen, _ = dpo.pair_logprobs(tiny_model(), batch)
+    nll = (-chosen / batch["chosen_tokens"]).mean().item()
+    assert abs(row["loss"] - (1.0 + 0.25 * nll)) < 1e-4  # (1 / (2 * 0.5))^2 = 1
+    saved = json.loads((tmp_path / "ipo" / "train_config.json").read_text())
+    assert (saved["loss"], saved["beta"], saved["sft_weight"], saved["lr"]) == ("ipo", 0.5, 0.25, 1e-2)
+    with pytest.raises(ValueError, match=r"cannot resume: .*beta=0\.5, this run has beta=0\.2"):
+        dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / "ipo",
+                      preference=PreferenceConfig(loss="ipo", beta=0.2, sft_weight=0.25), resume=True)
+    with pytest.raises(ValueError, match="loss must be one of sigmoid, ipo, hinge"):
+        PreferenceConfig(loss="kto").validate()

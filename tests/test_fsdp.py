@@ -7,6 +7,9 @@ stop an SFT run inside step 3 and resume it from its checkpoint (gathered adapte
 state, per-rank RNG): the result must equal their uninterrupted run bit for bit.
 Dropout is 0 (its random masks depend on how the batch is split). The DPO data (6 pairs,
 batch 4) ends each epoch with a short batch of 2 pairs, so two ranks run an idle micro-batch.
+DPO uses the default shared-prefix packing (one row per pair, a block attention mask) for the
+policy and the reference pass; the workers also turn on activation checkpointing (inside each
+block's FSDP unit), which must not change a number.
 """
 
 import json
@@ -23,22 +26,25 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # for the torchrun workers (no pytest rootdir)
 
 
-def sft_config(micro):
+def sft_config(micro, checkpointing=False):
     from decesc.train.trainer import TrainConfig
 
     return TrainConfig(lr=1e-2, epochs=3, batch_size=8, micro_batch_size=micro, lora_r=4,
-                       lora_alpha=8, lora_dropout=0.0, warmup_steps=1, progress=False, seed=7)
+                       lora_alpha=8, lora_dropout=0.0, warmup_steps=1, progress=False, seed=7,
+                       activation_checkpointing=checkpointing)
 
 
-def dpo_config(micro, cache):
+def dpo_config(micro, cache, checkpointing=False):
+    from decesc.train.config import PreferenceConfig
     from decesc.train.trainer import TrainConfig
 
-    return TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=micro, lora_r=4,
-                       lora_alpha=8, lora_dropout=0.0, beta=0.2, warmup_steps=1,
-                       progress=False, seed=7, ref_cache_dir=str(cache))
+    return (TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=micro, lora_r=4,
+                        lora_alpha=8, lora_dropout=0.0, warmup_steps=1, progress=False, seed=7,
+                        activation_checkpointing=checkpointing),
+            PreferenceConfig(beta=0.2, ref_cache_dir=str(cache)))
 
 
-def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
+def run_stages(out: Path, micro: int, sft_adapter: Path | None, checkpointing=False) -> None:
     """SFT into out/sft, then DPO (from ``sft_adapter``, default: this run's SFT) into out/dpo."""
     from toy import preference_pairs, sft_examples, tiny_model, toy_tokenizer
 
@@ -46,9 +52,10 @@ def run_stages(out: Path, micro: int, sft_adapter: Path | None) -> None:
     from decesc.train.sft import train_sft
 
     tok = toy_tokenizer()
-    train_sft(tiny_model(), tok, sft_examples(), sft_config(micro), out / "sft")
-    train_dpo(tiny_model(), tok, preference_pairs(), dpo_config(micro, out / "ref_cache"),
-              out / "dpo", sft_adapter=sft_adapter or out / "sft")
+    train_sft(tiny_model(), tok, sft_examples(), sft_config(micro, checkpointing), out / "sft")
+    config, preference = dpo_config(micro, out / "ref_cache", checkpointing)
+    train_dpo(tiny_model(), tok, preference_pairs(), config, out / "dpo", preference=preference,
+              sft_adapter=sft_adapter or out / "sft")
 
 
 def crash_and_resume_sft(out: Path) -> None:
@@ -135,6 +142,6 @@ if __name__ == "__main__":  # torchrun worker: python test_fsdp.py OUT SFT_ADAPT
 
     info = setup_distributed("cpu")
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
-    run_stages(Path(sys.argv[1]), micro=1, sft_adapter=Path(sys.argv[2]))
+    run_stages(Path(sys.argv[1]), micro=1, sft_adapter=Path(sys.argv[2]), checkpointing=True)
     crash_and_resume_sft(Path(sys.argv[1]) / "sft_resumed")
     dist.destroy_process_group()

@@ -173,7 +173,7 @@ def test_merge_unmerge_and_disable(model_type):
         assert set(model.state_dict()) == set(base)
         assert not lora_modules(model)
         assert (model(ids) - adapted).abs().max().item() <= 1e-5
-        apply_lora(model, r=2, seed=1)  # a fresh adapter on the merged model (the DPO route: merge SFT, fresh adapter)
+        apply_lora(model, r=2, seed=1)  # a fresh adapter on the merged model (the DPO route)
         assert (model(ids) - adapted).abs().max().item() <= 1e-5
 
 

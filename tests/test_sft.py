@@ -9,17 +9,23 @@ import torch.nn.functional as F
 from test_logprobs import hand_example
 from toy import sft_examples, tiny_model, toy_tokenizer
 
+from decesc.core.logprobs import sequence_logprobs, target_counts
 from decesc.core.lora import DEFAULT_TARGETS, apply_lora
 from decesc.formats.records import SFTExample
 from decesc.train.sft import (
     SequenceTooLongError,
     collate_sft,
-    masked_lm_loss,
     sft_objective,
     tokenize_sft,
     train_sft,
 )
 from decesc.train.trainer import TrainConfig, micro_batches
+
+
+def masked_lm_loss(logits, labels):
+    """Mean NLL over target tokens (eqs. 3, 4): what the trainer computes from sft_loss's sum
+    divided by the batch's target-token count."""
+    return -sequence_logprobs(logits, labels).sum() / target_counts(labels).sum()
 
 
 def test_loss_is_cross_entropy_over_target_tokens_only():

@@ -82,6 +82,8 @@ def test_every_flag_has_help(capsys):
                      "--lora-dropout", "--lora-targets", "--device"):
             assert flag in text
     assert "--beta" in text and "--sft-adapter" in text and "--ref-cache" in text  # dpo
+    for flag in ("--loss", "--sft-weight", "--packing", "--base-dtype", "--activation-checkpointing"):
+        assert flag in text
 
 
 def test_bad_data_line_names_file_line_and_field(workdir, tmp_path, capsys):
@@ -110,3 +112,37 @@ def test_help_of_both_modes(capsys):
     with pytest.raises(SystemExit):
         main(["dpo", "--help"])
     assert "--sft-adapter" in capsys.readouterr().out
+
+
+def test_dpo_with_the_new_settings(workdir, tmp_path, capsys):
+    """--loss / --sft-weight / --packing / --base-dtype / --activation-checkpointing reach the run
+    (train_config.json) and it trains; the ipo loss starts at (1/(2 beta))^2 + sft term."""
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+                 "--out", str(out), "--loss", "ipo", "--beta", "0.5", "--sft-weight", "0.1",
+                 "--packing", "two-row", "--dtype", "bf16", "--base-dtype", "fp32",
+                 "--activation-checkpointing", "--batch-size", "3", "--micro-batch-size", "3",
+                 "--lora-r", "4", "--lr", "1e-2", "--no-progress", "--warmup-steps", "0"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert {k: saved[k] for k in ("loss", "beta", "sft_weight", "packing", "dtype", "base_dtype",
+                                  "activation_checkpointing")} == {
+        "loss": "ipo", "beta": 0.5, "sft_weight": 0.1, "packing": "two-row", "dtype": "bf16",
+        "base_dtype": "fp32", "activation_checkpointing": True}
+    rows = _rows(out)
+    assert len(rows) == 2 and rows[0]["loss"] > 1.0  # (1 / (2 * 0.5))^2 = 1, plus the NLL term
+    assert "dpo: 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "error: TrainConfig: lr must be a finite number, got inf"),
+    (["--lora-alpha", "nan"], "error: TrainConfig: lora_alpha must be a finite number, got nan"),
+    (["--beta", "nan"], "error: PreferenceConfig: beta must be a finite number, got nan"),
+    pytest.param(["--device", "cuda"], "error: device cuda requested but CUDA is not available; "
+                 "use --device cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                              reason="this machine has CUDA")),
+])
+def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys, flags, message):
+    assert main(["dpo", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+                 "--out", str(tmp_path / "o"), "--no-progress", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == message

@@ -1,5 +1,6 @@
 """The shared trainer: schedule, data split, checkpoints, exact resume, non-finite loss."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,13 @@ from safetensors.torch import load_file
 from toy import sft_examples, tiny_model, toy_tokenizer
 
 from decesc.train import sft
-from decesc.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from decesc.train.checkpoint import (
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from decesc.train.trainer import (
     NonFiniteLossError,
     TrainConfig,
@@ -44,11 +51,15 @@ def test_data_order_and_split():
     assert per_rank[1][1] == []  # a short tail: rank 1 idles in its second micro-batch
 
 
-def _config(**kw):
+def _base(**kw):
     base = dict(lr=5e-3, epochs=2, batch_size=4, micro_batch_size=2, lora_dropout=0.1,
                 lora_r=4, lora_alpha=8, save_every=1, keep_checkpoints=2, progress=False, seed=3,
                 warmup_steps=1)
-    return TrainConfig(**{**base, **kw})
+    return {**base, **kw}
+
+
+def _config(**kw):
+    return TrainConfig(**_base(**kw))
 
 
 class Crash(Exception):
@@ -135,3 +146,137 @@ def test_incomplete_checkpoint_directory_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / "step-000009.tmp").mkdir()  # a crash while writing step 9
     (tmp_path / "checkpoints" / "step-000010").mkdir()  # no state.json: never completed
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+
+
+def test_trajectory_settings_are_derived_from_field_metadata():
+    """Every field is checked on resume unless declared free; the free ones are few and named."""
+    from decesc.train.config import PreferenceConfig, trajectory_fields
+
+    free = {f.name for f in dataclasses.fields(TrainConfig)} - set(trajectory_fields(TrainConfig))
+    assert free == {"micro_batch_size", "activation_checkpointing", "save_every", "keep_checkpoints",
+                    "progress", "device"}
+    assert set(trajectory_fields(PreferenceConfig)) == {"beta", "loss", "sft_weight"}
+
+
+@dataclasses.dataclass
+class _Extended(TrainConfig):
+    new_knob: float = 1.0  # a setting added later, without metadata
+
+
+def test_a_new_field_without_metadata_cannot_resume_under_another_value(tmp_path):
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1)), tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume: .* new_knob=1\.0, this run has new_knob=2\.0"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1), new_knob=2.0),
+                      tmp_path, resume=True)
+    # a checkpoint that predates the field counts as its default: 1.0 resumes, 2.0 does not
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        state = json.loads((ckpt / "state.json").read_text())
+        del state["config"]["new_knob"]
+        (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="new_knob=1.0, this run has new_knob=2.0"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _Extended(**_base(epochs=1), new_knob=2.0),
+                      tmp_path, resume=True)
+    # free settings may change: a resume with another micro-batch size and keep_checkpoints runs
+    result = sft.train_sft(tiny_model(), tok, sft_examples(),
+                           _Extended(**_base(epochs=1, micro_batch_size=4, keep_checkpoints=3)),
+                           tmp_path, resume=True)
+    assert result.steps == 2
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    """A run killed in step 4 whose newest checkpoint (step 3) was cut short on disk: the resume
+    warns naming it and the one used instead, moves it aside, resumes from step 2 and ends
+    bit-identical to an uninterrupted run."""
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _config(keep_checkpoints=3), tmp_path / "full")
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_on_call(m, 7)  # calls 1-6 are steps 1-3
+        with pytest.raises(Crash):
+            sft.train_sft(tiny_model(), tok, sft_examples(), _config(keep_checkpoints=3), out)
+    root = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-000001", "step-000002", "step-000003"]
+    weights = root / "step-000003" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match=r"step-000003: .*resuming from the previous checkpoint "
+                                         r".*step-000002 instead \(step-000003 is moved aside"):
+        sft.train_sft(tiny_model(), tok, sft_examples(), _config(keep_checkpoints=3), out,
+                      resume=True)
+    assert (root / "step-000003.corrupt").is_dir()
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(tmp_path / "full")]
+    # garbage state.json: the same fallback
+    (root / "step-000004" / "state.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="step-000004: unreadable checkpoint"):
+        result = sft.train_sft(tiny_model(), tok, sft_examples(), _config(keep_checkpoints=3),
+                               out, resume=True)
+    assert result.steps == 4
+
+
+def test_leftovers_of_an_interrupted_save_or_prune_are_cleaned(tmp_path):
+    """The states a kill leaves, made by hand: a prune cut short (step-1.del, and a step dir
+    without state.json as older versions left it), a write cut short (step-9.tmp), and a re-save
+    of step 2 cut short between its two renames (only step-2.old left)."""
+    tok = toy_tokenizer()
+    sft.train_sft(tiny_model(), tok, sft_examples(), _config(epochs=1), tmp_path)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-000001", "step-000002"]
+    (root / "step-000002").rename(root / "step-000002.old")
+    (root / "step-000001").rename(root / "step-000001.del")
+    (root / "step-000009.tmp").mkdir()
+    (root / "step-000007").mkdir()
+    (root / "step-000007" / "adapter_model.safetensors").write_bytes(b"partial")
+    assert clean_partial(root) == ["step-000001.del", "step-000007", "step-000009.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]  # .old put back
+    assert load_checkpoint(root / "step-000002")["meta"]["step"] == 2
+    # on resume: cleaned first, then resumed from the restored step 2 (the end of this run)
+    (root / "step-000003.del").mkdir()
+    assert sft.train_sft(tiny_model(), tok, sft_examples(), _config(epochs=1), tmp_path,
+                         resume=True).steps == 2
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    # on save: a fresh run's first checkpoint removes leftovers too
+    (root / "step-000005.tmp").mkdir()
+    save_checkpoint(root, 3, **_checkpoint_parts(root / "step-000002"))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]
+
+
+def _checkpoint_parts(path):
+    from decesc.core.lora import LoRAConfig
+
+    state = load_checkpoint(path)
+    return dict(adapter_state=state["adapter"], optimizer_state=state["optimizer"],
+                rng_states=state["rng"], meta=state["meta"], lora_config=LoRAConfig(r=4, alpha=8),
+                base_model_name_or_path="tiny")
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("lr", float("inf")),
+                                         ("lora_alpha", float("nan")),
+                                         ("lora_dropout", float("inf")),
+                                         ("warmup_ratio", float("nan")),
+                                         ("max_grad_norm", float("-inf")),
+                                         ("adam_betas", (0.9, float("nan")))])
+def test_non_finite_settings_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be a finite number"):
+        TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("field", ["beta", "sft_weight"])
+def test_non_finite_preference_settings_are_rejected(field):
+    from decesc.train.config import PreferenceConfig
+
+    with pytest.raises(ValueError, match=rf"PreferenceConfig: {field} must be a finite number"):
+        PreferenceConfig(**{field: float("nan")}).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_one_line_error():
+    from decesc.train.fsdp import setup_distributed
+
+    with pytest.raises(ValueError, match=r"^device cuda requested but CUDA is not available; "
+                                         r"use --device cpu$"):
+        setup_distributed("cuda")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        setup_distributed("gpu0")

@@ -1,33 +1,44 @@
-"""Training-step benchmark: decesc vs transformers + peft (and TRL's DPOTrainer if importable).
+"""Training-step benchmark on ESConv-shaped data: decesc vs transformers + peft and TRL.
 
-    python -m tools.bench_train [--dtype fp32|bf16|both] [--steps N]
+    python -m tools.bench_train [--dtype fp32|bf16|both] [--repeats 3] [--steps 4] [--json]
+    python -m tools.bench_train --quick --model tiny --json        # a smoke run, seconds
 
-Model: SmolLM2-135M-Instruct (the demo GGUF, dequantised to fp32), LoRA r=16 / alpha 16 /
-dropout 0.05 on all seven projections, AdamW, gradient clipping 1.0. One optimizer step sees
-4 sequences x 256 tokens: SFT = 4 examples (192 prompt + 64 target tokens, loss on the target
-only); DPO = 2 pairs = 4 sequences in one batch (reference log-probs precomputed, not timed).
-The same fp32 weights are loaded into transformers' LlamaForCausalLM (written to a temporary
-directory with decesc.save_pretrained); both sides run in the same process and dtype
-(fp32, or bf16 autocast over fp32 parameters). decesc runs through its real trainer
-(decesc.train.trainer.train); transformers + peft through a plain loop (forward with labels,
-backward, clip, AdamW step). The first ``--warmup`` steps are not timed.
+Data shapes (token ids for decesc and transformers, words for TRL, which tokenises itself):
+SP = a ``--prompt-len`` (300) token context with a ``--sp-target`` (5) token target, like a
+strategy name; RG = the same context with a ``--rg-target`` (30) token reply. Tasks: SFT
+(``--batch`` examples per step, loss on the target) and DPO (``--batch`` pairs per step, chosen
+and rejected of the target length; reference log-probs precomputed and not timed).
 
-Memory: peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the
-RSS before the run, in MB: activations, gradients, optimizer state and allocator caches, not
-the already-loaded weights.
+Implementations, same model, weights, dtype, LoRA (r 16 / alpha 16 / dropout 0.05, 7
+projections), AdamW, clipping 1.0: ``decesc`` (its real trainer, ``decesc.train.trainer.train``;
+DPO with shared-prefix rows; frozen base stored in the compute dtype), ``decesc two-row`` (DPO
+with two rows per pair: the layout the others use), ``transformers+peft`` (a plain loop: forward,
+backward, clip, AdamW) and TRL's ``DPOTrainer`` (``precompute_ref_log_probs=True``; skipped with a
+message when TRL is not importable - a benchmark-only dependency, e.g. ``pip install --no-deps
+--target DIR trl datasets`` and ``PYTHONPATH=DIR``).
 
-Finally a repeated DPO run: the same ``decesc.train.dpo.train_dpo`` call twice on 8 text pairs, the
-first computing the reference log-probs, the second finding them in the cache (ratio of wall
-times, model loading excluded).
+Figures: tokens/s counts the pairs' or examples' real tokens as two sequences per pair (prompt +
+chosen, prompt + rejected) for every implementation, so a tokens/s ratio is a step-time ratio.
+Every case runs ``--repeats`` times, interleaved (repeat r runs every case and implementation
+once before repeat r+1 starts); the figure is the median, ``spread`` = (max - min) / median.
+``peak MB``: peak resident set size increase during the run (Linux VmHWM; activations,
+gradients, optimizer state, allocator caches, not the loaded weights). ``GFLOP/s``: the matmul
+FLOPs the implementation's layout executes per step (4 x block weights per processed token for
+forward + input gradient, the output head on the rows it projects, attention on the T^2 / 2 causal
+pairs x 3) over the step time, and ``ceiling`` that as a share of a large matmul measured in the
+same run and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
+import json
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -36,27 +47,23 @@ from pathlib import Path
 import torch
 
 from decesc import load_pretrained, save_pretrained
-from decesc.core.lora import DEFAULT_TARGETS, apply_lora
-from decesc.formats.records import PreferencePair
-from decesc.train.dpo import (
-    compute_reference_logps,
-    dpo_objective,
-    prepare_dpo_model,
-    train_dpo,
-)
+from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+from decesc.train.config import PreferenceConfig, TrainConfig
+from decesc.train.dpo import dpo_objective, prepare_dpo_model
 from decesc.train.fsdp import DistInfo
-from decesc.train.sft import sft_objective
-from decesc.train.trainer import TrainConfig, train
+from decesc.train.pairs import collate_pairs
+from decesc.train.reference import compute_reference_logps
+from decesc.train.sft import collate_sft, sft_objective
+from decesc.train.trainer import prepare_model, store_frozen_weights, train
 
-PROMPT_FRACTION = 0.75
+LORA = LoRAConfig()
 
 
-# ----------------------------------------------------------------------------- memory
+# ----------------------------------------------------------------------------- memory, ceiling
 
 
 def _status(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     return int(m.group(1)) // 1024 if m else -1
 
 
@@ -82,31 +89,52 @@ class PeakRSS:
         return False
 
 
+def matmul_ceiling(dtype: str, n: int, reps: int = 5) -> float:
+    """GFLOP/s of the best of ``reps`` (n x n) @ (n x n) matmuls in ``dtype``."""
+    t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n).to(t), torch.randn(n, n).to(t)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(cfg, seqs: int, seq_len: int, head_rows: int) -> float:
+    """Executed matmul FLOPs of one LoRA step: ``seqs`` rows of ``seq_len`` tokens, the output
+    head on ``head_rows`` rows; forward + input gradients (frozen weights get no weight grad)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    block = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * d * f
+    attention = 3 * 2 * seq_len ** 2 * cfg.num_attention_heads * hd  # causal half of 2 matmuls x 2
+    layers = cfg.num_hidden_layers * (4 * block * seq_len + attention) * seqs
+    return layers + 4 * d * cfg.vocab_size * head_rows
+
+
 # ----------------------------------------------------------------------------- data
 
 
-def sft_items(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+def sft_items(n: int, prompt: int, target: int, vocab: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    prompt = int(seq * PROMPT_FRACTION)
-    items = []
+    out = []
     for _ in range(n):
-        ids = torch.randint(100, vocab - 100, (seq,), generator=g).tolist()
-        items.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "length": seq})
-    return items
+        ids = torch.randint(10, vocab - 10, (prompt + target,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:],
+                    "length": prompt + target})
+    return out
 
 
-def pair_items(n: int, seq: int, vocab: int, seed: int = 1) -> list[dict]:
+def pair_items(n: int, prompt: int, target: int, vocab: int, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    prompt = int(seq * PROMPT_FRACTION)
-    items = []
+    out = []
     for _ in range(n):
-        p = torch.randint(100, vocab - 100, (prompt,), generator=g).tolist()
-        c = torch.randint(100, vocab - 100, (seq - prompt,), generator=g).tolist()
-        r = torch.randint(100, vocab - 100, (seq - prompt,), generator=g).tolist()
-        items.append({"chosen_ids": p + c, "chosen_labels": [-100] * prompt + c,
-                      "rejected_ids": p + r, "rejected_labels": [-100] * prompt + r,
-                      "length": seq})
-    return items
+        p, c, r = (torch.randint(10, vocab - 10, (k,), generator=g).tolist()
+                   for k in (prompt, target, target))
+        out.append({"chosen_ids": p + c, "chosen_labels": [-100] * prompt + c,
+                    "rejected_ids": p + r, "rejected_labels": [-100] * prompt + r,
+                    "length": prompt + target})
+    return out
 
 
 WORDS = ("i feel so tired and alone since my job ended last month nobody calls me anymore "
@@ -114,136 +142,109 @@ WORDS = ("i feel so tired and alone since my job ended last month nobody calls m
          "that sounds really painful you have been carrying a lot what helps you relax").split()
 
 
-def text_pairs(n: int, prompt_words: int, reply_words: int, seed: int = 2) -> list[PreferencePair]:
+def text_pairs(n: int, prompt: int, target: int, seed: int = 2) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
 
     def words(k):
         return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
 
-    return [PreferencePair(words(prompt_words), words(reply_words), words(reply_words))
+    return [{"prompt": words(prompt), "chosen": words(target), "rejected": words(target)}
             for _ in range(n)]
 
 
-# ----------------------------------------------------------------------------- decesc
+# ----------------------------------------------------------------------------- implementations
 
 
 def _config(dtype: str, batch: int, steps: int) -> TrainConfig:
     return TrainConfig(lr=1e-5, epochs=1, batch_size=batch, micro_batch_size=batch,
-                       max_steps=steps, warmup_steps=0, dtype=dtype, progress=False, seed=0,
-                       lora_r=16, lora_alpha=16, lora_dropout=0.05, beta=0.1)
+                       max_steps=steps, warmup_steps=0, dtype=dtype, progress=False, seed=0)
 
 
-def _throughput(out_dir: Path, warmup: int) -> float:
-    import json
-
+def _ours_rate(out_dir: Path, warmup: int) -> float:
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
-    tokens = sum(r["tokens"] for r in rows)
-    seconds = sum(r["tokens"] / r["tokens/s"] for r in rows)
-    return tokens / seconds
+    return sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens/s"] for r in rows)
 
 
-def ours_sft(base, tok, dtype, batch, seq, steps, warmup, tmp) -> tuple[float, int]:
-    model = apply_lora(copy.deepcopy(base), seed=0)
-    items = sft_items(batch * (steps + warmup), seq, base.config.vocab_size)
-    out = Path(tempfile.mkdtemp(dir=tmp))
+def ours(task, packing, base, tok, dtype, a, target, tmp) -> tuple[float, int]:
+    steps, B, P = a.steps + a.warmup, a.batch, a.prompt_len
+    cfg, vocab, out = _config(dtype, B, steps), base.config.vocab_size, Path(tempfile.mkdtemp(dir=tmp))
+    if task == "SFT":
+        model = apply_lora(copy.deepcopy(base), seed=0, dtype=torch.float32)
+        items, objective = sft_items(B * steps, P, target, vocab), sft_objective(tok)
+        model, _ = prepare_model(model, cfg, DistInfo())
+    else:
+        pref = PreferenceConfig(packing=packing)
+        model = store_frozen_weights(prepare_dpo_model(copy.deepcopy(base), cfg), cfg)
+        items = pair_items(B * steps, P, target, vocab)
+        model, _ = prepare_model(model, cfg, DistInfo())
+        ref, _ = compute_reference_logps(model, items, tok.pad_token_id, B, dtype, DistInfo(),
+                                         packing)
+        for item, (c, r) in zip(items, ref.tolist()):
+            item["ref_chosen"], item["ref_rejected"] = c, r
+        objective = dpo_objective(tok.pad_token_id, pref)
     with PeakRSS() as mem:
-        train(model, items, sft_objective(tok), _config(dtype, batch, steps + warmup), out,
-              base_model_name_or_path="bench", info=DistInfo())
-    return _throughput(out, warmup), mem.mb
+        train(model, items, objective, cfg, out, base_model_name_or_path="bench", info=DistInfo())
+    return _ours_rate(out, a.warmup), mem.mb
 
 
-def ours_dpo(base, tok, dtype, batch, seq, steps, warmup, tmp) -> tuple[float, int]:
-    pairs = batch // 2
-    cfg = _config(dtype, pairs, steps + warmup)
-    model = prepare_dpo_model(copy.deepcopy(base), cfg)
-    items = pair_items(pairs * (steps + warmup), seq, base.config.vocab_size)
-    ref = compute_reference_logps(model, items, tok.pad_token_id, pairs, dtype, DistInfo())
-    for item, (c, r) in zip(items, ref.tolist()):
-        item["ref_chosen"], item["ref_rejected"] = c, r
-    out = Path(tempfile.mkdtemp(dir=tmp))
-    with PeakRSS() as mem:
-        train(model, items, dpo_objective(tok.pad_token_id, 0.1), cfg, out,
-              base_model_name_or_path="bench", info=DistInfo())
-    return _throughput(out, warmup), mem.mb
-
-
-# ----------------------------------------------------------------------------- transformers + peft
-
-
-def hf_model(hf_dir: Path):
+def _hf_model(hf_dir: Path):
     import peft
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
-                             target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+        target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
 
 
-def hf_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _hf_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The usual full-vocabulary way: shift, log_softmax over (B, T, V), gather, mask, sum."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != -100
     logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(-1)
+    return (logp * (labels != -100)).sum(-1)
 
 
-def hf_loop(model, batches, step_fn, dtype, warmup) -> tuple[float, int]:
+def hf(task, hf_dir, vocab, dtype, a, target) -> tuple[float, int]:
+    import torch.nn.functional as F
+
+    model, B, steps = _hf_model(hf_dir), a.batch, a.steps + a.warmup
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if task == "SFT":
+        items = sft_items(B * steps, a.prompt_len, target, vocab)
+        batches = [collate_sft(items[i:i + B], 0) for i in range(0, len(items), B)]
+
+        def step_loss(m, b):
+            return m(input_ids=b["input_ids"], labels=b["labels"]).loss
+    else:
+        items = pair_items(B * steps, a.prompt_len, target, vocab)
+        batches = [collate_pairs(items[i:i + B], 0) for i in range(0, len(items), B)]
+        with torch.no_grad(), model.disable_adapter(), autocast:  # reference, precomputed
+            for b in batches:
+                b["ref"] = _hf_logps(model(input_ids=b["input_ids"]).logits, b["labels"])
+
+        def step_loss(m, b):
+            logps = _hf_logps(m(input_ids=b["input_ids"]).logits, b["labels"]) - b["ref"]
+            return -F.logsigmoid(0.1 * (logps[:B] - logps[B:])).mean()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     model.train()
     tokens = seconds = 0.0
     with PeakRSS() as mem:
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
             with autocast:
-                loss = step_fn(model, batch)
+                loss = step_loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if i >= warmup:
+            if i >= a.warmup:
                 seconds += time.perf_counter() - t0
-                tokens += batch["input_ids"].numel()
+                tokens += batch["num_tokens"]
     return tokens / seconds, mem.mb
 
 
-def hf_sft(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]:
-    from decesc.train.sft import collate_sft
-
-    model = hf_model(hf_dir)
-    items = sft_items(batch * (steps + warmup), seq, vocab)
-    batches = [collate_sft(items[i:i + batch], 0) for i in range(0, len(items), batch)]
-    return hf_loop(model, batches,
-                   lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]).loss,
-                   dtype, warmup)
-
-
-def hf_dpo(hf_dir, dtype, batch, seq, vocab, steps, warmup) -> tuple[float, int]:
-    import torch.nn.functional as F
-
-    from decesc.train.dpo import collate_pairs
-
-    model = hf_model(hf_dir)
-    pairs = batch // 2
-    items = pair_items(pairs * (steps + warmup), seq, vocab)
-    batches = [collate_pairs(items[i:i + pairs], 0) for i in range(0, len(items), pairs)]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-    with torch.no_grad(), model.disable_adapter(), autocast:  # reference, precomputed
-        for b in batches:
-            ref = hf_sequence_logps(model(input_ids=b["input_ids"]).logits, b["labels"])
-            b["ref_chosen"], b["ref_rejected"] = ref[:pairs], ref[pairs:]
-
-    def step(m, b):
-        logps = hf_sequence_logps(m(input_ids=b["input_ids"]).logits, b["labels"])
-        margin = 0.1 * ((logps[:pairs] - b["ref_chosen"]) - (logps[pairs:] - b["ref_rejected"]))
-        return -F.logsigmoid(margin).mean()
-
-    return hf_loop(model, batches, step, dtype, warmup)
-
-
-def trl_dpo(hf_dir, dtype, batch, steps, warmup, tmp) -> tuple[float, int] | str:
+def trl_dpo(hf_dir, dtype, a, target, tmp) -> tuple[float, int] | str:
     """TRL's DPOTrainer (peft LoRA, reference log-probs precomputed), step times by callback."""
     try:
         import datasets
@@ -259,18 +260,16 @@ def trl_dpo(hf_dir, dtype, batch, steps, warmup, tmp) -> tuple[float, int] | str
     # datasets' content fingerprint (a dill pickle of the Arrow table) fails with some
     # pyarrow/dill versions ("Can't pickle MonthDayNano"); a random one only disables its cache.
     datasets.arrow_dataset.generate_fingerprint = lambda dataset: uuid.uuid4().hex
+    steps = a.steps + a.warmup
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    pairs = text_pairs((steps + warmup) * (batch // 2), 160, 62)
-    data = datasets.Dataset.from_list([{"prompt": p.prompt + "\n", "chosen": p.chosen,
-                                        "rejected": p.rejected} for p in pairs])
-    times, tokens = [], []
-    seen = [0]
+    data = datasets.Dataset.from_list(text_pairs(steps * a.batch, a.prompt_len, target))
+    times, tokens, seen = [], [], [0]
 
-    def count(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and torch.is_grad_enabled():
-            seen[0] += ids.numel()
+    def count(module, args, kwargs):  # real tokens of the policy forwards (not the reference)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and torch.is_grad_enabled():
+            seen[0] += int(mask.sum())
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -280,99 +279,142 @@ def trl_dpo(hf_dir, dtype, batch, steps, warmup, tmp) -> tuple[float, int] | str
             times.append(time.perf_counter() - self.t0)
             tokens.append(seen[0])
 
-    args = trl.DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=batch // 2,
-                         max_steps=steps + warmup, learning_rate=1e-5, beta=0.1,
-                         precompute_ref_log_probs=True, disable_dropout=False,
-                         bf16=dtype == "bf16", use_cpu=True, report_to="none",
-                         save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
-                         lr_scheduler_type="constant", seed=0, dataloader_num_workers=0)
-    lora = peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
+    args = trl.DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch,
+                         max_steps=steps, learning_rate=1e-5, beta=0.1,
+                         precompute_ref_log_probs=True, disable_dropout=False,  # LoRA dropout on
+                         bf16=dtype == "bf16", use_cpu=True,
+                         report_to="none", save_strategy="no", logging_strategy="no",
+                         max_grad_norm=1.0, lr_scheduler_type="constant", seed=0,
+                         dataloader_num_workers=0)
+    lora = peft.LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
                            target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
     trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     with PeakRSS() as mem:
         trainer.train()
-    seconds, n = sum(times[warmup:]), sum(tokens[warmup:])
-    return n / seconds, mem.mb
-
-
-# ----------------------------------------------------------------------------- reference cache
-
-
-def repeated_dpo(base, tok, dtype, tmp) -> tuple[float, float, int]:
-    """Wall time of train_dpo computing the reference vs finding it cached: (t1, t2, tokens)."""
-    pairs = text_pairs(8, 160, 62)
-    cfg = TrainConfig(lr=1e-5, epochs=1, batch_size=2, micro_batch_size=2, dtype=dtype,
-                      progress=False, ref_cache_dir=str(tmp / "ref_cache"))
-    times = []
-    for run in range(2):
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        train_dpo(model, tok, pairs, cfg, tmp / f"dpo-run{run}")
-        times.append(time.perf_counter() - t0)
-    n = len(tok.apply_chat_template([{"role": "user", "content": pairs[0].prompt}], True))
-    return times[0], times[1], n
+    return sum(tokens[a.warmup:]) / sum(times[a.warmup:]), mem.mb
 
 
 # ----------------------------------------------------------------------------- main
 
 
+IMPLS = {"SFT": ("decesc", "transformers+peft"),
+         "DPO": ("decesc", "decesc two-row", "transformers+peft", "TRL DPOTrainer")}
+
+
+def _layout(task: str, impl: str, a, target: int) -> tuple[int, int, int]:
+    """(rows, row length, output-head rows) one step executes."""
+    P, B = a.prompt_len, a.batch
+    if task == "SFT":
+        return B, P + target, B * (target if impl == "decesc" else P + target)
+    if impl == "decesc":
+        return B, P + 2 * target, 2 * B * target
+    return 2 * B, P + target, (2 * B * target if impl.startswith("decesc") else 2 * B * (P + target))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both",
-                   help="compute dtype: fp32, bf16 autocast, or both (default)")
-    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per case (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="bf16",
+                   help="compute dtype: fp32, bf16 autocast, or both (default bf16)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model source (default: demo)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per case (default 3)")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run (default 4)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--batch", type=int, default=4, help="examples or pairs per step (default 4)")
+    p.add_argument("--prompt-len", type=int, default=300, help="context tokens (default 300)")
+    p.add_argument("--sp-target", type=int, default=5, help="SP target tokens (default 5)")
+    p.add_argument("--rg-target", type=int, default=30, help="RG target tokens (default 30)")
+    p.add_argument("--ceiling-size", type=int, default=2048, help="matmul size for the ceiling")
     p.add_argument("--no-hf", action="store_true", help="skip transformers + peft and TRL")
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
-    p.add_argument("--no-cache-run", action="store_true", help="skip the repeated DPO run")
-    args = p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke sizes: 1 repeat, 1 step, no warmup, batch 2, 24-token prompts, "
+                        "2/6-token targets, a 256 matmul ceiling")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.repeats, a.steps, a.warmup, a.batch, a.prompt_len = 1, 1, 0, 2, 24
+        a.sp_target, a.rg_target, a.ceiling_size = 2, 6, 256
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        a.no_hf, hf_missing = True, f"skipped (not importable: {e.name})"
+    else:
+        hf_missing = None
 
-    base, tok = load_pretrained(args.model, dtype=torch.float32)
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    print(f"model {args.model}, LoRA r=16 on {len(DEFAULT_TARGETS)} projections, "
-          f"batch {args.batch} x {args.seq_len} tokens (prompt {PROMPT_FRACTION:.0%}), "
-          f"{args.steps} timed steps after {args.warmup} warmup, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp_str:
+    base, tok = load_pretrained(a.model, dtype=torch.float32)
+    dtypes = ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]
+    shapes = {"SP": a.sp_target, "RG": a.rg_target}
+    ceiling = {d: matmul_ceiling(d, a.ceiling_size) for d in dtypes}
+    samples: dict[tuple, list] = {}
+    skipped: dict[str, str] = {}
+    # with --json, whatever the libraries print goes to stderr: stdout holds one JSON object
+    quiet = contextlib.redirect_stdout(sys.stderr) if a.json else contextlib.nullcontext()
+    with quiet, tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
         hf_dir = tmp / "hf"
         save_pretrained(base, tok, hf_dir)
-        for dtype in dtypes:
-            for task, ours_fn, hf_fn in (("SFT", ours_sft, hf_sft), ("DPO", ours_dpo, hf_dpo)):
-                ours = ours_fn(base, tok, dtype, args.batch, args.seq_len, args.steps,
-                               args.warmup, tmp)
-                rows.append((task, dtype, "decesc", *ours, 1.0))
-                print(f"  {task} {dtype} decesc: {ours[0]:.0f} tok/s", flush=True)
-                if args.no_hf:
-                    continue
-                hf = hf_fn(hf_dir, dtype, args.batch, args.seq_len, base.config.vocab_size,
-                           args.steps, args.warmup)
-                rows.append((task, dtype, "transformers+peft", *hf, ours[0] / hf[0]))
-                print(f"  {task} {dtype} transformers+peft: {hf[0]:.0f} tok/s", flush=True)
-                if task == "DPO" and not args.no_trl:
-                    trl = trl_dpo(hf_dir, dtype, args.batch, args.steps, args.warmup, tmp)
-                    if isinstance(trl, str):
-                        print(f"  TRL DPOTrainer: {trl}")
-                    else:
-                        rows.append((task, dtype, "TRL DPOTrainer", *trl, ours[0] / trl[0]))
-                        print(f"  {task} {dtype} TRL: {trl[0]:.0f} tok/s", flush=True)
-        print()
-        print(f"{'task':4} {'dtype':5} {'implementation':18} {'tokens/s':>9} {'peak MB':>8} "
-              f"{'decesc speed-up':>16}")
-        for task, dtype, impl, tps, mb, ratio in rows:
-            print(f"{task:4} {dtype:5} {impl:18} {tps:9.0f} {mb:8d} {ratio:15.2f}x")
-        if not args.no_cache_run:
-            t1, t2, prompt_tokens = repeated_dpo(base, tok, dtypes[0], tmp)
-            print(f"\nrepeated DPO run ({dtypes[0]}, 8 pairs, ~{prompt_tokens}-token prompts, "
-                  f"4 steps): computing the reference {t1:.1f} s, reference cached {t2:.1f} s "
-                  f"-> {t1 / t2:.2f}x faster")
+        for _ in range(a.repeats):  # interleaved: every case once per repeat
+            for dtype in dtypes:
+                for shape, target in shapes.items():
+                    for task, impls in IMPLS.items():
+                        for impl in impls:
+                            if impl in ("transformers+peft", "TRL DPOTrainer") and a.no_hf:
+                                skipped[impl] = hf_missing or "skipped (--no-hf)"
+                                continue
+                            if impl == "TRL DPOTrainer" and a.no_trl:
+                                skipped[impl] = "skipped (--no-trl)"
+                                continue
+                            if impl.startswith("decesc"):
+                                r = ours(task, "two-row" if "two-row" in impl else "shared-prefix",
+                                         base, tok, dtype, a, target, tmp)
+                            elif impl == "transformers+peft":
+                                r = hf(task, hf_dir, base.config.vocab_size, dtype, a, target)
+                            else:
+                                r = trl_dpo(hf_dir, dtype, a, target, tmp)
+                            if isinstance(r, str):
+                                skipped[impl] = r
+                                continue
+                            samples.setdefault((shape, task, dtype, impl), []).append(r)
+                            print(f"  {shape} {task} {dtype} {impl}: {r[0]:.0f} tok/s", flush=True)
+    cases = []
+    for (shape, task, dtype, impl), runs in samples.items():
+        rates = [r[0] for r in runs]
+        med = statistics.median(rates)
+        rows, length, head = _layout(task, impl, a, shapes[shape])
+        data_tokens = a.batch * (a.prompt_len + shapes[shape]) * (1 if task == "SFT" else 2)
+        gflops = step_flops(base.config, rows, length, head) * med / data_tokens / 1e9
+        cases.append({"shape": shape, "task": task, "dtype": dtype, "impl": impl,
+                      "tokens_per_s": med, "spread": (max(rates) - min(rates)) / med,
+                      "samples": rates, "peak_mb": statistics.median(r[1] for r in runs),
+                      "gflops": gflops, "ceiling_share": gflops / ceiling[dtype]})
+    for c in cases:  # decesc speed-up over each other implementation of the same case
+        ref = next(x for x in cases if x["impl"] == "decesc" and
+                   (x["shape"], x["task"], x["dtype"]) == (c["shape"], c["task"], c["dtype"]))
+        c["decesc_speedup"] = ref["tokens_per_s"] / c["tokens_per_s"]
+        c["decesc_memory_share"] = ref["peak_mb"] / c["peak_mb"] if c["peak_mb"] > 0 else None
+    result = {"model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "repeats": a.repeats, "steps": a.steps, "warmup": a.warmup, "batch": a.batch,
+              "prompt_len": a.prompt_len, "targets": shapes, "ceiling_gflops": ceiling,
+              "cases": cases, "skipped": skipped}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"\nmodel {a.model}, batch {a.batch}, prompt {a.prompt_len} tokens, targets SP "
+          f"{a.sp_target} / RG {a.rg_target}, median of {a.repeats} interleaved repeats of "
+          f"{a.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          + ", ".join(f"{d} matmul ceiling {g:.0f} GFLOP/s" for d, g in ceiling.items()))
+    print(f"{'case':15} {'implementation':18} {'tokens/s':>9} {'spread':>7} {'peak MB':>8} "
+          f"{'GFLOP/s':>8} {'ceiling':>8} {'decesc x':>9}")
+    for c in cases:
+        print(f"{c['shape']} {c['task']} {c['dtype']:8} {c['impl']:18} {c['tokens_per_s']:9.0f} "
+              f"{c['spread']:7.1%} {c['peak_mb']:8.0f} {c['gflops']:8.1f} "
+              f"{c['ceiling_share']:8.1%} {c['decesc_speedup']:8.2f}x")
+    for impl, why in skipped.items():
+        print(f"{impl}: {why}")
     return 0
 
 

@@ -16,16 +16,17 @@ import sys
 
 import torch
 
-from decesc.train.trainer import DTYPES, SCHEDULES, NonFiniteLossError, TrainConfig
+from decesc.train.config import DTYPES, PACKINGS, SCHEDULES, PreferenceConfig, TrainConfig
+from decesc.train.trainer import NonFiniteLossError
 
 STAGES = ("sft", "dpo")
 
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
     """Flags of one stage; defaults are the paper's (SFT: TrainConfig, DPO: paper_dpo_config)."""
-    from decesc.train.dpo import paper_dpo_config
+    from decesc.train.losses import PREFERENCE_LOSSES
 
-    d = TrainConfig() if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
+    d, pd = _defaults(stage)
     p = argparse.ArgumentParser(prog=f"python -m tools.train {stage}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("data and model")
@@ -47,9 +48,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=None,
                      help=f"effective batch: {'examples' if stage == 'sft' else 'pairs'} per "
                           f"optimizer step over all processes (default {d.batch_size})")
+    unit = ("examples" if stage == "sft" else
+            "preference pairs (one row each with shared-prefix packing, two with two-row)")
     opt.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
-                     help=f"{'examples' if stage == 'sft' else 'pairs (2 sequences each)'} per forward "
-                          f"pass per process (default {d.micro_batch_size})")
+                     help=f"{unit} per forward pass per process (default {d.micro_batch_size})")
     opt.add_argument("--grad-accum", type=int, default=None,
                      help="gradient accumulation steps; sets the batch size to micro-batch x "
                           "grad-accum x processes (instead of --batch-size)")
@@ -69,15 +71,35 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     opt.add_argument("--clip", type=float, default=d.max_grad_norm,
                      help=f"gradient-norm clipping threshold, 0 = off (default {d.max_grad_norm})")
     opt.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                     help="fp32, or bf16 autocast with fp32 parameters (default fp32)")
+                     help="compute dtype: fp32, or bf16 autocast (default fp32)")
+    opt.add_argument("--base-dtype", choices=DTYPES, default=None,
+                     help="stored dtype of the frozen base weights (LoRA weights and optimizer "
+                          "state stay fp32); default: the --dtype, so bf16 compute keeps the base "
+                          "in bf16 (half the memory); --base-dtype fp32 with --dtype bf16 is the "
+                          "older mixed setting")
+    opt.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute each transformer block's activations in backward instead of "
+                          "storing them: less memory, about a third more compute, same results")
     opt.add_argument("--seed", type=int, default=d.seed,
                      help=f"seed for the data order, adapter init and dropout (default {d.seed})")
     if stage == "dpo":
-        opt.add_argument("--beta", type=float, default=d.beta,
-                         help=f"DPO temperature beta (eqs. 5, 6) (default {d.beta})")
-        opt.add_argument("--ref-cache", default=None,
-                         help="directory of cached reference log-probs (default: "
-                              "<out>/../ref_cache, shared by sibling runs of a sweep)")
+        pref = p.add_argument_group("preference optimisation")
+        pref.add_argument("--loss", choices=tuple(PREFERENCE_LOSSES), default=pd.loss,
+                          help=f"preference loss (default {pd.loss}): " + "; ".join(
+                              f"{name} = {entry.help}" for name, entry in PREFERENCE_LOSSES.items()))
+        pref.add_argument("--beta", type=float, default=pd.beta,
+                          help=f"temperature beta of the loss (eqs. 5, 6) (default {pd.beta})")
+        pref.add_argument("--sft-weight", type=float, default=pd.sft_weight,
+                          help="weight of an SFT term added to the loss: the chosen reply's mean "
+                               f"token NLL, RPO-style; 0 = off (default {pd.sft_weight:g})")
+        pref.add_argument("--packing", choices=PACKINGS, default=pd.packing,
+                          help="how a pair is fed to the model: shared-prefix = one row [prompt | "
+                               "chosen | rejected], the prompt computed once (block attention "
+                               "mask); two-row = chosen and rejected as two rows (the reference "
+                               f"layout); same log-probs up to rounding (default {pd.packing})")
+        pref.add_argument("--ref-cache", default=None,
+                          help="directory of cached reference log-probs (default: "
+                               "<out>/../ref_cache, shared by sibling runs of a sweep)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=int, default=d.lora_r, help=f"rank (default {d.lora_r})")
     lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
@@ -100,11 +122,18 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
+def _defaults(stage: str) -> tuple[TrainConfig, PreferenceConfig]:
     from decesc.train.dpo import paper_dpo_config
+
+    return (TrainConfig(), PreferenceConfig()) if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
+
+
+def configs_from_args(args: argparse.Namespace,
+                      stage: str) -> tuple[TrainConfig, PreferenceConfig | None]:
+    """The stage's TrainConfig, and its PreferenceConfig for dpo (None for sft), validated."""
     from decesc.train.fsdp import launched_by_torchrun
 
-    defaults = TrainConfig() if stage == "sft" else paper_dpo_config("qwen2.5-7b", "rg")
+    defaults, _ = _defaults(stage)
     batch_size = defaults.batch_size if args.batch_size is None else args.batch_size
     if args.grad_accum is not None:
         if args.batch_size is not None:
@@ -112,18 +141,23 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
         batch_size = args.micro_batch_size * args.grad_accum * world
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    return TrainConfig(
+    config = TrainConfig(
         lr=args.lr, epochs=args.epochs, batch_size=batch_size,
         micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
         max_seq_len=args.max_seq_len, warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
-        max_grad_norm=args.clip or None, dtype=args.dtype, seed=args.seed,
+        max_grad_norm=args.clip or None, dtype=args.dtype, base_dtype=args.base_dtype,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=targets, beta=getattr(args, "beta", defaults.beta),
-        ref_cache_dir=getattr(args, "ref_cache", None), save_every=args.save_every,
+        lora_targets=targets, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
         device=args.device,
     ).validate()
+    if stage == "sft":
+        return config, None
+    preference = PreferenceConfig(beta=args.beta, loss=args.loss, sft_weight=args.sft_weight,
+                                  packing=args.packing, ref_cache_dir=args.ref_cache).validate()
+    return config, preference
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
@@ -132,7 +166,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
     args = build_parser(stage).parse_args(argv)
     try:
-        config = config_from_args(args, stage)
+        config, preference = configs_from_args(args, stage)
         info = setup_distributed(config.device)
         model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
         if stage == "sft":
@@ -146,8 +180,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
             from decesc.train.dpo import train_dpo
 
             result = train_dpo(model, tokenizer, read_pairs_jsonl(args.data), config, args.out,
-                               sft_adapter=args.sft_adapter, base_model_name_or_path=args.model,
-                               resume=args.resume)
+                               preference=preference, sft_adapter=args.sft_adapter,
+                               base_model_name_or_path=args.model, resume=args.resume)
     except (ValueError, FileNotFoundError, OSError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ learned (prompt, padding). Token t is predicted by the logits at position t-1, s
 
     log pi(y | x) = sum over t with labels[b, t] != -100 of log softmax(logits[b, t-1])[labels[b, t]]
 
-which is the SUM of token log-probs of the target given the prompt (SPEC §1; eqs. 3-6).
+which is the SUM of token log-probs of the target given the prompt (eqs. 3-6).
 
 Memory: a full logits tensor is (B, T, V) with V ~ 50-150k. Only positions that predict a
 labelled token matter, so :func:`model_sequence_logprobs` asks the model for those rows only
@@ -69,3 +69,19 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor
     keep = next_token_targets(labels) != IGNORE_INDEX  # (B, T)
     logits = model(input_ids, logits_at=keep)  # (N, V)
     return sequence_logprobs(logits, labels)
+
+
+def indexed_logprobs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                     groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Summed log-probs of explicitly indexed targets, (n_groups,) in fp32.
+
+        out[g] = sum over m with groups[m] == g of log softmax(logits[rows[m]])[targets[m]]
+
+    ``logits`` (N, V) are the predicting positions, ``rows`` / ``targets`` / ``groups`` (M,):
+    which logits row predicts target m, the target id, and the sequence it counts for. For layouts
+    where one position predicts tokens of two sequences (a shared-prefix preference row: the
+    prompt's last position predicts the first chosen AND the first rejected token).
+    """
+    token_logp = -F.cross_entropy(logits[rows].float(), targets, reduction="none")  # (M,)
+    out = torch.zeros(n_groups, dtype=torch.float32, device=token_logp.device)
+    return out.index_add(0, groups, token_logp)  # (n_groups,)

@@ -6,10 +6,11 @@ LoRA (Hu et al., 2021) freezes a linear layer's weight W (out, in) and learns a 
 
 A starts kaiming-uniform (like ``nn.Linear``'s default: U(-1/sqrt(in), 1/sqrt(in))) and B starts at
 zero, so a fresh adapter leaves the model unchanged. DecoupledESC trains every linear projection
-of the transformer this way with r = 16, alpha = 16, dropout = 0.05 (SPEC §1, paper App. D), for
-SFT (eqs. 3-4) and DPO (eqs. 5-6).
+of the transformer this way with r = 16, alpha = 16, dropout = 0.05 (paper, Appendix D), for
+SFT (eqs. 3-4) and DPO (eqs. 5-6); :class:`LoRAConfig` holds these defaults, the only place they
+are written.
 
-Design (SPEC §6): :class:`LoRALinear` *replaces* an ``nn.Linear`` under the same attribute name
+Design: :class:`LoRALinear` *replaces* an ``nn.Linear`` under the same attribute name
 and owns its ``weight``/``bias`` directly, so base keys stay ``...q_proj.weight`` and an HF
 checkpoint loads with no renaming; the adapters are ``...q_proj.lora_A.weight`` (r, in) and
 ``...q_proj.lora_B.weight`` (out, r), PEFT's names. On disk an adapter is PEFT's format:
@@ -36,6 +37,18 @@ from decesc.core.model import CheckpointError
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@dataclass
+class LoRAConfig:
+    """The hyper-parameters that define an adapter; the defaults are the paper's (Appendix D:
+    r 16, alpha 16, dropout 0.05 on all seven projections) and every other default derives
+    from them."""
+
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -52,7 +65,8 @@ class LoRALinear(nn.Module):
     weight's output, so "disabled" always means "the base model", up to rounding.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha,
+                 dropout: float = 0.0,
                  dtype: torch.dtype | None = None, generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -142,16 +156,6 @@ class LoRALinear(nn.Module):
 # ----------------------------------------------------------------------------- model-level helpers
 
 
-@dataclass
-class LoRAConfig:
-    """The hyper-parameters that define an adapter (SPEC §1: r 16, alpha 16, dropout 0.05)."""
-
-    r: int = 16
-    alpha: float = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-
-
 def _matches(module_name: str, target: str) -> bool:
     """PEFT's rule: a target names a module by its full name or a dotted suffix of it."""
     return module_name == target or module_name.endswith("." + target)
@@ -174,8 +178,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.05,
-               targets: tuple[str, ...] = DEFAULT_TARGETS, seed: int | None = None,
+def apply_lora(model: nn.Module, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha,
+               dropout: float = LoRAConfig.dropout, targets: tuple[str, ...] = LoRAConfig.targets,
+               seed: int | None = None,
                dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` named by ``targets`` with a :class:`LoRALinear`, in place.
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from decesc.core.families import FAMILIES
 
@@ -253,14 +254,26 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One block. With ``checkpoint_activations`` (training, no KV cache) it keeps only its input
+    for backward and recomputes the rest then (``torch.utils.checkpoint``, non-reentrant); the
+    RNG state is saved and restored, so LoRA dropout draws the same masks in the recomputation.
+    Under FSDP2 the checkpoint sits inside the block's ``fully_shard`` unit."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpoint_activations = False
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._block, x, cos, sin, mask, use_reentrant=False,
+                              preserve_rng_state=True)
+        return self._block(x, cos, sin, mask, cache, start)
+
+    def _block(self, x, cos, sin, mask=None, cache=None, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -301,8 +314,11 @@ class CausalLM(nn.Module):
 
     ``forward(input_ids)`` returns logits (B, T, V). For left-padded batches pass
     ``attention_mask`` (B, S) with 1 for real tokens (S = start + T: it covers cached keys too);
-    position ids are then derived from it unless given. With a :class:`decesc.core.kv_cache.KVCache`,
-    the T new tokens are written at slots ``start .. start+T-1`` and attend to all earlier slots.
+    position ids are then derived from it unless given. An explicit boolean SDPA mask
+    ``attention_mask`` (B, 1, T, T) (True = may attend; e.g. the block mask of a shared-prefix
+    preference row) is used as it is, with the given ``position_ids`` (B, T).
+    With a :class:`decesc.core.kv_cache.KVCache`, the T new tokens are written at slots
+    ``start .. start+T-1`` and attend to all earlier slots.
     ``last_only`` returns logits of the last position only (B, 1, V) and ``logits_at`` (B, T)
     bool those of the selected positions only (N, V): the output head is the costliest matmul
     for small models, and training needs it only where a label is predicted.
@@ -335,7 +351,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, S)
+        attention_mask: torch.Tensor | None = None,  # (B, S), or (B, 1, T, T) bool
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache=None,
         start: int = 0,
@@ -343,13 +359,18 @@ class CausalLM(nn.Module):
         logits_at: torch.Tensor | None = None,  # (B, T) bool
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        explicit = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, T)
+        if explicit and (position_ids is None or cache is not None):
+            raise ValueError("CausalLM: a 4-D attention_mask needs position_ids and no cache")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -T:]
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if explicit:
+            mask = attention_mask.bool()
+        elif attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask, T)
         elif cache is not None and start > 0 and T > 1:
             mask = attention_mask_4d(torch.ones(B, start + T, device=input_ids.device), T)
@@ -364,3 +385,9 @@ class CausalLM(nn.Module):
         elif logits_at is not None:
             x = x[logits_at]  # (N, D): only these positions reach the output head
         return self.lm_head(x)  # (B, T, V), (B, 1, V) or (N, V)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> "CausalLM":
+        """Recompute every block's activations in backward instead of storing them."""
+        for layer in self.model.layers:
+            layer.checkpoint_activations = enabled
+        return self

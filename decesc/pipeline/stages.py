@@ -136,7 +136,8 @@ def sampling(config: PipelineConfig, seed_offset: int = 0) -> Sampling:
 
 
 def train_config(config: PipelineConfig, **kw) -> TrainConfig:
-    return TrainConfig(micro_batch_size=config.micro_batch_size, max_seq_len=config.max_seq_len,
+    kw.setdefault("micro_batch_size", config.micro_batch_size)
+    return TrainConfig(max_seq_len=config.max_seq_len,
                        dtype=config.dtype, seed=config.seed, lora_r=config.lora_r,
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        device=config.device, save_every=config.save_every, **kw)
@@ -272,6 +273,7 @@ def stats_markdown(stats: dict) -> str:
 
 def dpo(run, stage: str) -> dict:
     """dpo-sp / dpo-rg / dpo-vanilla: DPO of one module on its mined pairs, SFT model as reference."""
+    from decesc.train.config import PreferenceConfig
     from decesc.train.dpo import train_dpo
 
     c, module = run.config, stage.split("-", 1)[1]
@@ -282,11 +284,11 @@ def dpo(run, stage: str) -> dict:
                 "note": "no preference pairs were mined: the SFT model is used for this module"}
     lr, beta = c.dpo_setting(module)
     model, tokenizer = base_model(c)
-    tc = train_config(c, lr=lr, beta=beta, epochs=c.dpo_epochs, batch_size=c.dpo_batch_size,
-                      ref_cache_dir=str(run.dir / "ref_cache"))
-    tc.micro_batch_size = max(1, c.micro_batch_size // 2)  # n pairs = 2n sequences per forward
-    result = train_dpo(model, tokenizer, data, tc, run.stage_dir(stage), sft_adapter=adapter_of(run, f"sft-{module}"),
-                       base_model_name_or_path=c.model, resume=True)
+    pref = PreferenceConfig(beta=beta, ref_cache_dir=str(run.dir / "ref_cache"))
+    tc = train_config(c, lr=lr, epochs=c.dpo_epochs, batch_size=c.dpo_batch_size,
+                      micro_batch_size=max(1, c.micro_batch_size // pref.rows_per_pair))  # pairs
+    result = train_dpo(model, tokenizer, data, tc, run.stage_dir(stage), preference=pref,
+                       sft_adapter=adapter_of(run, f"sft-{module}"), base_model_name_or_path=c.model, resume=True)
     m = result.last_metrics
     return {"module": MODULES[module], "pairs": len(data), "steps": result.steps, "lr": lr, "beta": beta,
             "final_loss": m.get("loss"), "final_reward_accuracy": m.get("rewards/accuracies")}

@@ -56,9 +56,17 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the torchrun process group if there is one (idempotent) and pick this rank's device.
 
     ``device``: "cpu", "cuda" or None (CUDA if available). On CUDA each rank uses cuda:LOCAL_RANK.
+    Raises ValueError (one line) for an unknown device or cuda without CUDA.
     """
-    want = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        want = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; use --device cpu or cuda") from None
+    if want.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available; use --device cpu")
+    if want.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported for training; use --device cpu or cuda")
     if not launched_by_torchrun():
         if want.type == "cuda" and want.index is None:
             want = torch.device("cuda", 0)

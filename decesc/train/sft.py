@@ -16,15 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from decesc.core.logprobs import (
-    IGNORE_INDEX,
-    model_sequence_logprobs,
-    sequence_logprobs,
-    target_counts,
-)
+from decesc.core.logprobs import IGNORE_INDEX, model_sequence_logprobs, target_counts
 from decesc.core.lora import apply_lora
 from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.formats.records import SFTExample
+from decesc.train.data import SequenceTooLongError, pad_right  # (public here too)
 from decesc.train.trainer import (
     Objective,
     TrainConfig,
@@ -32,10 +28,6 @@ from decesc.train.trainer import (
     prepare_model,
     train,
 )
-
-
-class SequenceTooLongError(ValueError):
-    """A tokenised example does not fit in max_seq_len (the message names the example index)."""
 
 
 def tokenize_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: int) -> list[dict]:
@@ -58,15 +50,6 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: 
     return items
 
 
-def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
-    """(B, T) long tensor of rows padded on the right to the longest row."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 def collate_sft(items: list[dict], pad_token_id: int) -> dict:
     """Right-padded batch: input_ids (B, T) with pad ids, labels (B, T) with -100 on padding."""
     return {
@@ -74,11 +57,6 @@ def collate_sft(items: list[dict], pad_token_id: int) -> dict:
         "labels": pad_right([it["labels"] for it in items], IGNORE_INDEX),
         "num_tokens": sum(len(it["input_ids"]) for it in items),
     }
-
-
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over target tokens (eqs. 3, 4) from full logits (B, T, V) and unshifted labels."""
-    return -sequence_logprobs(logits, labels).sum() / target_counts(labels).sum()
 
 
 def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -107,8 +85,9 @@ def train_sft(model: nn.Module, tokenizer: Tokenizer, examples: list[SFTExample]
     """
     config.validate()
     items = tokenize_sft(examples, tokenizer, config.max_seq_len)
-    apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
-               tuple(config.lora_targets), seed=config.seed)
+    lora = config.lora_config()
+    apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed,
+               dtype=torch.float32)  # LoRA weights (and so their AdamW state) in fp32
     model, info = prepare_model(model, config)
     return train(model, items, sft_objective(tokenizer), config, out_dir,
                  base_model_name_or_path=base_model_name_or_path, info=info, resume=resume,

@@ -3,10 +3,12 @@
 A stage (SFT, DPO, and later the ESC stages) describes *what* is optimised with an
 :class:`Objective` - three plain functions: how to collate examples into a batch, how many
 normalisation units a batch holds (target tokens for SFT, pairs for DPO), and the loss summed over
-those units. :func:`train` does the rest:
+those units - plus its own settings (:mod:`decesc.train.config`). :func:`train` does the rest:
 
-- AdamW on the trainable parameters (the LoRA adapters), learning rate with linear warmup then
-  cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast;
+- AdamW on the trainable parameters (the fp32 LoRA adapters), learning rate with linear warmup
+  then cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast, the
+  frozen base stored in fp32 or bf16 (:func:`store_frozen_weights`), optional activation
+  checkpointing;
 - an effective batch of ``batch_size`` examples per optimizer step, split over data-parallel ranks
   and micro-batches (gradient accumulation). Each micro-batch's summed loss is divided by the
   number of units in the *whole effective batch* (all micro-batches, all ranks), so the gradient
@@ -16,7 +18,8 @@ those units. :func:`train` does the rest:
   from (seed, rank) at the start, and its state is saved in checkpoints;
 - tqdm progress (rank 0), one JSON line per step in ``out_dir/metrics.jsonl``;
 - checkpoints every ``save_every`` steps (adapter, optimizer, RNG, step; see
-  :mod:`decesc.train.checkpoint`) and exact resume from the latest one;
+  :mod:`decesc.train.checkpoint`) and exact resume from the latest one, refused when a
+  trajectory setting differs (:func:`decesc.train.config.trajectory_fields`);
 - a non-finite loss or gradient norm stops the run with an error naming the step; nothing of
   that step is applied and earlier checkpoints are left untouched.
 
@@ -31,105 +34,45 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig
+from decesc.core.lora import LoRAConfig
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.peft import save_adapter, write_adapter
 from decesc.train import fsdp
-from decesc.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
+from decesc.train.checkpoint import list_checkpoints
+from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES: public here too)
+    DTYPES,
+    SCHEDULES,
+    TORCH_DTYPES,
+    TrainConfig,
 )
-
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training stage. Defaults: the paper's SFT setting (SPEC §1:
-    LoRA r 16 / alpha 16 / dropout 0.05 on all projections, 3 epochs, lr 1e-5, batch 32).
-    Warmup, schedule, clipping and weight decay are not given in the paper; ours are common
-    choices. For DPO see :func:`decesc.train.dpo.paper_dpo_config`."""
-
-    lr: float = 1e-5
-    epochs: int = 3
-    batch_size: int = 32  # effective (global) batch: examples or pairs per optimizer step
-    micro_batch_size: int = 4  # examples per forward pass, per process
-    max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
-    max_seq_len: int = 2048
-    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup ...
-    warmup_steps: int | None = None  # ... or an explicit number of steps
-    schedule: str = "cosine"  # after warmup: cosine | linear (to 0) | constant
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
-    seed: int = 42
-    lora_r: int = 16
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    beta: float = 0.1  # DPO only
-    ref_cache_dir: str | None = None  # DPO only; default <out_dir>/../ref_cache
-    save_every: int = 0  # checkpoint every N steps (0: never)
-    keep_checkpoints: int = 2
-    progress: bool = True
-    device: str | None = None  # cpu | cuda | None (cuda if available)
-
-    def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
-
-    def validate(self) -> "TrainConfig":
-        checks = [
-            (self.lr > 0, "lr must be > 0"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
-            (self.save_every >= 0, "save_every must be >= 0"),
-            (self.beta > 0, "beta must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-        return self
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
-                for k, v in d.items()}
-
-
-# Fields that change the optimisation trajectory: a resumed run must use the same values.
-_TRAJECTORY_FIELDS = ("lr", "epochs", "batch_size", "max_steps", "max_seq_len", "warmup_ratio",
-                      "warmup_steps", "schedule", "weight_decay", "adam_betas", "adam_eps",
-                      "max_grad_norm", "dtype", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                      "lora_targets", "beta")
+from decesc.train.resume import (
+    check_resumable,
+    restore_rng,
+    resume_point,
+    run_settings,
+    save_training_checkpoint,
+    truncate_metrics,
+)
 
 
 @dataclass
 class Objective:
     """What a stage optimises. ``loss`` returns SUMS over the batch's units (and metric sums);
-    the trainer divides by the unit count of the whole effective batch."""
+    the trainer divides by the unit count of the whole effective batch. ``settings``: the
+    stage's own settings dataclass (e.g. :class:`decesc.train.config.PreferenceConfig`), written
+    to train_config.json and checkpoints next to the TrainConfig and checked on resume like it."""
 
     collate: Callable[[list[dict]], dict[str, Any]]  # items -> batch ("num_tokens": real tokens)
     count: Callable[[dict[str, Any]], int]  # normalisation units in a batch
     loss: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    settings: Any = None
 
 
 @dataclass
@@ -137,6 +80,7 @@ class TrainResult:
     steps: int
     last_metrics: dict = field(default_factory=dict)
     out_dir: str = ""
+    reference_forward_passes: int = 0  # DPO: reference-model forwards this call made (0: cached)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,10 +142,28 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- model setup
 
 
+def store_frozen_weights(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Store every frozen floating-point parameter (the base model) in ``config``'s base dtype,
+    in place; trainable (LoRA) parameters are left as they are (fp32)."""
+    dtype = TORCH_DTYPES[config.resolved_base_dtype()]
+    for p in model.parameters():  # tied weights are one Parameter: cast once
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def prepare_model(model: nn.Module, config: TrainConfig,
                   info: fsdp.DistInfo | None = None) -> tuple[nn.Module, fsdp.DistInfo]:
-    """Move the (LoRA-applied) model to this rank's device and shard it under torchrun."""
+    """Store the frozen base in its dtype, turn on activation checkpointing if asked, move the
+    (LoRA-applied) model to this rank's device and shard it under torchrun (checkpointing
+    first, so each block's checkpoint sits inside its FSDP unit)."""
     info = info or fsdp.setup_distributed(config.device)
+    store_frozen_weights(model, config)
+    if config.activation_checkpointing:
+        if not hasattr(model, "set_activation_checkpointing"):
+            raise ValueError(f"activation_checkpointing: {type(model).__name__} does not "
+                             "support it (decesc.core.model.CausalLM does)")
+        model.set_activation_checkpointing(True)
     model.to(info.device)
     fsdp.shard_model(model, info)
     return model, info
@@ -222,52 +184,6 @@ def save_final_adapter(model: nn.Module, out_dir: Path, lora_config: LoRAConfig,
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rng_states(info: fsdp.DistInfo) -> dict[str, torch.Tensor]:
-    mine = {"cpu": torch.get_rng_state()}
-    if info.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(info.device)
-    out = {}
-    for rank, states in enumerate(fsdp.all_gather_object(mine)):
-        out.update({f"{dev}/rank{rank}": t for dev, t in states.items()})
-    return out
-
-
-def _restore_rng(rng: dict[str, torch.Tensor], info: fsdp.DistInfo, seed: int, step: int) -> None:
-    key = f"cpu/rank{info.rank}"
-    if key in rng:
-        torch.set_rng_state(rng[key])
-        if info.device.type == "cuda" and f"cuda/rank{info.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda/rank{info.rank}"], info.device)
-    else:  # resumed with more processes than the checkpoint had: a fresh, seeded stream
-        torch.manual_seed(seed * 100003 + step * 101 + info.rank)
-
-
-def _check_resumable(meta: dict, config: TrainConfig, n_items: int, data_fp: str, where) -> None:
-    saved = meta.get("config", {})
-    now = config.to_json()
-    for name in _TRAJECTORY_FIELDS:
-        if name in saved and saved[name] != now[name]:
-            raise ValueError(f"{where}: cannot resume: the checkpoint was trained with "
-                             f"{name}={saved[name]!r}, this run has {name}={now[name]!r}")
-    if meta.get("n_items") != n_items or meta.get("data_fingerprint") != data_fp:
-        raise ValueError(f"{where}: cannot resume: the checkpoint was trained on different data "
-                         f"({meta.get('n_items')} items, this run has {n_items})")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (written by a run that died after its checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def train(model: nn.Module, items: list[dict], objective: Objective, config: TrainConfig,
           out_dir: str | Path, *, base_model_name_or_path: str,
           info: fsdp.DistInfo | None = None, resume: bool | str | Path = False,
@@ -283,6 +199,10 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
     from tqdm import tqdm
 
     config.validate()
+    if objective.settings is not None:
+        objective.settings.validate()
+    own = [config] + ([objective.settings] if objective.settings is not None else [])
+    settings = run_settings(*own)
     info = info or fsdp.setup_distributed(config.device)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -308,21 +228,21 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
 
     start = 0
     torch.manual_seed(config.seed * 100003 + info.rank)  # dropout masks (restored on resume)
+    ckpt = None
     if resume:
-        ckpt = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(ckpt_root)
+        ckpt, state = resume_point(resume, ckpt_root, info)
         if ckpt is not None:
-            state = load_checkpoint(ckpt)
-            _check_resumable(state["meta"], config, len(items), data_fp, ckpt)
+            check_resumable(state["meta"], own, len(items), data_fp, ckpt)
             fsdp.load_trainable_state(model, state["adapter"])
             fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
             start = state["meta"]["step"]
-            _restore_rng(state["rng"], info, config.seed, start)
+            restore_rng(state["rng"], info, config.seed, start)
             if info.is_main:
-                _truncate_metrics(metrics_file, start)
+                truncate_metrics(metrics_file, start)
                 print(f"resumed from {ckpt} at step {start}/{total}", flush=True)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
+        atomic_write_text(out_dir / "train_config.json", json.dumps(settings, indent=2))
         if start == 0:  # a fresh run replaces the log and checkpoints of an earlier one
             metrics_file.unlink(missing_ok=True)
             if list_checkpoints(ckpt_root):
@@ -332,7 +252,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
 
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
     clip = config.max_grad_norm if config.max_grad_norm else float("inf")
-    last_ckpt = latest_checkpoint(ckpt_root) if start else None
+    last_ckpt = ckpt if start else None
     bar = tqdm(total=total, initial=start, disable=not (info.is_main and config.progress),
                desc=name, dynamic_ncols=True)
     log = open(metrics_file, "a", encoding="utf-8") if info.is_main else None
@@ -384,9 +304,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
 
             if config.save_every and (step + 1) % config.save_every == 0:
-                last_ckpt = _save_checkpoint(model, optimizer, ckpt_root, step + 1, config, info,
-                                             lora_config, base_model_name_or_path, len(items),
-                                             data_fp, epoch, position + 1) or last_ckpt
+                last_ckpt = save_training_checkpoint(
+                    model, optimizer, ckpt_root, step + 1, config, settings, info, lora_config,
+                    base_model_name_or_path, len(items), data_fp, epoch, position + 1) or last_ckpt
     finally:
         bar.close()
         if log is not None:
@@ -418,21 +338,3 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     packed = fsdp.all_reduce_sum(packed).cpu()
     metrics = {k: float(v) / float(units) for k, v in zip(names, packed[:-1])}
     return metrics, float(packed[-1])
-
-
-def _save_checkpoint(model, optimizer, root, step, config, info, lora_config, base_name,
-                     n_items, data_fp, epoch, batch_in_epoch) -> Path | None:
-    """Gather adapter + optimizer + RNG on rank 0 and write a checkpoint (collective)."""
-    adapter = fsdp.full_trainable_state(model)
-    optim = fsdp.full_optimizer_state(model, optimizer)
-    rng = _rng_states(info)
-    path = None
-    if info.is_main:
-        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "n_items": n_items,
-                "data_fingerprint": data_fp, "world_size": info.world_size,
-                "config": config.to_json()}
-        path = save_checkpoint(root, step, adapter_state=adapter, optimizer_state=optim,
-                               rng_states=rng, meta=meta, lora_config=lora_config,
-                               base_model_name_or_path=base_name, keep=config.keep_checkpoints)
-    fsdp.barrier()
-    return path
