@@ -46,10 +46,12 @@ def test_decoupled_and_vanilla_inference_shapes():
     dialogues = load_dialogues(builtin_sample_path())[:2]
     rg = build_examples(dialogues, "rg")[:3]
     sampling = Sampling(max_new_tokens=6, batch_size=2)
-    strategies, replies = decoupled(model, model, tok, rg, sampling)
+    (rd,) = decoupled(model, model, tok, rg, sampling)
+    strategies, replies = rd.strategies, rd.replies
     assert len(strategies) == len(replies) == 3 and all(s in STRATEGIES for s in strategies)
     again = decoupled(model, model, tok, rg, sampling)
-    assert again == (strategies, replies)  # seeded
-    v_strategies, v_replies = vanilla(model, tok, build_examples(dialogues, "vanilla")[:3], sampling)
+    assert (again[0].strategies, again[0].replies) == (strategies, replies)  # seeded
+    (vd,) = vanilla(model, tok, build_examples(dialogues, "vanilla")[:3], sampling)
+    v_strategies, v_replies = vd.strategies, vd.replies
     assert len(v_strategies) == len(v_replies) == 3
     assert all(s is None or s in STRATEGIES for s in v_strategies)

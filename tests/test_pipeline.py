@@ -150,6 +150,27 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
+def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
+    """A truncated eval/outputs.json makes eval stale; rerunning moves it aside with a warning
+    naming it and generates the same outputs again. tools.evaluate ignores (and names) a truncated
+    file it would only have reused."""
+    outputs = run_dir / "eval" / "outputs.json"
+    before = json.loads(outputs.read_text())["systems"]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    outputs.write_text(outputs.read_text()[:100])
+    assert train(run_dir, "--status") == 0
+    assert dict(line.split() for line in capsys.readouterr().out.splitlines())["eval"] == "stale"
+    assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    assert f"warning: {outputs}: not valid JSON" in capsys.readouterr().out
+    assert train(run_dir) == 0
+    out = capsys.readouterr().out
+    assert "[eval] outputs do not read back" in out
+    assert f"warning: {outputs}: not valid JSON" in out and "moved to outputs.json.corrupt-" in out
+    assert json.loads(outputs.read_text())["systems"] == before
+    assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())] == [r["Q"] for r in report]
+    assert len(list((run_dir / "eval").glob("outputs.json.corrupt-*"))) == 1
+
+
 @pytest.mark.slow
 def test_chat_through_stdin(run_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}

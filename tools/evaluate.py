@@ -47,8 +47,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
-    from decesc.pipeline.run import STAGES, Run
-    from decesc.pipeline.stages import score_run
+    from decesc.pipeline.eval import STAGE as EVAL
+    from decesc.pipeline.eval import score_run
+    from decesc.pipeline.lock import RunLock
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.run import Run
+    from decesc.pipeline.stages import upstream
 
     rows = []
     try:
@@ -59,20 +63,25 @@ def main(argv=None) -> int:
                                          "judge_model": args.judge_model,
                                          "judge_api_key_env": args.judge_api_key_env,
                                          "judge_samples": args.judge_samples}.items() if v is not None}
-            run.config = replace(run.config, **changes)
+            run = Run(replace(run.config, **changes))
             validate_config(run.config)
-            missing = [s for s in STAGES[:-1] if run.status(s) != "done"]
+            missing = [s for s in upstream(EVAL.name) if run.status(s) != "done"]
             if missing:
                 raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
                                  f"run python -m tools.train --run-dir {run_dir} first")
             # our own cache of outputs, per settings; the eval stage's outputs are reused (read
             # only) when they were made with the same settings
-            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash('eval')}.json"
+            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash(EVAL.name)}.json"
             prefix = f"{Path(run_dir).name}: " if len(args.runs) > 1 else ""
-            rows += score_run(run, outputs, prefix, progress=not args.no_progress,
-                              reuse=run.stage_dir("eval") / "outputs.json")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            with RunLock(run_dir):  # it writes the run's judge cache and its own outputs
+                models = Models(run.config.model, run.config.device)
+                try:
+                    rows += score_run(run, models, outputs, prefix, progress=not args.no_progress,
+                                      reuse=run.stage_dir(EVAL.name) / "outputs.json")
+                finally:
+                    models.close()
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
                                            else Path("eval_report"))
