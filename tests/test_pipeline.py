@@ -151,9 +151,9 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
 
 
 def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
-    """A truncated eval/outputs.json makes eval stale; rerunning moves it aside with a warning
-    naming it and generates the same outputs again. tools.evaluate ignores (and names) a truncated
-    file it would only have reused."""
+    """A truncated eval/outputs.json makes eval stale: the rerun names the file and generates the
+    same outputs again. tools.evaluate does not reuse (and names) such a file; a truncated file
+    of its own is moved aside and recomputed."""
     outputs = run_dir / "eval" / "outputs.json"
     before = json.loads(outputs.read_text())["systems"]
     report = json.loads((run_dir / "eval" / "report.json").read_text())
@@ -161,14 +161,19 @@ def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     assert train(run_dir, "--status") == 0
     assert dict(line.split() for line in capsys.readouterr().out.splitlines())["eval"] == "stale"
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
-    assert f"warning: {outputs}: not valid JSON" in capsys.readouterr().out
-    assert train(run_dir) == 0
+    assert f"warning: {outputs}: not valid JSON (" in capsys.readouterr().out
+    (own,) = (run_dir / "evaluate").glob(f"outputs-{json.loads((run_dir / 'eval' / 'DONE.json').read_text())['config']}.json")
+    own.write_text(own.read_text()[:50])
+    assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "[eval] outputs do not read back" in out
-    assert f"warning: {outputs}: not valid JSON" in out and "moved to outputs.json.corrupt-" in out
+    assert f"warning: {own}: not valid JSON (" in out and f"moved to {own.name}.corrupt-" in out
+    assert json.loads(own.read_text())["systems"] == before
+    assert len(list((run_dir / "evaluate").glob(f"{own.name}.corrupt-*"))) == 1
+
+    assert train(run_dir) == 0
+    assert f"[eval] outputs do not read back: {outputs}: not valid JSON (" in capsys.readouterr().out
     assert json.loads(outputs.read_text())["systems"] == before
     assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())] == [r["Q"] for r in report]
-    assert len(list((run_dir / "eval").glob("outputs.json.corrupt-*"))) == 1
 
 
 @pytest.mark.slow

@@ -210,3 +210,17 @@ def test_bad_data_and_bom_files(tmp_path, capsys):
     assert train_cli.main(TINY + ["--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r3")]) == 1
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nowhere'}: no such data file or "
                                                "directory (--data)")
+
+
+def test_an_unreadable_substep_file_is_moved_aside_and_recomputed(tmp_path):
+    from decesc.pipeline.results import cached_rows
+
+    path, said = tmp_path / "rg_outputs.jsonl", []
+    assert cached_rows(path, lambda: [{"index": 0}], log=said.append) == [{"index": 0}]
+    assert cached_rows(path, lambda: 1 / 0, log=said.append) == [{"index": 0}]  # reread, not recomputed
+    path.write_text('{"index": 0}\n{"ind')  # torn by hand
+    assert cached_rows(path, lambda: [{"index": 1}], log=said.append) == [{"index": 1}]
+    (aside,) = tmp_path.glob("rg_outputs.jsonl.corrupt-*")
+    assert aside.read_text() == '{"index": 0}\n{"ind'
+    assert len(said) == 1 and said[0].startswith(f"warning: {path}: unreadable (line 2: not valid JSON")
+    assert said[0].endswith(f"moved to {aside.name}, recomputing it")

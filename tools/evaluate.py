@@ -19,6 +19,9 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from decesc.pipeline.config import PipelineConfig
+
+    choices = {name: f.metadata.get("choices") for name, f in PipelineConfig.__dataclass_fields__.items()}
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to evaluate")
@@ -26,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write report.md/.json and strategy_distribution.svg "
                         "(default: <RUN_DIR>/evaluate for one run, ./eval_report for several; the "
                         "pipeline's own eval stage output is never overwritten)")
-    p.add_argument("--split", choices=("test", "valid"), default=None,
+    p.add_argument("--split", choices=choices["eval_split"], default=None,
                    help="split to evaluate (default: the run's eval_split)")
     p.add_argument("--eval-turns", type=int, default=None,
                    help="evaluate at most this many turns (seeded subset; default: the run's setting)")
-    p.add_argument("--judge", choices=("rule", "openai", "local"), default=None,
+    p.add_argument("--judge", choices=choices["judge"], default=None,
                    help="judge for rubric scores and error types (default: the run's judge)")
     p.add_argument("--judge-url", default=None, help="base URL of the OpenAI-compatible judge API")
     p.add_argument("--judge-model", default=None, help="judge model name (openai) or source (local)")

@@ -61,7 +61,7 @@ def _stored(candidate: Path, settings: dict, own: bool, log) -> dict | None:
         saved = read_json(candidate)
     except ValueError as e:
         if own:
-            move_aside(candidate, str(e).removeprefix(f"{candidate}: ").split(";")[0], log)
+            move_aside(candidate, str(e).removeprefix(f"{candidate}: "), log)
         else:
             log(f"warning: {e}; not reused")
         return None

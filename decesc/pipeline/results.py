@@ -27,8 +27,7 @@ def read_json(path: Path):
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it to "
-                         "recompute it") from None
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def cached_rows(path: Path, compute: Callable[[], list[dict]], log=print) -> list[dict]:

@@ -130,12 +130,13 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / "STARTED.json", json.dumps({"config": self.config_hash(stage), "inputs": inputs},
                                                          indent=2))
+        self.memo[("started", stage)] = inputs
         return d
 
     def finish(self, stage: str, summary: dict, seconds: float) -> None:
         """Write DONE.json, recording the inputs the stage started on."""
         record = {"stage": stage, "token": uuid.uuid4().hex, "config": self.config_hash(stage),
-                  "inputs": self.marker(stage, "STARTED.json")["inputs"], "seconds": round(seconds, 1),
+                  "inputs": self.memo[("started", stage)], "seconds": round(seconds, 1),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary,
                   "settings": self.settings(stage)}
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
