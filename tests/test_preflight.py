@@ -18,8 +18,8 @@ from tools import train as train_cli
 def test_truncation_where_decode_encode_grows():
     """The tiny byte-level tokenizer has no merge for "é" (bytes c3 a9) or for the U+FFFD that a
     lone c3 decodes to (ef bf bd: three tokens): "naïve café" is 10 tokens, its first 9 decode to
-    "naïve caf\ufffd", which re-encodes to 8 + 3 = 11 tokens. So the longest prefix within 9
-    tokens is the first 8 tokens, "naïve caf"."""
+    "naïve caf\ufffd", which re-encodes to 8 + 3 = 11 tokens (more than the 9 it was cut to).
+    Dropping the partial character leaves "naïve caf", 8 tokens."""
     tok = tiny_tokenizer()
     text = "naïve café"
     ids = tok.encode(text)
@@ -28,7 +28,7 @@ def test_truncation_where_decode_encode_grows():
     assert truncate_to_tokens(tok, text, 9) == "naïve caf"
     assert truncate_to_tokens(tok, text, 10) == text
     assert truncate_to_tokens(tok, text, 3) == "na"  # "na\ufffd" would be 2 + 3 = 5 tokens
-    assert truncate_to_tokens(tok, "😀😀", 7) == "😀"  # 4 + 4 tokens; "😀\ufffd" is 4 + 3
+    assert truncate_to_tokens(tok, "😀😀", 7) == "😀"  # 4 + 4 tokens, cut inside the second one
     assert truncate_to_tokens(tok, text, 0) == ""
 
 

@@ -116,14 +116,15 @@ def statistics(pairs: list[PreferencePair]) -> dict:
 def truncate_to_tokens(tokenizer: Tokenizer, text: str, n: int) -> str:
     """The longest token prefix of ``text`` that re-encodes to at most ``n`` tokens.
 
-    ``decode(encode(text)[:k])`` may itself re-encode to more than k tokens (a cut inside a
-    multi-byte character decodes to U+FFFD, three bytes), so k shrinks until it fits.
+    A cut inside a multi-byte character decodes to U+FFFD (three bytes, so it may re-encode to
+    more tokens than it replaced): that partial character is dropped. Should the decoded prefix
+    still re-encode longer than ``n``, the cut moves back one token at a time until it fits.
     """
     ids = tokenizer.encode(text)
     if len(ids) <= n:
         return text
     for k in range(max(n, 0), -1, -1):
-        cut = tokenizer.decode(ids[:k]).rstrip()
+        cut = tokenizer.decode(ids[:k]).rstrip("\ufffd").rstrip()
         if len(tokenizer.encode(cut)) <= n:
             return cut
     return ""
