@@ -1,5 +1,6 @@
 """Planner scoring equals the training log-prob; decoupled and vanilla inference run batched."""
 
+import pytest
 import torch
 
 from decesc.core.logprobs import model_sequence_logprobs
@@ -46,10 +47,51 @@ def test_decoupled_and_vanilla_inference_shapes():
     dialogues = load_dialogues(builtin_sample_path())[:2]
     rg = build_examples(dialogues, "rg")[:3]
     sampling = Sampling(max_new_tokens=6, batch_size=2)
-    strategies, replies = decoupled(model, model, tok, rg, sampling)
+    (rd,) = decoupled(model, model, tok, rg, sampling)
+    strategies, replies = rd.strategies, rd.replies
     assert len(strategies) == len(replies) == 3 and all(s in STRATEGIES for s in strategies)
     again = decoupled(model, model, tok, rg, sampling)
-    assert again == (strategies, replies)  # seeded
-    v_strategies, v_replies = vanilla(model, tok, build_examples(dialogues, "vanilla")[:3], sampling)
+    assert (again[0].strategies, again[0].replies) == (strategies, replies)  # seeded
+    (vd,) = vanilla(model, tok, build_examples(dialogues, "vanilla")[:3], sampling)
+    v_strategies, v_replies = vd.strategies, vd.replies
     assert len(v_strategies) == len(v_replies) == 3
     assert all(s is None or s in STRATEGIES for s in v_strategies)
+
+
+def test_rounds_seeds_and_model_loaders():
+    """Round r plans with seed base + r from scores computed once and samples replies with seed
+    base + rounds[r]; gold strategies replace the planner; a model given as a loader is loaded
+    once per call."""
+    from dataclasses import replace
+
+    from decesc.esc.inference import generate_replies
+    from decesc.esc.prompts import rg_example, task_example
+
+    model, tok = load_tiny()
+    rg = build_examples(load_dialogues(builtin_sample_path())[:2], "rg")[:3]
+    sampling = Sampling(max_new_tokens=5, batch_size=2, seed=40)
+    loaded = []
+
+    def loader():
+        loaded.append(1)
+        return model
+
+    rounds = decoupled(loader, None, tok, rg, sampling, plan_temperature=1.0, rounds=(100, 200))
+    assert loaded == [1] and [r.replies for r in rounds] == [[""] * 3] * 2
+    scores = score_strategies(model, tok, [task_example(e, "sp") for e in rg], batch_size=2)
+    assert [r.strategies for r in rounds] == [choose_strategies(scores, 1.0, 40), choose_strategies(scores, 1.0, 41)]
+
+    gold = [e.strategy for e in rg]
+    rounds = decoupled(None, loader, tok, rg, sampling, strategies=gold, rounds=(100, 200))
+    assert loaded == [1, 1] and all(r.strategies == gold for r in rounds)
+    for r, offset in zip(rounds, (100, 200)):
+        expected = generate_replies(model, tok, [rg_example(e, e.strategy) for e in rg],
+                                    replace(sampling, seed=40 + offset))
+        assert r.replies == r.outputs == expected
+    assert rounds[0].replies != rounds[1].replies
+
+    (v,) = vanilla(loader, tok, rg, sampling, rounds=(7,))
+    raw = generate_replies(model, tok, [task_example(e, "vanilla") for e in rg], replace(sampling, seed=47))
+    assert loaded == [1, 1, 1] and v.outputs == raw
+    with pytest.raises(ValueError, match="either a planner or the strategies"):
+        decoupled(model, model, tok, rg, sampling, strategies=gold)

@@ -150,6 +150,32 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
+def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
+    """A truncated eval/outputs.json makes eval stale: the rerun names the file and generates the
+    same outputs again. tools.evaluate does not reuse (and names) such a file; a truncated file
+    of its own is moved aside and recomputed."""
+    outputs = run_dir / "eval" / "outputs.json"
+    before = json.loads(outputs.read_text())["systems"]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    outputs.write_text(outputs.read_text()[:100])
+    assert train(run_dir, "--status") == 0
+    assert dict(line.split() for line in capsys.readouterr().out.splitlines())["eval"] == "stale"
+    assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    assert f"warning: {outputs}: not valid JSON (" in capsys.readouterr().out
+    (own,) = (run_dir / "evaluate").glob(f"outputs-{json.loads((run_dir / 'eval' / 'DONE.json').read_text())['config']}.json")
+    own.write_text(own.read_text()[:50])
+    assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {own}: not valid JSON (" in out and f"moved to {own.name}.corrupt-" in out
+    assert json.loads(own.read_text())["systems"] == before
+    assert len(list((run_dir / "evaluate").glob(f"{own.name}.corrupt-*"))) == 1
+
+    assert train(run_dir) == 0
+    assert f"[eval] outputs do not read back: {outputs}: not valid JSON (" in capsys.readouterr().out
+    assert json.loads(outputs.read_text())["systems"] == before
+    assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())] == [r["Q"] for r in report]
+
+
 @pytest.mark.slow
 def test_chat_through_stdin(run_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}

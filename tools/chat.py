@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.chat", description=__doc__,
@@ -46,26 +44,25 @@ def module_adapters(args) -> tuple[str, list, list]:
             raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
         return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg]
     from decesc.pipeline.run import Run
-    from decesc.pipeline.stages import adapter_of
 
     run = Run.open(args.run)
     chains = []
     for module in ("sp", "rg"):
-        sft = adapter_of(run, f"sft-{module}")
+        sft = run.adapter(f"sft-{module}")
         if sft is None:
             raise ValueError(f"{args.run}: no trained sft-{module} adapter; run python -m tools.train first")
-        dpo = adapter_of(run, f"dpo-{module}") if args.use == "dpo" else None
+        dpo = run.adapter(f"dpo-{module}") if args.use == "dpo" else None
         chains.append([sft] + ([dpo] if dpo else []))
     return args.model or run.config.model, chains[0], chains[1]
 
 
-def build_models(source: str, sp_chain: list, rg_chain: list, device: str):
-    from decesc.pipeline.config import PipelineConfig
-    from decesc.pipeline.stages import module_model
+def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None):
+    from decesc.pipeline.models import Models
 
-    config = PipelineConfig(model=source, device=device)
-    planner, tokenizer = module_model(config, *sp_chain)
-    generator, _ = module_model(config, *rg_chain)
+    models = Models(source, device)
+    planner, generator = models.merged(*sp_chain), models.merged(*rg_chain)
+    tokenizer = models.tokenizer
+    models.close()  # the two merged modules are all the chat needs
     return planner, generator, tokenizer
 
 
@@ -87,14 +84,13 @@ def fit_context(turns, tokenizer, budget: int) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decesc.esc.esconv import Turn
-    from decesc.esc.inference import Sampling, generate_replies, plan
+    from decesc.esc.inference import Sampling, decoupled
     from decesc.esc.prompts import make_example
 
     try:
         source, sp_chain, rg_chain = module_adapters(args)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        planner, generator, tokenizer = build_models(source, sp_chain, rg_chain, device)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        planner, generator, tokenizer = build_models(source, sp_chain, rg_chain, args.device)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p,
@@ -119,9 +115,9 @@ def main(argv=None) -> int:
             continue
         turns.append(Turn("seeker", text, None))
         context = fit_context(turns, tokenizer, args.max_context_tokens)
-        strategy = plan(planner, tokenizer, [make_example("sp", context, None)])[0]
         sampling.seed += 1
-        reply = generate_replies(generator, tokenizer, [make_example("rg", context, strategy)], sampling)[0]
+        (rd,) = decoupled(planner, generator, tokenizer, [make_example("sp", context, None)], sampling)
+        strategy, reply = rd.strategies[0], rd.replies[0]
         turns.append(Turn("supporter", reply, strategy))
         print(f"Supporter [{strategy}]: {reply}", flush=True)
 

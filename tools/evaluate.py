@@ -19,6 +19,9 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from decesc.pipeline.config import PipelineConfig
+
+    choices = {name: f.metadata.get("choices") for name, f in PipelineConfig.__dataclass_fields__.items()}
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to evaluate")
@@ -26,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write report.md/.json and strategy_distribution.svg "
                         "(default: <RUN_DIR>/evaluate for one run, ./eval_report for several; the "
                         "pipeline's own eval stage output is never overwritten)")
-    p.add_argument("--split", choices=("test", "valid"), default=None,
+    p.add_argument("--split", choices=choices["eval_split"], default=None,
                    help="split to evaluate (default: the run's eval_split)")
     p.add_argument("--eval-turns", type=int, default=None,
                    help="evaluate at most this many turns (seeded subset; default: the run's setting)")
-    p.add_argument("--judge", choices=("rule", "openai", "local"), default=None,
+    p.add_argument("--judge", choices=choices["judge"], default=None,
                    help="judge for rubric scores and error types (default: the run's judge)")
     p.add_argument("--judge-url", default=None, help="base URL of the OpenAI-compatible judge API")
     p.add_argument("--judge-model", default=None, help="judge model name (openai) or source (local)")
@@ -47,8 +50,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
-    from decesc.pipeline.run import STAGES, Run
-    from decesc.pipeline.stages import score_run
+    from decesc.pipeline.eval import STAGE as EVAL
+    from decesc.pipeline.eval import score_run
+    from decesc.pipeline.lock import RunLock
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.run import Run
+    from decesc.pipeline.stages import upstream
 
     rows = []
     try:
@@ -59,20 +66,25 @@ def main(argv=None) -> int:
                                          "judge_model": args.judge_model,
                                          "judge_api_key_env": args.judge_api_key_env,
                                          "judge_samples": args.judge_samples}.items() if v is not None}
-            run.config = replace(run.config, **changes)
+            run = Run(replace(run.config, **changes))
             validate_config(run.config)
-            missing = [s for s in STAGES[:-1] if run.status(s) != "done"]
+            missing = [s for s in upstream(EVAL.name) if run.status(s) != "done"]
             if missing:
                 raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
                                  f"run python -m tools.train --run-dir {run_dir} first")
             # our own cache of outputs, per settings; the eval stage's outputs are reused (read
             # only) when they were made with the same settings
-            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash('eval')}.json"
+            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash(EVAL.name)}.json"
             prefix = f"{Path(run_dir).name}: " if len(args.runs) > 1 else ""
-            rows += score_run(run, outputs, prefix, progress=not args.no_progress,
-                              reuse=run.stage_dir("eval") / "outputs.json")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            with RunLock(run_dir):  # it writes the run's judge cache and its own outputs
+                models = Models(run.config.model, run.config.device)
+                try:
+                    rows += score_run(run, models, outputs, prefix, progress=not args.no_progress,
+                                      reuse=run.stage_dir(EVAL.name) / "outputs.json")
+                finally:
+                    models.close()
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
                                            else Path("eval_report"))

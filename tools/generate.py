@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from decesc.pipeline.models import resolve_device
+
     try:
-        model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -19,14 +19,13 @@ import argparse
 import os
 import sys
 
-from decesc.train.trainer import NonFiniteLossError
 
 def pipeline_parser() -> argparse.ArgumentParser:
     """Flags of the full pipeline: one per PipelineConfig field, plus --config and --stages."""
     from dataclasses import MISSING, fields
 
     from decesc.pipeline.config import DEMO, TINY_MODEL, PipelineConfig, field_type
-    from decesc.pipeline.run import STAGES
+    from decesc.pipeline.stages import NAMES as STAGES
 
     p = argparse.ArgumentParser(
         prog="python -m tools.train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,13 +70,21 @@ Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSO
 """
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (an OSError without a message names its file)."""
+    text = str(error) if str(error) else type(error).__name__
+    return " ".join(text.split("\n"))
+
+
 def run_pipeline(argv: list[str]) -> int:
     import time
     from pathlib import Path
 
     from decesc.pipeline.config import PipelineConfig, build_config, read_config_file
-    from decesc.pipeline.run import STAGES, Run, parse_stages
+    from decesc.pipeline.run import Run
     from decesc.pipeline.run import run_pipeline as run_stages
+    from decesc.pipeline.stages import NAMES as STAGES
+    from decesc.pipeline.stages import parse_stages
 
     args = pipeline_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "stages", "status")}
@@ -89,8 +96,8 @@ def run_pipeline(argv: list[str]) -> int:
             saved = {**read_config_file(run_dir / "config.json"), "run_dir": str(run_dir)}
         config = build_config(args.config, overrides, saved)
         stages = parse_stages(args.stages)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.status:
         run = Run(config)
@@ -107,9 +114,13 @@ def run_pipeline(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         run_stages(config, stages)
-    except (ValueError, RuntimeError, FileNotFoundError, OSError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:  # DataError, judge, lock, non-finite loss, ...
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (run directory {config.run_dir})",
+              file=sys.stderr)
+        return 130
     finally:
         if launched_by_torchrun():
             import torch.distributed as dist

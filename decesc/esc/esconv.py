@@ -1,4 +1,4 @@
-"""ESConv dialogues: the in-memory type and a loader for the three on-disk layouts (SPEC §3).
+"""ESConv dialogues: the in-memory type and a loader for the three on-disk layouts.
 
 Layouts (detected from the file's first non-blank character):
 

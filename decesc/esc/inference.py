@@ -1,4 +1,4 @@
-"""Inference for both paradigms (SPEC §1): decoupled planner -> generator, and vanilla joint.
+"""Inference for the paper's two paradigms: decoupled planner -> generator, and vanilla joint.
 
 Strategy Planner: s_t ~ LLM_SP(s | c_t). The planner does not decode free text: it SCORES the
 eight strategy names. For each context it computes
@@ -19,7 +19,8 @@ metrics can count it as unparseable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -97,13 +98,6 @@ def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int 
     return [STRATEGIES[i] for i in idx.tolist()]
 
 
-def plan(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], temperature: float = 0.0,
-         seed: int = 0, batch_size: int = 8, progress: bool = False) -> list[str]:
-    """The Strategy Planner's strategy for each (SP-task) example."""
-    return choose_strategies(score_strategies(model, tokenizer, examples, batch_size, progress),
-                             temperature, seed)
-
-
 def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
                      sampling: Sampling, progress: bool = False, desc: str = "generating") -> list[str]:
     """One reply per example (its prompt as the user message), batched, stopped at turn end."""
@@ -119,23 +113,75 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
     return replies
 
 
-def decoupled(planner: CausalLM, generator: CausalLM, tokenizer: Tokenizer, examples: list[Example],
-              sampling: Sampling, plan_temperature: float = 0.0,
-              progress: bool = False) -> tuple[list[str], list[str]]:
-    """Decoupled inference: plan a strategy per context, then generate a reply using it.
+ModelLike = CausalLM | Callable[[], CausalLM]
 
-    ``examples`` may be of any task: only their context is used. Returns (strategies, replies).
+
+@dataclass(frozen=True)
+class Round:
+    """One sampling round over the contexts: per context, the strategy used (None: a vanilla tag
+    that cannot be read), the reply text, and the generated text it came from (vanilla: the raw
+    "[Strategy] reply"; decoupled: the reply; planning only: empty)."""
+
+    strategies: list[str | None]
+    replies: list[str]
+    outputs: list[str]
+
+
+def _use(model: ModelLike) -> CausalLM:
+    return model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+
+
+def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer: Tokenizer,
+              examples: list[Example], sampling: Sampling, *, plan_temperature: float = 0.0,
+              strategies: list[str] | None = None, rounds: Sequence[int] = (0,),
+              progress: bool = False, desc: str = "replies") -> list[Round]:
+    """Decoupled inference: plan a strategy per context, then generate a reply
+    that uses it. One :class:`Round` per entry of ``rounds``.
+
+    ``examples`` may be of any task: only their context (and gold annotation) is used.
+    ``planner``: the Strategy Planner, or None to use ``strategies`` instead (one per context:
+    IPM's generator mining uses the gold strategy). Its scores are computed once; round r
+    samples from them with ``plan_temperature`` (0: argmax) and seed ``sampling.seed + r``.
+    ``generator``: the Response Generator, or None to plan only (IPM's planner mining; replies
+    are then empty). Round r samples replies with seed ``sampling.seed + rounds[r]``.
+    A model may be given as a function that loads it: it is called when needed and dropped
+    right after, so the planner and the generator are never in memory together.
     """
-    sp = [task_example(ex, "sp") for ex in examples]
-    strategies = plan(planner, tokenizer, sp, plan_temperature, sampling.seed, sampling.batch_size, progress)
-    rg = [rg_example(ex, s) for ex, s in zip(examples, strategies)]
-    return strategies, generate_replies(generator, tokenizer, rg, sampling, progress)
+    if (planner is None) == (strategies is None):
+        raise ValueError("decoupled: give either a planner or the strategies")
+    n_rounds = len(rounds)
+    if planner is not None:
+        model = _use(planner)
+        scores = score_strategies(model, tokenizer, [task_example(ex, "sp") for ex in examples],
+                                  sampling.batch_size, progress)
+        del model
+        planned = [choose_strategies(scores, plan_temperature, sampling.seed + r) for r in range(n_rounds)]
+    else:
+        planned = [list(strategies)] * n_rounds
+    if generator is None:
+        return [Round(p, [""] * len(p), [""] * len(p)) for p in planned]
+    model = _use(generator)
+    out = []
+    for r, offset in enumerate(rounds):
+        rg = [rg_example(ex, s) for ex, s in zip(examples, planned[r])]
+        replies = generate_replies(model, tokenizer, rg, replace(sampling, seed=sampling.seed + offset),
+                                   progress, desc=f"{desc} {r + 1}/{n_rounds}" if n_rounds > 1 else desc)
+        out.append(Round(planned[r], replies, replies))
+    return out
 
 
-def vanilla(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], sampling: Sampling,
-            progress: bool = False) -> tuple[list[str | None], list[str]]:
-    """Joint inference: generate "[Strategy] reply" and split it. Returns (strategies, replies);
-    a strategy is None when the output's tag cannot be read."""
-    outs = generate_replies(model, tokenizer, examples, sampling, progress, desc="vanilla")
-    parsed = [split_vanilla_output(o) for o in outs]
-    return [p[0] for p in parsed], [p[1] for p in parsed]
+def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sampling: Sampling, *,
+            rounds: Sequence[int] = (0,), progress: bool = False, desc: str = "vanilla") -> list[Round]:
+    """Joint inference: generate "[Strategy] reply" and split it; one :class:`Round` per entry of
+    ``rounds`` (round r samples with seed ``sampling.seed + rounds[r]``). ``examples`` may be of
+    any task (their vanilla prompt is used); a strategy is None when the output's tag cannot be
+    read. ``model`` may be a function that loads it (see :func:`decoupled`)."""
+    model = _use(model)
+    prompts = [task_example(ex, "vanilla") for ex in examples]
+    out = []
+    for r, offset in enumerate(rounds):
+        outs = generate_replies(model, tokenizer, prompts, replace(sampling, seed=sampling.seed + offset),
+                                progress, desc=f"{desc} {r + 1}/{len(rounds)}" if len(rounds) > 1 else desc)
+        parsed = [split_vanilla_output(o) for o in outs]
+        out.append(Round([p[0] for p in parsed], [p[1] for p in parsed], outs))
+    return out

@@ -1,7 +1,7 @@
 """Inferential Preference Mining (IPM): preference pairs from the SFT models' own mistakes.
 
 The SFT models are run on TRAINING contexts and every error they make becomes a DPO pair whose
-chosen side is the gold annotation (SPEC §1, "IPM-PrefDial"):
+chosen side is the gold annotation (the paper's "IPM-PrefDial"):
 
 - Strategy Planner: each predicted strategy that differs from the gold one is a Strategy
   Mismatch -> SP pair (context, chosen = gold strategy, rejected = predicted strategy).
@@ -19,12 +19,19 @@ chosen side is the gold annotation (SPEC §1, "IPM-PrefDial"):
 
 Rejected texts identical to the chosen text are dropped, and so are duplicate rejected texts for
 the same context.
+
+Length. A reply generated with at most ``max_new_tokens`` tokens can take MORE tokens once its
+text is encoded again (decode -> encode is not length-preserving: a byte-level model may emit a
+partial UTF-8 character that decodes to U+FFFD, or tokens the tokenizer would merge differently).
+:func:`fit_pairs` cuts each rejected reply to the longest prefix whose re-encoded pair fits
+``max_seq_len``, so a mined pair never exceeds the DPO budget.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.esc.prompts import Example, format_vanilla_target
 from decesc.formats.records import PreferencePair
 
@@ -104,3 +111,50 @@ def statistics(pairs: list[PreferencePair]) -> dict:
         "avg_chars_chosen": round(sum(len(p.chosen) for p in pairs) / n, 1) if n else 0.0,
         "avg_chars_rejected": round(sum(len(p.rejected) for p in pairs) / n, 1) if n else 0.0,
     }
+
+
+def truncate_to_tokens(tokenizer: Tokenizer, text: str, n: int) -> str:
+    """The longest token prefix of ``text`` that re-encodes to at most ``n`` tokens.
+
+    A cut inside a multi-byte character decodes to U+FFFD (three bytes, so it may re-encode to
+    more tokens than it replaced): that partial character is dropped. Should the decoded prefix
+    still re-encode longer than ``n``, the cut moves back one token at a time until it fits.
+    """
+    ids = tokenizer.encode(text)
+    if len(ids) <= n:
+        return text
+    for k in range(max(n, 0), -1, -1):
+        cut = tokenizer.decode(ids[:k]).rstrip("\ufffd").rstrip()
+        if len(tokenizer.encode(cut)) <= n:
+            return cut
+    return ""
+
+
+def fit_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer, max_seq_len: int,
+              max_new_tokens: int) -> tuple[list[PreferencePair], dict]:
+    """Pairs whose rejected side, re-encoded after the chat prompt with its end-of-turn token,
+    fits ``max_seq_len`` (cut by :func:`truncate_to_tokens` where it does not).
+
+    Returns (pairs, counts) with counts ``{"longer_than_max_new_tokens": n, "cut_to_fit": m}``:
+    how many rejected replies re-encode to more than ``max_new_tokens`` tokens, and how many had
+    to be cut (a cut that leaves nothing, or the chosen text, drops the pair). A pair whose prompt leaves no room at all is a ValueError (the pre-flight checks
+    that every mined prompt leaves ``max_new_tokens``).
+    """
+    out, longer, cut = [], 0, 0
+    for pair in pairs:
+        prompt = len(tokenizer.apply_chat_template(chat_messages(pair.prompt, pair.system),
+                                                   add_generation_prompt=True))
+        room = max_seq_len - prompt - 1  # the end-of-turn token closes the reply
+        tokens = len(tokenizer.encode(pair.rejected))
+        longer += tokens > max_new_tokens
+        if tokens > room:
+            if room < 1:
+                raise ValueError(f"dialogue {pair.dialogue}, turn {pair.turn}: the {pair.task} prompt "
+                                 f"takes {prompt} tokens, no room left in max_seq_len {max_seq_len}; "
+                                 "raise --max-seq-len")
+            pair = replace(pair, rejected=truncate_to_tokens(tokenizer, pair.rejected, room))
+            cut += 1
+            if not pair.rejected.strip() or pair.rejected == pair.chosen:
+                continue  # nothing left to prefer against
+        out.append(pair)
+    return out, {"longer_than_max_new_tokens": longer, "cut_to_fit": cut}

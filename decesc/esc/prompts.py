@@ -1,4 +1,4 @@
-"""Prompts and turn-level training examples for the three tasks (SPEC §1, §3).
+"""Prompts and turn-level training examples for the three tasks (the paper's two paradigms).
 
 Tasks
   "sp"       Strategy Planner:   context -> strategy name                    (eq. 3)

@@ -1,6 +1,6 @@
 """The Table-3-style report: score each system's test outputs and render markdown, JSON and a chart.
 
-Columns (SPEC §2): D-1, B-1, F1, R-L (text metrics on the reply text, x100), Flu, Pro, Emp, Hel
+Columns (paper, Table 3): D-1, B-1, F1, R-L (text metrics on the reply text, x100), Flu, Pro, Emp, Hel
 (mean 0-5 judge scores on the judged sample), B (preference bias, eq. 8), Q_W and Q (weighted and
 macro strategy F1, x100). Also reported per system: the number of unparseable strategies, the
 share of judged replies showing each error type, and the strategy preference p and distribution

@@ -1,10 +1,23 @@
-"""The one configuration of the DecoupledESC pipeline, with the paper's defaults (SPEC §1).
+"""The one configuration of the DecoupledESC pipeline, with the paper's defaults (Appendix D).
 
 Every field is a command-line flag of ``python -m tools.train`` (``--sft-lr`` for ``sft_lr``) and
 a key of the optional JSON file given with ``--config``. Precedence, highest first: flags, the
 ``--config`` file, the ``config.json`` of an existing run directory (a run remembers its settings),
 the profile, the defaults below. ``--model tiny`` raises ``max_seq_len`` to 1024 (its small
 vocabulary needs about twice the tokens) unless it is set explicitly.
+
+Field metadata is the single source of everything else about a setting:
+
+- ``help``: the flag's help text; ``choices``: its allowed values;
+- ``read_by``: the roles of the stages whose outputs it changes (a stage's own name, its family
+  ``sft`` / ``dpo`` / ``mine`` / ``eval``, or a group: ``common`` = every stage, ``train`` = the
+  SFT and DPO stages, ``generate`` = the stages that sample replies, ``judge`` = the stages that
+  judge them). A stage's settings hash covers exactly the fields that name one of its roles
+  (:attr:`decesc.pipeline.stage.Stage.reads`). ``read_by=NO_STAGE`` says that a field changes
+  no output (where to write, which device, how often to checkpoint, ...);
+- bounds: ``minimum`` (>=), ``above`` (>), ``maximum`` (<=), ``below`` (<). Every float field
+  must also be finite (NaN and infinity are rejected).
+The type of a field (int, float or str, and whether None is allowed) is its annotation.
 
 Profiles. ``paper`` is the dataclass defaults: Appendix D's hyper-parameters (LoRA r 16 / alpha 16
 / dropout 0.05; SFT 3 epochs, lr 1e-5, batch 32; DPO 1 epoch, batch 32, per-module lr and beta of
@@ -20,79 +33,129 @@ contexts with 2 samples each, replies of at most 40 tokens, bf16 autocast.
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from decesc.esc.judges import JUDGES, check_judge_settings
+from decesc.formats.records import read_text
+from decesc.train.config import DTYPES, PACKINGS
+from decesc.train.losses import PREFERENCE_LOSSES
+
 PROFILES = ("auto", "paper", "demo")
 BUILTIN = "builtin"
+NO_STAGE: tuple[str, ...] = ()  # read_by of a setting that changes no stage's outputs
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help: str, *, read_by: tuple[str, ...], **kw):
+    return field(default=default, metadata={"help": help, "read_by": read_by, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
     # ------------------------------------------------------------------ what to run on
     model: str = _f("smollm2-135m-instruct", "base model: Hugging Face directory, .gguf file, Hub "
-                    "repo id, 'smollm2-135m-instruct' (demo GGUF) or 'tiny' (random, for smoke runs)")
+                    "repo id, 'smollm2-135m-instruct' (demo GGUF) or 'tiny' (random, for smoke runs)",
+                    read_by=("common",))
     data: str = _f(BUILTIN, "ESConv data: a directory with train/valid/test files (used as they are), "
-                   "one file (split 8:1:1 by dialogue), or 'builtin' (decesc's own sample)")
-    run_dir: str = _f("runs/default", "run directory: every stage writes its outputs here")
+                   "one file (split 8:1:1 by dialogue), or 'builtin' (decesc's own sample)",
+                   read_by=("common",))
+    run_dir: str = _f("runs/default", "run directory: every stage writes its outputs here",
+                      read_by=NO_STAGE)
     profile: str = _f("auto", "default sizes: paper, demo, or auto (demo for the built-in sample)",
-                      choices=PROFILES)
-    seed: int = _f(42, "seed for splits, sampling, adapter init and data order")
-    device: str | None = _f(None, "cpu or cuda (default: cuda if available)")
-    dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (parameters stay fp32)",
-                    choices=("fp32", "bf16"))
+                      choices=PROFILES, read_by=NO_STAGE)  # only picks the defaults of other fields
+    seed: int = _f(42, "seed for splits, sampling, adapter init and data order", read_by=("common",))
+    device: str | None = _f(None, "cpu or cuda (default: cuda if available)", read_by=NO_STAGE)
+    dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (LoRA weights and optimizer "
+                    "state stay fp32)", choices=DTYPES, read_by=("train",))
+    base_dtype: str | None = _f(None, "stored dtype of the frozen base weights while training: fp32 "
+                                "or bf16 (default: the compute dtype; bf16 halves their memory)",
+                                choices=DTYPES, read_by=("train",))
+    activation_checkpointing: str = _f("off", "on: keep only each transformer block's input for "
+                                       "backward and recompute the rest (less memory, about one "
+                                       "more forward pass of time)", choices=("off", "on"),
+                                       read_by=NO_STAGE)  # the same numbers, computed twice
     max_seq_len: int = _f(4096, "token budget of one example: prompt + gold reply must fit in "
                           "max_seq_len - max_new_tokens (so a generated reply fits too); older "
-                          "turns are dropped to fit, the reply is never cut")
+                          "turns are dropped to fit, the reply is never cut", read_by=("common",),
+                          minimum=1)
     # ------------------------------------------------------------------ LoRA / SFT (eqs. 3, 4)
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    sft_epochs: int = _f(3, "SFT epochs")
-    sft_lr: float = _f(1e-5, "SFT peak learning rate")
-    sft_batch_size: int = _f(32, "SFT effective batch (examples per optimizer step)")
-    micro_batch_size: int = _f(4, "sequences per forward pass per process (a DPO micro-batch holds "
-                               "half as many pairs: chosen and rejected are both sequences)")
+    lora_r: int = _f(16, "LoRA rank", read_by=("train",), minimum=1)
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)", read_by=("train",), above=0)
+    lora_dropout: float = _f(0.05, "LoRA dropout", read_by=("train",), minimum=0, below=1)
+    sft_epochs: int = _f(3, "SFT epochs", read_by=("sft",), minimum=1)
+    sft_lr: float = _f(1e-5, "SFT peak learning rate", read_by=("sft",), above=0)
+    sft_batch_size: int = _f(32, "SFT effective batch (examples per optimizer step)",
+                             read_by=("sft",), minimum=1)
+    micro_batch_size: int = _f(4, "sequences per forward pass per process (with --dpo-packing "
+                               "two-row a DPO micro-batch holds half as many pairs: chosen and "
+                               "rejected are two sequences; shared-prefix packs a pair in one)",
+                               read_by=("train",), minimum=1)
     max_train_examples: int | None = _f(None, "use at most this many SFT examples per module "
-                                        "(seeded subset; default all)")
+                                        "(seeded subset; default all)", read_by=("sft",), minimum=1)
     save_every: int = _f(25, "write a training checkpoint every N optimizer steps (0: never); an "
-                         "interrupted training stage resumes from the last one")
+                         "interrupted training stage resumes from the last one", read_by=NO_STAGE,
+                         minimum=0)  # resuming is exact, so checkpoints never change an output
     # ------------------------------------------------------------------ IPM mining
     mine_contexts: int | None = _f(None, "mine at most this many training contexts (seeded subset; "
-                                   "default all)")
-    mine_samples: int = _f(4, "samples per context from each SFT model (strategies, replies)")
+                                   "default all)", read_by=("mine",), minimum=1)
+    mine_samples: int = _f(4, "samples per context from each SFT model (strategies, replies)",
+                           read_by=("mine",), minimum=1)
     # ------------------------------------------------------------------ DPO (eqs. 5, 6)
     dpo_preset: str = _f("qwen2.5-7b", "paper lr/beta preset: qwen2.5-7b or llama3.1-8b",
-                         choices=("qwen2.5-7b", "llama3.1-8b"))
-    dpo_epochs: int = _f(1, "DPO epochs")
-    dpo_batch_size: int = _f(32, "DPO effective batch (pairs per optimizer step)")
-    dpo_lr_sp: float | None = _f(None, "DPO lr of the Strategy Planner (default: preset)")
-    dpo_lr_rg: float | None = _f(None, "DPO lr of the Response Generator (default: preset)")
-    dpo_lr_vanilla: float | None = _f(None, "DPO lr of the vanilla model (default: preset)")
-    dpo_beta_sp: float | None = _f(None, "DPO beta of the Strategy Planner (default: preset)")
-    dpo_beta_rg: float | None = _f(None, "DPO beta of the Response Generator (default: preset)")
-    dpo_beta_vanilla: float | None = _f(None, "DPO beta of the vanilla model (default: preset)")
-    max_pairs: int | None = _f(None, "train each DPO module on at most this many pairs (seeded)")
+                         choices=("qwen2.5-7b", "llama3.1-8b"), read_by=("dpo",))
+    dpo_epochs: int = _f(1, "DPO epochs", read_by=("dpo",), minimum=1)
+    dpo_batch_size: int = _f(32, "DPO effective batch (pairs per optimizer step)", read_by=("dpo",),
+                             minimum=1)
+    dpo_lr_sp: float | None = _f(None, "DPO lr of the Strategy Planner (default: preset)",
+                                 read_by=("dpo-sp",), above=0)
+    dpo_lr_rg: float | None = _f(None, "DPO lr of the Response Generator (default: preset)",
+                                 read_by=("dpo-rg",), above=0)
+    dpo_lr_vanilla: float | None = _f(None, "DPO lr of the vanilla model (default: preset)",
+                                      read_by=("dpo-vanilla",), above=0)
+    dpo_beta_sp: float | None = _f(None, "DPO beta of the Strategy Planner (default: preset)",
+                                   read_by=("dpo-sp",), above=0)
+    dpo_beta_rg: float | None = _f(None, "DPO beta of the Response Generator (default: preset)",
+                                   read_by=("dpo-rg",), above=0)
+    dpo_beta_vanilla: float | None = _f(None, "DPO beta of the vanilla model (default: preset)",
+                                        read_by=("dpo-vanilla",), above=0)
+    max_pairs: int | None = _f(None, "train each DPO module on at most this many pairs (seeded)",
+                               read_by=("dpo",), minimum=1)
+    dpo_loss: str = _f("sigmoid", "preference loss: " + "; ".join(
+                           f"{k} = {v.help}" for k, v in PREFERENCE_LOSSES.items()),
+                       choices=tuple(PREFERENCE_LOSSES), read_by=("dpo",))
+    dpo_sft_weight: float = _f(0.0, "weight of an SFT term on the chosen reply added to the "
+                               "preference loss (RPO; 0 = off)", read_by=("dpo",), minimum=0)
+    dpo_packing: str = _f("shared-prefix", "how a preference pair is scored: shared-prefix (one "
+                          "row [prompt | chosen | rejected]) or two-row (the prompt twice)",
+                          choices=PACKINGS, read_by=("dpo",))  # equal up to rounding
     # ------------------------------------------------------------------ generation
-    temperature: float = _f(0.7, "sampling temperature of replies (and of mined strategies)")
-    top_p: float = _f(0.95, "nucleus sampling mass")
-    max_new_tokens: int = _f(128, "longest generated reply, in tokens")
-    gen_batch_size: int = _f(8, "prompts per generation batch")
+    temperature: float = _f(0.7, "sampling temperature of replies (and of mined strategies)",
+                            read_by=("generate",), minimum=0)
+    top_p: float = _f(0.95, "nucleus sampling mass", read_by=("generate",), above=0, maximum=1)
+    # every example's context budget is max_seq_len - max_new_tokens, so SFT reads it too
+    max_new_tokens: int = _f(128, "longest generated reply, in tokens", read_by=("sft", "generate"),
+                             minimum=1)
+    gen_batch_size: int = _f(8, "prompts per generation batch", read_by=("generate",),
+                             minimum=1)  # batch position seeds the sampling
     # ------------------------------------------------------------------ judge
-    judge: str = _f("rule", "error/rubric judge: rule (deterministic, offline), openai "
-                    "(OpenAI-compatible endpoint) or local (a model run by decesc)",
-                    choices=("rule", "openai", "local"))
-    judge_url: str | None = _f(None, "base URL of the OpenAI-compatible API, e.g. http://localhost:8000/v1")
-    judge_model: str | None = _f(None, "judge model name (openai) or model source (local)")
-    judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge API key")
+    judge: str = _f("rule", "error/rubric judge: " + "; ".join(
+                        f"{k} = {v.help}" for k, v in JUDGES.items()),
+                    choices=tuple(JUDGES), read_by=("judge",))
+    judge_url: str | None = _f(None, "base URL of the OpenAI-compatible API, e.g. "
+                               "http://localhost:8000/v1", read_by=NO_STAGE)  # where, not which judge
+    judge_model: str | None = _f(None, "judge model name (openai) or model source (local)",
+                                 read_by=("judge",))
+    judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge API key",
+                                read_by=NO_STAGE)
     # ------------------------------------------------------------------ evaluation
-    eval_split: str = _f("test", "split to evaluate", choices=("test", "valid"))
-    eval_turns: int | None = _f(None, "evaluate at most this many turns (seeded subset; default all)")
-    judge_samples: int = _f(100, "replies per system scored by the judge (paper: 100)")
+    eval_split: str = _f("test", "split to evaluate", choices=("test", "valid"), read_by=("eval",))
+    eval_turns: int | None = _f(None, "evaluate at most this many turns (seeded subset; default all)",
+                                read_by=("eval",), minimum=1)
+    judge_samples: int = _f(100, "replies per system scored by the judge (paper: 100)",
+                            read_by=("eval",), minimum=1)
 
     # ------------------------------------------------------------------ helpers
     def resolved_profile(self) -> str:
@@ -120,17 +183,22 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
 
 # ``--model tiny`` has a small byte-level vocabulary: its prompts take about twice as many tokens.
 TINY_MODEL = dict(max_seq_len=1024)
-_OPTIONAL_INT = ("max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
+
+
+def _annotation(name: str) -> tuple[type, bool]:
+    """(int | float | str, whether None is allowed) from the field's annotation."""
+    hint = typing.get_type_hints(PipelineConfig)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str):
+        raise TypeError(f"PipelineConfig.{name}: annotation {hint} is not int, float or str (| None)")
+    return kinds[0], len(kinds) < len(args)
 
 
 def field_type(name: str) -> type:
-    """int, float or str: the type a field's value must have (None is allowed where the default is)."""
-    if name in _OPTIONAL_INT:
-        return int
-    if name.startswith(("dpo_lr_", "dpo_beta_")):
-        return float
-    default = PipelineConfig.__dataclass_fields__[name].default
-    return {int: int, float: float}.get(type(default), str)
+    """int, float or str: the type a field's value must have (None is allowed where the
+    annotation says so)."""
+    return _annotation(name)[0]
 
 
 def _coerce(values: dict, where: str) -> dict:
@@ -144,7 +212,7 @@ def _coerce(values: dict, where: str) -> dict:
             if kind is str or isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
                 raise ValueError
             out[name] = kind(value) if kind is float else int(float(value))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: {name} must be {'an integer' if kind is int else 'a number' if kind is float else 'a string'}, "
                              f"got {value!r}") from None
     return out
@@ -153,9 +221,9 @@ def _coerce(values: dict, where: str) -> dict:
 def read_config_file(path: str | Path) -> dict:
     """Settings from a JSON file, checked against the known keys and their types."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the config ({e})") from None
+        raise ValueError(f"{path}: cannot read the config ({e}); fix or delete the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the config must be a JSON object")
     unknown = sorted(set(data) - {f.name for f in fields(PipelineConfig)})
@@ -182,34 +250,40 @@ def build_config(file: str | Path | None = None, overrides: dict | None = None,
     return config
 
 
+def _bounds_error(value, meta: dict) -> str | None:
+    """"must be ..." when ``value`` breaks the field's bounds, else None."""
+    low = ("[", meta["minimum"]) if "minimum" in meta else ("(", meta["above"]) if "above" in meta else None
+    high = ("]", meta["maximum"]) if "maximum" in meta else (")", meta["below"]) if "below" in meta else None
+    ok = ((low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
+          and (high is None or (value <= high[1] if high[0] == "]" else value < high[1])))
+    if ok:
+        return None
+    if low and high:
+        return f"must be in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    bound = low or high
+    op = {"[": ">=", "(": ">", "]": "<=", ")": "<"}[bound[0]]
+    return f"must be {op} {bound[1]}"
+
+
 def validate_config(c: PipelineConfig) -> None:
-    """Raise ValueError naming the first bad field."""
+    """Raise ValueError naming the first bad field (type, choices, finiteness and bounds from
+    the field metadata, then the judge settings that go together)."""
     for f in fields(c):
+        value = getattr(c, f.name)
+        kind, optional = _annotation(f.name)
+        if value is None:
+            if not optional:
+                raise ValueError(f"config: {f.name} must be set")
+            continue
         choices = f.metadata.get("choices")
-        if choices and getattr(c, f.name) not in choices:
-            raise ValueError(f"config: {f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
-    at_least_one = ("max_seq_len", "lora_r", "sft_epochs", "sft_batch_size", "micro_batch_size",
-                    "mine_samples", "dpo_epochs", "dpo_batch_size", "max_new_tokens", "gen_batch_size",
-                    "judge_samples", "max_train_examples", "mine_contexts", "max_pairs", "eval_turns")
-    for name in at_least_one:
-        value = getattr(c, name)
-        if value is not None and value < 1:
-            raise ValueError(f"config: {name} must be >= 1, got {value}")
-    positive = ("lora_alpha", "sft_lr", "dpo_lr_sp", "dpo_lr_rg", "dpo_lr_vanilla", "dpo_beta_sp",
-                "dpo_beta_rg", "dpo_beta_vanilla")
-    for name in positive:
-        value = getattr(c, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"config: {name} must be > 0, got {value}")
-    if not 0 <= c.lora_dropout < 1:
-        raise ValueError(f"config: lora_dropout must be in [0, 1), got {c.lora_dropout}")
-    if c.temperature < 0:
-        raise ValueError(f"config: temperature must be >= 0, got {c.temperature}")
-    if not 0 < c.top_p <= 1:
-        raise ValueError(f"config: top_p must be in (0, 1], got {c.top_p}")
-    if c.save_every < 0:
-        raise ValueError(f"config: save_every must be >= 0, got {c.save_every}")
-    if c.judge == "openai" and not (c.judge_url and c.judge_model):
-        raise ValueError("config: --judge openai needs --judge-url and --judge-model")
-    if c.judge == "local" and not c.judge_model:
-        raise ValueError("config: --judge local needs --judge-model (a model source)")
+        if choices and value not in choices:
+            raise ValueError(f"config: {f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"config: {f.name} must be a finite number, got {value}")
+        problem = _bounds_error(value, f.metadata) if kind in (int, float) else None
+        if problem:
+            raise ValueError(f"config: {f.name} {problem}, got {value}")
+    check_judge_settings(c.judge, c.judge_model, c.judge_url)
+    if c.dtype == "fp32" and c.base_dtype == "bf16":
+        raise ValueError("config: --base-dtype bf16 needs --dtype bf16 (bf16 weights with fp32 "
+                         "compute would be cast back on every forward)")

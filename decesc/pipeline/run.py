@@ -1,197 +1,219 @@
-"""The DecoupledESC method as resumable stages in one run directory.
-
-    sft-sp, sft-rg, sft-vanilla  ->  mine  ->  dpo-sp, dpo-rg, dpo-vanilla  ->  eval
+"""The DecoupledESC method as resumable stages in one run directory (stages: :mod:`decesc.pipeline.stages`).
 
 Each stage writes into ``<run_dir>/<stage>/`` and finishes by writing ``DONE.json`` last
-(atomically). It records a fresh random token, a hash of the configuration fields the stage
-reads, and the tokens of the stages it used. A stage is skipped when its ``DONE.json`` exists,
-its config hash is unchanged, every dependency still has the recorded token and is itself up to
-date (checked recursively, so one stale stage makes everything downstream stale). So rerunning
-skips everything; deleting one stage's directory (or changing its settings) reruns that stage,
-and - because its token changes - every stage downstream of it, and nothing else. Asking for a
-stage whose dependencies are not up to date (and not requested too) is an error naming them.
+(atomically). It records a fresh random token, a hash of the settings the stage reads
+(:attr:`Stage.reads`), and its inputs: the tokens of the stages it read and fingerprints of the
+data splits and model files it read (:mod:`decesc.pipeline.data`). A stage is "done" when its
+``DONE.json`` exists, its settings hash and inputs are unchanged, every stage it reads is itself
+done (checked recursively, so one stale stage makes everything downstream stale) and its outputs
+read back (:attr:`Stage.outputs_ok`). So rerunning skips everything; deleting one stage's
+directory, changing its settings or replacing a file it read reruns that stage and - because its
+token changes - every stage downstream of it, and nothing else.
 
-A stage interrupted before ``DONE.json`` resumes: training stages continue from their last
-checkpoint, mining reuses finished sub-steps and every cached judgment. A stage whose inputs
-changed since it started is cleared first, so stale checkpoints are never resumed.
+A pipeline call holds the run directory's lock (:mod:`decesc.pipeline.lock`) from start to end,
+then runs a pre-flight (:mod:`decesc.pipeline.preflight`) before any stage starts. A stage
+interrupted before ``DONE.json`` resumes: training stages continue from their last checkpoint,
+mining reuses finished sub-steps and every cached judgment. A stage whose inputs changed since it
+started is cleared first, so stale checkpoints are never resumed.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 from decesc.formats.atomic import atomic_write_text
+from decesc.formats.records import read_text
 from decesc.pipeline.config import PipelineConfig, read_config_file
-
-STAGES = ("sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval")
-TRAINING_STAGES = ("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla")
-DEPENDS = {
-    "sft-sp": (), "sft-rg": (), "sft-vanilla": (),
-    "mine": ("sft-sp", "sft-rg", "sft-vanilla"),
-    "dpo-sp": ("sft-sp", "mine"), "dpo-rg": ("sft-rg", "mine"), "dpo-vanilla": ("sft-vanilla", "mine"),
-    "eval": ("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
-}
-_COMMON = ("model", "data", "seed", "max_seq_len")
-# max_new_tokens sets the context budget of every example (stages.examples), so all stages read it
-_SFT = _COMMON + ("max_new_tokens", "dtype", "lora_r", "lora_alpha", "lora_dropout", "sft_epochs",
-                  "sft_lr", "sft_batch_size", "micro_batch_size", "max_train_examples")
-_DPO = _COMMON + ("dtype", "lora_r", "lora_alpha", "lora_dropout", "dpo_preset", "dpo_epochs",
-                  "dpo_batch_size", "micro_batch_size", "max_pairs")
-_GEN = ("temperature", "top_p", "max_new_tokens", "gen_batch_size")  # batch size seeds sampling
-_JUDGE = ("judge", "judge_model")
-CONFIG_FIELDS = {
-    "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
-    "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
-    "dpo-sp": _DPO + ("dpo_lr_sp", "dpo_beta_sp"),
-    "dpo-rg": _DPO + ("dpo_lr_rg", "dpo_beta_rg"),
-    "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
-    "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples"),
-}
-
-
-def parse_stages(spec: str | None) -> list[str]:
-    """"all" / None, or a comma-separated list; stage order is always the pipeline's."""
-    if spec in (None, "", "all"):
-        return list(STAGES)
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    return [s for s in STAGES if s in wanted]
+from decesc.pipeline.data import data_fingerprint, model_fingerprint
+from decesc.pipeline.lock import RunLock
+from decesc.pipeline.stages import BY_NAME, NAMES, STAGES
 
 
 class Run:
     """A run directory and the settings it is run with: stage markers, status, skip rules.
 
     ``config.json`` holds the settings of the last pipeline call that finished without error.
+    ``memo`` caches what the call has read (splits, examples, file fingerprints, read-back
+    checks); it lives as long as this object.
     """
 
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, log=print):
         self.config = config
         self.dir = Path(config.run_dir)
+        self.log = log
+        self.memo: dict = {}
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "Run":
+    def open(cls, run_dir: str | Path, log=print) -> Run:
         """An existing run directory, with the config it was run with (``config.json``)."""
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"{path}: not found (not a decesc run directory, or no pipeline call "
                              "on it has finished yet)")
-        return cls(PipelineConfig(**{**read_config_file(path), "run_dir": str(run_dir)}))
+        return cls(PipelineConfig(**{**read_config_file(path), "run_dir": str(run_dir)}), log)
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
 
+    def adapter(self, stage: str) -> Path | None:
+        """A trained stage's adapter directory, or None when the stage trained nothing (no pairs)."""
+        d = self.stage_dir(stage)
+        return d if (d / "adapter_model.safetensors").is_file() else None
+
     def marker(self, stage: str, name: str = "DONE.json") -> dict | None:
-        path = self.stage_dir(stage) / name
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            value = json.loads(read_text(self.stage_dir(stage) / name))
+        except (OSError, ValueError):
             return None
+        return value if isinstance(value, dict) else None
+
+    def settings(self, stage: str) -> dict:
+        return {k: getattr(self.config, k) for k in BY_NAME[stage].reads}
 
     def config_hash(self, stage: str) -> str:
-        values = {k: getattr(self.config, k) for k in CONFIG_FIELDS[stage]}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.settings(stage), sort_keys=True).encode()).hexdigest()[:16]
 
     def inputs(self, stage: str) -> dict | None:
-        """{dependency: token} now, or None if a dependency is not done."""
+        """What the stage reads besides its settings: {"stages": {dependency: token},
+        "data": {split: fingerprint}, "model": fingerprint}; None if a dependency is not done."""
         tokens = {}
-        for dep in DEPENDS[stage]:
+        for dep in BY_NAME[stage].after:
             done = self.marker(dep)
             if done is None:
                 return None
-            tokens[dep] = done["token"]
-        return tokens
+            tokens[dep] = done.get("token")
+        return {"stages": tokens,
+                "data": data_fingerprint(self.config, BY_NAME[stage].splits(self.config), self.memo),
+                "model": model_fingerprint(self.config.model, self.memo)}
 
-    def status(self, stage: str) -> str:
-        """"done", "todo", or "stale": done, but its settings or inputs changed, or a stage it
-        depends on (directly or not) is itself not done."""
+    def problem(self, stage: str) -> str | None:
+        """Why the stage is not done (None if it is): no DONE.json, changed settings or inputs,
+        a stage it reads not done, or outputs that do not read back."""
         done = self.marker(stage)
         if done is None:
+            return "not run yet"
+        if done.get("config") != self.config_hash(stage):
+            return "settings changed"
+        if done.get("inputs") != self.inputs(stage):
+            return "inputs changed"
+        for dep in BY_NAME[stage].after:
+            if self.problem(dep) is not None:
+                return f"{dep} is not up to date"
+        key = ("outputs", stage, done.get("token"))
+        if key not in self.memo:
+            self.memo[key] = BY_NAME[stage].outputs_ok(self.stage_dir(stage), done)
+        return None if self.memo[key] is None else f"outputs do not read back: {self.memo[key]}"
+
+    def status(self, stage: str) -> str:
+        """"done", "todo" (never finished), or "stale" (finished, but see :meth:`problem`)."""
+        if self.marker(stage) is None:
             return "todo"
-        if (done.get("config") != self.config_hash(stage) or done.get("inputs") != self.inputs(stage)
-                or any(self.status(dep) != "done" for dep in DEPENDS[stage])):
-            return "stale"
-        return "done"
+        return "done" if self.problem(stage) is None else "stale"
 
     def begin(self, stage: str) -> Path:
         """Prepare the stage directory: clear it unless it holds a resumable attempt on the
         same inputs and config; record the attempt in STARTED.json."""
         d = self.stage_dir(stage)
         started = self.marker(stage, "STARTED.json")
+        inputs = self.inputs(stage)
         same = (started is not None and self.marker(stage) is None
-                and started.get("config") == self.config_hash(stage)
-                and started.get("inputs") == self.inputs(stage))
+                and started.get("config") == self.config_hash(stage) and started.get("inputs") == inputs)
         if d.exists() and not same:
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / "STARTED.json", json.dumps(
-            {"config": self.config_hash(stage), "inputs": self.inputs(stage)}, indent=2))
+        atomic_write_text(d / "STARTED.json", json.dumps({"config": self.config_hash(stage), "inputs": inputs},
+                                                         indent=2))
+        self.memo[("started", stage)] = inputs
         return d
 
     def finish(self, stage: str, summary: dict, seconds: float) -> None:
+        """Write DONE.json, recording the inputs the stage started on."""
         record = {"stage": stage, "token": uuid.uuid4().hex, "config": self.config_hash(stage),
-                  "inputs": self.inputs(stage), "seconds": round(seconds, 1),
+                  "inputs": self.memo[("started", stage)], "seconds": round(seconds, 1),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary,
-                  "settings": {k: getattr(self.config, k) for k in CONFIG_FIELDS[stage]}}
+                  "settings": self.settings(stage)}
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
+
+
+def _lock_all_ranks(run_dir: Path, is_main: bool, distributed: bool):
+    """Rank 0 takes the lock; under torchrun every rank learns whether it got it (so no rank
+    waits for a rank that stopped)."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RuntimeError as e:
+            error = str(e)
+    if distributed:
+        from decesc.train.fsdp import all_gather_object
+
+        error = all_gather_object(error)[0]
+    if error:
+        raise RuntimeError(error)
+    return lock or nullcontext()
 
 
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=print) -> dict:
     """Run the requested stages (all by default) in order; return {stage: "ran" | "skipped"}.
 
-    A requested stage whose dependency is not up to date (and not run before it) is an error.
+    A requested stage whose dependency is not up to date (and not run before it) is an error,
+    raised by the pre-flight before anything runs.
     """
-    from decesc.pipeline.stages import (
-        STAGE_FUNCTIONS,  # heavy imports only when something runs
-    )
-    from decesc.train.fsdp import launched_by_torchrun, setup_distributed
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.preflight import preflight
+    from decesc.train.fsdp import barrier, launched_by_torchrun, setup_distributed
 
-    stages = list(STAGES) if stages is None else stages
+    stages = list(NAMES) if stages is None else stages
     distributed = launched_by_torchrun()
     if distributed:
-        bad = [s for s in stages if s not in TRAINING_STAGES]
+        bad = [s for s in stages if not BY_NAME[s].distributed]
         if bad:
-            raise ValueError(f"under torchrun only training stages run ({', '.join(TRAINING_STAGES)}); "
+            allowed = ", ".join(s.name for s in STAGES if s.distributed)
+            raise ValueError(f"under torchrun only training stages run ({allowed}); "
                              f"run {', '.join(bad)} in a single process (python -m tools.train "
                              f"--stages {','.join(bad)})")
     info = setup_distributed(config.device) if distributed else None
     is_main = info is None or info.is_main
-    run = Run(config)
-    if is_main:
-        run.dir.mkdir(parents=True, exist_ok=True)
+    run = Run(config, log=log if is_main else (lambda *a, **k: None))
     outcome = {}
-    for stage in stages:
-        status = run.status(stage)
-        if status == "done":
-            outcome[stage] = "skipped"
-            if is_main:
-                log(f"[{stage}] up to date, skipped")
-            continue
-        missing = [d for d in DEPENDS[stage] if run.status(d) != "done"]
-        if missing:
-            raise RuntimeError(f"stage {stage} needs {', '.join(missing)} to be up to date first "
-                               f"(in {run.dir}); add them to --stages")
-        if is_main:
-            log(f"[{stage}] {'inputs or settings changed, rerunning' if status == 'stale' else 'running'}")
-            run.begin(stage)
-        if distributed:
-            from decesc.train.fsdp import barrier
-
-            barrier()
-        t0 = time.perf_counter()
-        summary = STAGE_FUNCTIONS[stage](run, stage)
-        if is_main:
-            run.finish(stage, summary, time.perf_counter() - t0)
-            log(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
-        if distributed:
-            barrier()
-        outcome[stage] = "ran"
-    if is_main:  # only a call that finished records its settings as the run's
-        atomic_write_text(run.dir / "config.json", json.dumps(config.to_json(), indent=2))
+    with _lock_all_ranks(run.dir, is_main, distributed):
+        models = Models(config.model, config.device)
+        try:
+            todo = preflight(run, models, stages)
+            for stage in stages:
+                if stage not in todo:
+                    outcome[stage] = "skipped"
+                    run.log(f"[{stage}] up to date, skipped")
+                    continue
+                missing = [d for d in BY_NAME[stage].after if run.status(d) != "done"]
+                if missing:
+                    raise RuntimeError(f"stage {stage} needs {', '.join(missing)} to be up to date first "
+                                       f"(in {run.dir}); add them to --stages")
+                problem = run.problem(stage)
+                run.log(f"[{stage}] " + ("running" if problem == "not run yet" else f"{problem}, rerunning"))
+                if is_main:
+                    run.begin(stage)
+                if distributed:
+                    barrier()
+                models.last_stage = stage == todo[-1]
+                t0 = time.perf_counter()
+                summary = BY_NAME[stage].run(run, stage, models)
+                gc.collect()  # the stage's models are gone: free their memory now
+                if is_main:
+                    run.finish(stage, summary, time.perf_counter() - t0)
+                    run.log(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
+                if distributed:
+                    barrier()
+                outcome[stage] = "ran"
+        finally:
+            models.close()
+        if is_main:  # only a call that finished records its settings as the run's
+            atomic_write_text(run.dir / "config.json", json.dumps(config.to_json(), indent=2))
     return outcome

@@ -1,0 +1,41 @@
+"""Stages dpo-sp, dpo-rg, dpo-vanilla: DPO of each module on its mined pairs (eqs. 5, 6), with
+its SFT model as the frozen reference. A module without pairs keeps its SFT model."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from decesc.formats.records import read_pairs_jsonl
+from decesc.pipeline import training
+from decesc.pipeline.data import subset
+from decesc.pipeline.results import adapter_problem
+from decesc.pipeline.sft import MODULES
+from decesc.pipeline.stage import Stage
+
+
+def run_dpo(run, name: str, models, module: str) -> dict:
+    c = run.config
+    data = subset(read_pairs_jsonl(run.stage_dir("mine") / f"{module}_pairs.jsonl", allow_empty=True),
+                  c.max_pairs, c.seed)
+    if not data:
+        return {"module": MODULES[module], "pairs": 0, "steps": 0,
+                "note": "no preference pairs were mined: the SFT model is used for this module"}
+    lr, beta = c.dpo_setting(module)
+    result = training.dpo(models.fresh(), models.tokenizer, data, c, run.stage_dir(name), lr=lr, beta=beta,
+                          sft_adapter=run.adapter(f"sft-{module}"), ref_cache_dir=run.dir / "ref_cache")
+    m = result.last_metrics
+    return {"module": MODULES[module], "pairs": len(data), "steps": result.steps, "lr": lr, "beta": beta,
+            "final_loss": m.get("loss"), "final_reward_accuracy": m.get("rewards/accuracies")}
+
+
+def outputs_ok(stage_dir, done: dict) -> str | None:
+    """The adapter reads back, unless the stage trained nothing (no pairs)."""
+    if done.get("summary", {}).get("pairs") == 0:
+        return None
+    return adapter_problem(stage_dir)
+
+
+STAGES = tuple(
+    Stage(f"dpo-{module}", after=(f"sft-{module}", "mine"), roles=("train", "dpo"),
+          run=partial(run_dpo, module=module), distributed=True, outputs_ok=outputs_ok)
+    for module in MODULES)

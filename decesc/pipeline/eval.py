@@ -1,0 +1,146 @@
+"""Stage eval: the four systems on the evaluation turns, judged and scored (Table 3).
+
+Vanilla SFT / DPO run joint inference; Decoupled SFT / DPO run decoupled inference with the
+greedy planner (argmax over the eight strategy names). Replies are sampled with seed
+``seed + 7``. The outputs are stored in ``outputs.json`` with the settings and inputs that
+produced them, so ``tools.evaluate`` can rescore them without generating again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from decesc.core.tokenizer import chat_messages
+from decesc.esc.inference import decoupled, vanilla
+from decesc.esc.prompts import Example, instruction, task_example
+from decesc.esc.strategies import STRATEGIES
+from decesc.formats.atomic import atomic_write_text
+from decesc.pipeline.data import examples, sampling, subset
+from decesc.pipeline.judging import judge_items, make_judge
+from decesc.pipeline.results import json_problem, move_aside, read_json
+from decesc.pipeline.sft import MODULES
+from decesc.pipeline.stage import Stage
+
+REPLY_SEED_OFFSET = 7
+SYSTEMS = ("Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO")
+
+
+def turns(run, tokenizer) -> list[Example]:
+    c = run.config
+    return subset(examples(c, run.memo, tokenizer, c.eval_split, "rg", overflow="keep"), c.eval_turns, c.seed)
+
+
+def check(run, models) -> None:
+    """Every evaluation prompt leaves room for max_new_tokens in the model's context window
+    (turns whose latest seeker message alone exceeds the budget are kept, so they may exceed
+    max_seq_len)."""
+    c, tok = run.config, models.tokenizer
+    window = models.base_config.max_position_embeddings
+    longest = max(tok.count_tokens(instruction("rg", s)) for s in STRATEGIES)
+    for e in turns(run, tok):
+        for task in ("rg", "vanilla"):
+            ex = task_example(e, task)
+            n = len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
+            if task == "rg":  # the planned strategy's instruction may be longer than the gold one's
+                n += longest - tok.count_tokens(instruction("rg", e.strategy))
+            if n + c.max_new_tokens > window:
+                raise ValueError(f"eval: {c.eval_split} split, dialogue {e.dialogue}, turn {e.turn}: the {task} "
+                                 f"prompt takes {n} tokens, which leaves no room for max_new_tokens "
+                                 f"{c.max_new_tokens} in the model's context of {window} tokens; lower "
+                                 "--max-new-tokens")
+
+
+def _stored(candidate: Path, settings: dict, own: bool, log) -> dict | None:
+    """The systems stored in ``candidate`` if it was made with ``settings``; an unreadable file
+    of our own is moved aside (recomputed), another one is ignored."""
+    if not candidate.is_file():
+        return None
+    try:
+        saved = read_json(candidate)
+    except ValueError as e:
+        if own:
+            move_aside(candidate, str(e).removeprefix(f"{candidate}: "), log)
+        else:
+            log(f"warning: {e}; not reused")
+        return None
+    return saved["systems"] if isinstance(saved, dict) and saved.get("settings") == settings else None
+
+
+def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path | None = None,
+                   log=print) -> tuple[list[Example], dict]:
+    """Every system's outputs on the evaluation turns: {system: {"strategies", "replies"}}.
+
+    Generated once and stored in ``path`` together with the settings that produced them; a
+    later call with the same settings (and the same trained stages and data) reloads them, from
+    ``path`` or from ``reuse`` (another such file, only read).
+    """
+    c, tok = run.config, models.tokenizer
+    tests = turns(run, tok)
+    settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval")}
+    for candidate, own in ((path, True), (reuse, False)):
+        if candidate is not None:
+            systems = _stored(candidate, settings, own, log)
+            if systems is not None:
+                return tests, systems
+    sft = {m: run.adapter(f"sft-{m}") for m in MODULES}
+    dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
+    chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
+    base = sampling(c)
+    systems = {}
+    for kind, chain in chains.items():
+        (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,
+                        rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}")
+        systems[f"Vanilla {kind}"] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
+    for kind, chain in chains.items():
+        (rd,) = decoupled(lambda chain=chain: models.merged(*chain("sp")),
+                          lambda chain=chain: models.merged(*chain("rg")), tok,
+                          tests, base, plan_temperature=0.0, rounds=(REPLY_SEED_OFFSET,), progress=progress,
+                          desc=f"Decoupled {kind}")
+        systems[f"Decoupled {kind}"] = {"strategies": rd.strategies, "replies": rd.replies}
+    systems = {k: systems[k] for k in SYSTEMS}
+    atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
+                                        "systems": systems}, indent=1))
+    return tests, systems
+
+
+def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool = True,
+              reuse: Path | None = None, log=print) -> list[dict]:
+    """Report rows for a run's systems (outputs generated or reloaded, then judged)."""
+    from decesc.esc.report import SystemOutputs, score_system
+
+    c = run.config
+    tests, systems = system_outputs(run, models, outputs_path, progress, reuse, log)
+    judge = make_judge(c, run.dir)
+    judged = subset(list(range(len(tests))), c.judge_samples, c.seed)
+    gold_s, gold_r = [e.strategy for e in tests], [e.response for e in tests]
+    rows = []
+    with judge:  # closes its cache
+        for name, out in systems.items():
+            items = judge_items([tests[i] for i in judged], [out["replies"][i] for i in judged],
+                                [out["strategies"][i] for i in judged])
+            outputs = SystemOutputs(prefix + name, out["strategies"], out["replies"],
+                                    judge.judge_many(items, progress=progress), judged)
+            rows.append(score_system(outputs, gold_s, gold_r))
+    return rows
+
+
+def run_eval(run, name: str, models) -> dict:
+    from decesc.esc.report import json_safe, write_report
+
+    d = run.stage_dir(name)
+    rows = score_run(run, models, d / "outputs.json", log=run.log)
+    report = write_report(rows, d, title=f"DecoupledESC evaluation: {run.config.model} on "
+                                         f"{run.config.data} ({run.config.eval_split})")
+    return json_safe({"report": str(report),
+                      "systems": {r["system"]: {k: r[k] for k in ("B", "Q_W", "Q", "R-L")} for r in rows}})
+
+
+def outputs_ok(stage_dir, done: dict) -> str | None:
+    return json_problem(stage_dir / "report.json") or json_problem(stage_dir / "outputs.json")
+
+
+STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
+              roles=("generate", "judge"), run=run_eval, splits=lambda c: (c.eval_split,), check=check,
+              outputs_ok=outputs_ok)

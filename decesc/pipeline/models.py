@@ -1,0 +1,92 @@
+"""The models of one pipeline call: the base model read from disk once, copies handed out.
+
+A :class:`Models` is created per pipeline call (or per tool run) and dropped at its end, so
+nothing outlives the call. It keeps one base model on the CPU (fp32) and hands out
+
+- :meth:`Models.fresh`: a copy on the run's device, to train (the trainer modifies it in place);
+- :meth:`Models.merged`: a copy with PEFT adapters merged in order (SFT, then DPO on top), for
+  inference.
+
+Each copy belongs to its caller: when the caller drops it, it is freed. When no later stage of
+the call needs the base model (:attr:`Models.last_stage`), :meth:`fresh` hands over the base
+itself instead of copying it, so a call that trains one module holds one model.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from pathlib import Path
+
+import torch
+
+from decesc.core.lora import remove_lora
+from decesc.core.model import CausalLM
+from decesc.core.tokenizer import Tokenizer
+from decesc.formats.loading import load_pretrained
+from decesc.formats.peft import load_adapter
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against this machine (default: cuda if available, else cpu);
+    ValueError naming the setting otherwise."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+    return device
+
+
+class Models:
+    """The base model (read once) and fresh copies of it; see the module docstring."""
+
+    def __init__(self, source: str, device: str | None = None):
+        self.source = source
+        self.device = resolve_device(device)
+        self.last_stage = False  # set by the pipeline: no later stage of this call needs the base
+        self._base: CausalLM | None = None
+        self._tokenizer: Tokenizer | None = None
+
+    def _load(self) -> CausalLM:
+        if self._base is None:
+            self._base, self._tokenizer = load_pretrained(self.source, dtype=torch.float32, device="cpu")
+        return self._base
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._load()
+        return self._tokenizer
+
+    @property
+    def base_config(self):
+        return self._load().config
+
+    def fresh(self) -> CausalLM:
+        """A copy of the base model on the run's device (the base itself when no later stage
+        needs it)."""
+        base = self._load()
+        if self.last_stage:
+            self._base = None  # handed over: a later request reads the checkpoint again
+            return base.to(self.device)
+        return copy.deepcopy(base).to(self.device)
+
+    def merged(self, *adapters: Path | None) -> CausalLM:
+        """A copy of the base model with each given PEFT adapter merged in order (None: skipped),
+        in eval mode."""
+        model = copy.deepcopy(self._load()).to(self.device)
+        for adapter in adapters:
+            if adapter is not None:
+                load_adapter(model, adapter)
+                remove_lora(model)
+        return model.eval()
+
+    def close(self) -> None:
+        """Drop the base model and free its memory."""
+        self._base = None
+        gc.collect()

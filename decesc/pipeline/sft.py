@@ -1,0 +1,50 @@
+"""Stages sft-sp, sft-rg, sft-vanilla: LoRA SFT of each module on its training examples
+(eqs. 3, 4; the vanilla joint model learns "[Strategy] reply")."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from decesc.core.tokenizer import chat_messages
+from decesc.formats.records import SFTExample
+from decesc.pipeline import training
+from decesc.pipeline.data import examples, subset
+from decesc.pipeline.results import adapter_problem
+from decesc.pipeline.stage import Stage
+
+MODULES = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "vanilla joint model"}
+
+
+def training_examples(run, tokenizer, task: str) -> list[SFTExample]:
+    c = run.config
+    chosen = subset(examples(c, run.memo, tokenizer, "train", task), c.max_train_examples, c.seed)
+    return [SFTExample(e.prompt, e.target, e.system, f"{c.data} train, dialogue {e.dialogue}, turn {e.turn}")
+            for e in chosen]
+
+
+def check(run, models, task: str) -> None:
+    """Every training example, encoded as the trainer will, fits max_seq_len."""
+    c, tok = run.config, models.tokenizer
+    for ex in training_examples(run, tok, task):
+        n = len(tok.encode_prompt_target(chat_messages(ex.prompt, ex.system), ex.target)[0])
+        if n > c.max_seq_len:
+            raise ValueError(f"{ex.source}, task {task}: {n} tokens exceed max_seq_len {c.max_seq_len}; "
+                             "raise --max-seq-len")
+
+
+def run_sft(run, name: str, models, task: str) -> dict:
+    data = training_examples(run, models.tokenizer, task)
+    result = training.sft(models.fresh(), models.tokenizer, data, run.config, run.stage_dir(name))
+    return {"module": MODULES[task], "examples": len(data), "steps": result.steps,
+            "final_loss": result.last_metrics.get("loss")}
+
+
+def outputs_ok(stage_dir, done: dict) -> str | None:
+    return adapter_problem(stage_dir)
+
+
+STAGES = tuple(
+    Stage(f"sft-{task}", after=(), roles=("train", "sft"), run=partial(run_sft, task=task),
+          distributed=True, splits=lambda c: ("train",), check=partial(check, task=task),
+          outputs_ok=outputs_ok)
+    for task in MODULES)

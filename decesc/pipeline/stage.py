@@ -1,0 +1,73 @@
+"""What a pipeline stage is: one declaration from which the run order, the skip and staleness
+rules, ``--stages``, ``--status``, the torchrun check, the pre-flight and ``tools.evaluate`` are
+derived (see :mod:`decesc.pipeline.stages` for the ordered table and :mod:`decesc.pipeline.run`
+for the rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from decesc.pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.run import Run
+
+COMMON = "common"  # the role every stage has: settings read by all of them
+
+
+def _no_splits(config: PipelineConfig) -> tuple[str, ...]:
+    return ()
+
+
+def _no_check(run: Run, models: Models) -> None:
+    return None
+
+
+def _no_outputs(stage_dir: Path, done: dict) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the method.
+
+    name         its name on the command line and the folder ``<run_dir>/<name>`` it writes
+    after        the stages whose outputs it reads (they run before it; when one of them reruns,
+                 this stage is stale)
+    roles        the setting roles it answers to besides "common" and its own name (field metadata
+                 ``read_by``, :mod:`decesc.pipeline.config`); :attr:`reads` is derived from them
+    run          ``run(run, name, models) -> summary``: does the work, writes into
+                 ``run.stage_dir(name)`` and returns a small JSON summary for DONE.json
+    distributed  whether it may run under torchrun (FSDP2 training); the others run in one process
+    splits       ``splits(config)``: the data splits it reads (their files' content is part of what
+                 it read; the pre-flight checks that they exist)
+    check        ``check(run, models)``: the pre-flight of its budgets, run before any stage of the
+                 call starts; raises ValueError naming the setting to change
+    outputs_ok   ``outputs_ok(stage_dir, done) -> problem | None``: whether its finished outputs
+                 read back (a stage whose outputs do not is stale, not done)
+    """
+
+    name: str
+    after: tuple[str, ...]
+    roles: tuple[str, ...]
+    run: Callable[[Run, str, Models], dict]
+    distributed: bool = False
+    splits: Callable[[PipelineConfig], tuple[str, ...]] = _no_splits
+    check: Callable[[Run, Models], None] = _no_check
+    outputs_ok: Callable[[Path, dict], str | None] = _no_outputs
+
+    @property
+    def all_roles(self) -> tuple[str, ...]:
+        return (COMMON, self.name, *self.roles)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The settings this stage reads: every field whose ``read_by`` names one of its roles,
+        in field order. Its settings hash covers exactly these."""
+        mine = set(self.all_roles)
+        return tuple(f.name for f in fields(PipelineConfig) if mine & set(f.metadata["read_by"]))

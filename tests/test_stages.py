@@ -1,0 +1,152 @@
+"""Stage declarations and setting metadata: run order, settings hashes, types and range checks
+are all derived from them (no hand tables)."""
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import pytest
+
+from decesc.pipeline.config import (
+    NO_STAGE,
+    PipelineConfig,
+    build_config,
+    field_type,
+    validate_config,
+)
+from decesc.pipeline.run import Run, run_pipeline
+from decesc.pipeline.stages import (
+    BY_NAME,
+    NAMES,
+    STAGES,
+    parse_stages,
+    undeclared_settings,
+    upstream,
+)
+
+# The settings each stage read before they were derived from field metadata: the derived sets
+# must be the same, so the settings hashes of existing run directories stay valid.
+_COMMON = ("model", "data", "seed", "max_seq_len")
+_SFT = _COMMON + ("max_new_tokens", "dtype", "lora_r", "lora_alpha", "lora_dropout", "sft_epochs",
+                  "sft_lr", "sft_batch_size", "micro_batch_size", "max_train_examples")
+_DPO = _COMMON + ("dtype", "lora_r", "lora_alpha", "lora_dropout", "dpo_preset", "dpo_epochs",
+                  "dpo_batch_size", "micro_batch_size", "max_pairs")
+_GEN = ("temperature", "top_p", "max_new_tokens", "gen_batch_size")
+_JUDGE = ("judge", "judge_model")
+BEFORE = {
+    "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
+    "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
+    "dpo-sp": _DPO + ("dpo_lr_sp", "dpo_beta_sp"),
+    "dpo-rg": _DPO + ("dpo_lr_rg", "dpo_beta_rg"),
+    "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
+    "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples"),
+}
+
+
+def test_run_order_and_dependencies_come_from_the_declarations():
+    assert NAMES == ("sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval")
+    for i, stage in enumerate(STAGES):
+        assert all(NAMES.index(d) < i for d in stage.after), stage.name
+    assert BY_NAME["dpo-rg"].after == ("sft-rg", "mine")
+    assert upstream("eval") == list(NAMES[:-1])
+    assert upstream("dpo-sp") == ["sft-sp", "sft-rg", "sft-vanilla", "mine"]
+    assert [s.name for s in STAGES if s.distributed] == ["sft-sp", "sft-rg", "sft-vanilla",
+                                                          "dpo-sp", "dpo-rg", "dpo-vanilla"]
+    assert parse_stages("eval, sft-sp") == ["sft-sp", "eval"]
+    assert parse_stages("all") == list(NAMES)
+    with pytest.raises(ValueError, match="unknown stage"):
+        parse_stages("sft-sp,nope")
+
+
+def test_settings_read_by_each_stage_are_derived_from_field_metadata():
+    for stage in STAGES:
+        assert set(stage.reads) == set(BEFORE[stage.name]), stage.name
+    # every field says who reads it, and names only roles that some stage has
+    assert undeclared_settings() == []
+    not_read = {f.name for f in fields(PipelineConfig) if f.metadata["read_by"] == NO_STAGE}
+    assert not_read == {"run_dir", "profile", "device", "save_every", "judge_url", "judge_api_key_env"}
+    assert {f.name for f in fields(PipelineConfig)} == not_read | {k for s in STAGES for k in s.reads}
+
+
+def test_a_field_that_forgets_who_reads_it_is_caught():
+    @dataclass(frozen=True)
+    class Extended(PipelineConfig):
+        new_knob: int = 3  # no metadata at all
+        typo_knob: int = field(default=1, metadata={"help": "x", "read_by": ("sfft",)})
+
+    problems = undeclared_settings(Extended)
+    assert problems == ["new_knob: no read_by (name the stages/roles that read it, or NO_STAGE)",
+                        "typo_knob: read_by names 'sfft', a role no stage has"]
+
+
+def _changed(name, value):
+    """A different valid value for a field."""
+    kind = field_type(name)
+    f = PipelineConfig.__dataclass_fields__[name]
+    if f.metadata.get("choices"):
+        return next(c for c in f.metadata["choices"] if c != value)
+    if kind is str:
+        return "other" if value is None or value != "other" else "other2"
+    if value is None:
+        return 2 if kind is int else 0.5
+    if name in ("lora_dropout", "top_p"):
+        return value / 2
+    return value + 1 if kind is int else value * 2
+
+
+def test_a_stage_hash_covers_exactly_the_fields_that_name_it(tmp_path):
+    base = PipelineConfig(run_dir=str(tmp_path), judge="rule")
+    hashes = {s: Run(base).config_hash(s) for s in NAMES}
+    for f in fields(PipelineConfig):
+        if f.name in ("judge", "judge_model", "judge_url"):
+            continue  # checked below: they go together
+        config = replace(base, **{f.name: _changed(f.name, getattr(base, f.name))})
+        validate_config(config)
+        changed = {s for s in NAMES if Run(config).config_hash(s) != hashes[s]}
+        assert changed == {s.name for s in STAGES if f.name in s.reads}, f.name
+    judged = replace(base, judge="local", judge_model="tiny")
+    assert {s for s in NAMES if Run(judged).config_hash(s) != hashes[s]} == {"mine", "eval"}
+
+
+def test_field_types_come_from_the_annotations():
+    assert field_type("max_pairs") is int and field_type("dpo_lr_sp") is float
+    assert field_type("lora_alpha") is float and field_type("judge_url") is str
+    config = build_config(overrides={"dpo_lr_sp": "2e-4", "max_pairs": "8", "lora_alpha": 8})
+    assert config.dpo_lr_sp == 2e-4 and config.max_pairs == 8 and config.lora_alpha == 8.0
+    with pytest.raises(ValueError, match="max_pairs must be an integer, got '8.5'"):
+        build_config(overrides={"max_pairs": "8.5"})
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(PipelineConfig) if field_type(f.name) is float])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_setting_rejects_nan_and_infinity(name, bad):
+    with pytest.raises(ValueError, match=f"config: {name} must be a finite number"):
+        build_config(overrides={name: bad})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("max_seq_len", 0, "max_seq_len must be >= 1, got 0"),
+    ("lora_alpha", 0.0, "lora_alpha must be > 0, got 0.0"),
+    ("lora_dropout", 1.0, "lora_dropout must be in [0, 1), got 1.0"),
+    ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("temperature", -0.1, "temperature must be >= 0, got -0.1"),
+    ("save_every", -1, "save_every must be >= 0, got -1"),
+    ("dpo_beta_rg", -1.0, "dpo_beta_rg must be > 0, got -1.0"),
+    ("eval_turns", 0, "eval_turns must be >= 1, got 0"),
+])
+def test_range_checks_come_from_field_metadata(name, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[")):
+        build_config(overrides={name: value})
+    edge = {"lora_dropout": 0.0, "top_p": 1.0, "temperature": 0.0, "save_every": 0}
+    if name in edge:  # the closed ends are allowed
+        build_config(overrides={name: edge[name]})
+
+
+def test_torchrun_refuses_single_process_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun only training stages run "
+                                         r"\(sft-sp, sft-rg, sft-vanilla, dpo-sp, dpo-rg, dpo-vanilla\); "
+                                         "run mine, eval in a single process"):
+        run_pipeline(PipelineConfig(run_dir=str(tmp_path), model="tiny"), ["sft-sp", "mine", "eval"])
+    assert not (tmp_path / ".lock").exists()
