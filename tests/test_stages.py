@@ -32,6 +32,10 @@ _DPO = _COMMON + ("dtype", "lora_r", "lora_alpha", "lora_dropout", "dpo_preset",
                   "dpo_batch_size", "micro_batch_size", "max_pairs")
 _GEN = ("temperature", "top_p", "max_new_tokens", "gen_batch_size")
 _JUDGE = ("judge", "judge_model")
+# settings added since the hand table: the base weights' dtype (training stages) and the
+# preference loss, its SFT term and pair packing (DPO stages)
+_SFT += ("base_dtype",)
+_DPO += ("base_dtype", "dpo_loss", "dpo_sft_weight", "dpo_packing")
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
@@ -63,7 +67,8 @@ def test_settings_read_by_each_stage_are_derived_from_field_metadata():
     # every field says who reads it, and names only roles that some stage has
     assert undeclared_settings() == []
     not_read = {f.name for f in fields(PipelineConfig) if f.metadata["read_by"] == NO_STAGE}
-    assert not_read == {"run_dir", "profile", "device", "save_every", "judge_url", "judge_api_key_env"}
+    assert not_read == {"run_dir", "profile", "device", "save_every", "judge_url", "judge_api_key_env",
+                        "activation_checkpointing"}
     assert {f.name for f in fields(PipelineConfig)} == not_read | {k for s in STAGES for k in s.reads}
 
 
@@ -90,7 +95,7 @@ def _changed(name, value):
         return 2 if kind is int else 0.5
     if name in ("lora_dropout", "top_p"):
         return value / 2
-    return value + 1 if kind is int else value * 2
+    return value + 1 if kind is int else (value * 2 if value else 0.5)
 
 
 def test_a_stage_hash_covers_exactly_the_fields_that_name_it(tmp_path):
