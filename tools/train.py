@@ -37,6 +37,19 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated stages to run, or 'all' (default). Stages: {', '.join(STAGES)}")
     p.add_argument("--status", action="store_true",
                    help="print each stage's status in the run directory and exit")
+    plan = p.add_argument_group("cost plan (nothing is trained or written)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print each stage's work, tokens, optimizer steps, estimated peak memory "
+                           "per device and wall time on this machine, then exit; reads only the "
+                           "model's config.json or GGUF header (and tokenizer) and the data")
+    plan.add_argument("--nproc", type=int, default=None,
+                      help="devices to plan for (default: the current torchrun world size, else 1)")
+    plan.add_argument("--device-memory", type=float, default=None, metavar="GiB",
+                      help="memory of one device to check the plan against (default: this "
+                           "machine's GPU, else its RAM)")
+    plan.add_argument("--plan-costs", default=None, metavar="FILE",
+                      help="unit costs (JSON, as printed by an earlier --plan) instead of the few "
+                           "seconds of calibration")
     for f in fields(PipelineConfig):
         default = f.default if f.default is not MISSING else None
         shown = [] if default is None else [f"default: {default}"]
@@ -76,6 +89,35 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+def print_plan(config, stages: list[str], args) -> int:
+    """``--plan``: the cost of each stage (decesc.pipeline.plan), a warning when a stage does not
+    fit a device, and the setting that would make it fit."""
+    from decesc.pipeline.plan import (GiB, costs_json, device_memory, format_plan, plan_run, read_costs,
+                                      suggestion)
+
+    nproc = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        if nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {nproc}")
+        costs = read_costs(args.plan_costs) if args.plan_costs else None
+        limit = int(args.device_memory * GiB) if args.device_memory else device_memory(config.device)
+        plans, costs, shape = plan_run(config, stages, nproc, costs, log=lambda m: print(m, flush=True))
+    except (ValueError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    source = (f"from {args.plan_costs}" if args.plan_costs
+              else f"measured in {costs.seconds:.0f} s on this machine")
+    print(format_plan(plans, config, nproc, shape, source, limit))
+    over = [p.stage for p in plans if p.peak_bytes > limit]
+    if over:
+        fix = suggestion(config, stages, nproc, costs, limit)
+        print(f"warning: {', '.join(over)} would not fit in {limit / GiB:.1f} GiB per device; "
+              + (f"with {fix} they would" if fix else "no setting tried makes them fit"))
+    print("unit costs measured (reuse with --plan-costs FILE):")
+    print(costs_json(costs))
+    return 0
+
+
 def run_pipeline(argv: list[str]) -> int:
     import time
     from pathlib import Path
@@ -87,7 +129,8 @@ def run_pipeline(argv: list[str]) -> int:
     from decesc.pipeline.stages import parse_stages
 
     args = pipeline_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "stages", "status")}
+    cli_only = ("config", "stages", "status", "plan", "nproc", "device_memory", "plan_costs")
+    overrides = {k: v for k, v in vars(args).items() if k not in cli_only}
     try:
         from_file = read_config_file(args.config) if args.config else {}
         run_dir = Path(overrides.get("run_dir") or from_file.get("run_dir") or PipelineConfig.run_dir)
@@ -104,6 +147,8 @@ def run_pipeline(argv: list[str]) -> int:
         for stage in STAGES:
             print(f"{stage:12s} {run.status(stage)}")
         return 0
+    if args.plan:
+        return print_plan(config, stages, args)
     from decesc.train.fsdp import launched_by_torchrun
 
     main_process = int(os.environ.get("RANK", "0")) == 0

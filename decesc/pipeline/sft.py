@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from decesc.core.tokenizer import chat_messages
@@ -16,10 +17,11 @@ MODULES = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "van
 
 
 def training_examples(run, tokenizer, task: str) -> list[SFTExample]:
+    """The module's training examples (an ESC :class:`~decesc.esc.prompts.Example` is an
+    SFTExample), their source naming the data and split for error messages."""
     c = run.config
     chosen = subset(examples(c, run.memo, tokenizer, "train", task), c.max_train_examples, c.seed)
-    return [SFTExample(e.prompt, e.target, e.system, f"{c.data} train, dialogue {e.dialogue}, turn {e.turn}")
-            for e in chosen]
+    return [replace(e, source=f"{c.data} train, dialogue {e.dialogue}, turn {e.turn}") for e in chosen]
 
 
 def check(run, models, task: str) -> None:

@@ -1,0 +1,294 @@
+"""What a run will cost before it runs: parameters, memory per device, and time (``--plan``).
+
+Nothing here needs the model's weights: the shape comes from ``config.json`` or a GGUF header,
+and the unit costs are *measured* in a few seconds on this machine with the run's own code on
+random-weight models of the same shape but only 1 and 2 transformer blocks (:func:`calibrate`).
+With t(n) the time of the same work on an n-block model, a block costs t(2) - t(1) and the rest
+(embeddings, final norm, output head, loss, Python overhead) t(1) - (t(2) - t(1)); a model of L
+blocks costs rest + L * block. The same two models give the bytes autograd saves for backward
+per token (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``), from which the
+activation memory of any micro-batch follows.
+
+Memory per device of a training step (FSDP shards by ``world``, a single process has world 1)::
+
+    weights      n_base * bytes(base dtype) / world   (+ two gathered blocks when world > 1)
+    adapters     n_lora * (4 weight + 4 grad + 8 AdamW moments) / world          (fp32)
+    activations  saved bytes per token per block * tokens * blocks   (no checkpointing), or
+                 block-input bytes * tokens * blocks + one block's saved bytes  (checkpointing)
+    head         the output head's saved bytes (logits of the target positions only)
+    runtime      the process's own resident memory before any model exists (measured)
+
+Generation: prompts are prefilled in batches, then decoded step by step; a batch decodes until
+its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from decesc.core.generate import generate
+from decesc.core.lora import DEFAULT_TARGETS, apply_lora
+from decesc.core.model import CausalLM, ModelConfig
+
+GiB = 1024 ** 3
+_BYTES = {"fp32": 4, "bf16": 2}
+
+
+# ----------------------------------------------------------------------------- the model's shape
+
+
+def read_model_config(source: str) -> tuple[ModelConfig, str]:
+    """The model's config from ``config.json`` (a directory may hold nothing else), a GGUF
+    header, or a named model; returns ``(config, where it was read)``. Never reads weights."""
+    from decesc.formats.zoo import SMOLLM2_NAME, TINY_NAME, smollm2_gguf_path, tiny_config, tiny_tokenizer
+
+    if source == TINY_NAME:
+        return tiny_config(tiny_tokenizer().vocab_size), "the built-in tiny model"
+    path = smollm2_gguf_path() if source == SMOLLM2_NAME else Path(source).expanduser()
+    if path.suffix == ".gguf":
+        from decesc.formats.gguf import hf_config, read_gguf
+
+        with read_gguf(path) as gf:
+            return ModelConfig.from_hf(hf_config(gf), str(path)), f"{path} (GGUF header)"
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{source}: --plan needs a local model directory with config.json, "
+                                "a .gguf file, or a named model (Hub ids are not downloaded)")
+    try:
+        return ModelConfig.from_hf(json.loads(file.read_text()), str(file)), str(file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
+
+
+def block_params(c: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, MLP, two norms)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    bias = (q + 2 * kv) * (c.qkv_bias or c.attention_bias) + c.hidden_size * c.attention_bias
+    attn = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + bias
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return attn + mlp + 2 * c.hidden_size
+
+
+def model_params(c: ModelConfig) -> int:
+    head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    return c.vocab_size * c.hidden_size + c.num_hidden_layers * block_params(c) + c.hidden_size + head
+
+
+def lora_params(c: ModelConfig, r: int, targets: tuple[str, ...] = DEFAULT_TARGETS) -> int:
+    """r (in + out) for each targeted projection of every block."""
+    q, kv, d, ff = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                    c.hidden_size, c.intermediate_size)
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
+    return c.num_hidden_layers * sum(r * sum(dims[t]) for t in targets)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the measured unit costs depend on."""
+
+    dtype: str = "fp32"  # compute: fp32, or bf16 autocast
+    base_dtype: str = "fp32"  # stored dtype of the frozen weights
+    lora_r: int = 16
+    lora_dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Measured on this machine; ``rest`` is everything outside the blocks."""
+
+    train_block_s_per_token: float
+    train_rest_s_per_token: float
+    saved_block_bytes_per_token: float  # autograd-saved activations of one block
+    saved_rest_bytes_per_token: float
+    prefill_block_s_per_token: float
+    prefill_rest_s_per_token: float
+    decode_block_s_per_step: float  # one decoding step of a batch of ``decode_batch`` rows
+    decode_rest_s_per_step: float
+    decode_batch: int
+    runtime_bytes: int  # resident memory of this process before the calibration models exist
+    seconds: float  # how long the calibration took
+
+
+def _rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _tiny_copy(c: ModelConfig, blocks: int, setting: Setting) -> CausalLM:
+    model = CausalLM(replace(c, num_hidden_layers=blocks)).init_weights(seed=0)
+    apply_lora(model, setting.lora_r, setting.lora_r, setting.lora_dropout, setting.targets, seed=0,
+               dtype=torch.float32)
+    base = {"fp32": torch.float32, "bf16": torch.bfloat16}[setting.base_dtype]
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(base)
+    return model.train()
+
+
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _train_step(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, logits_at=keep)  # (N, V)
+    loss = logits.float().logsumexp(-1).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _saved_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, logits_at=keep)
+        del logits
+    return sum(seen.values())
+
+
+def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, micro_batch: int,
+              gen_batch: int, prompt_len: int, repeats: int = 2) -> UnitCosts:
+    """Measure the unit costs of :class:`UnitCosts` on 1- and 2-block random models of shape
+    ``c``: a training forward + backward of ``micro_batch`` rows of ``seq_len`` tokens (loss on the
+    last ``target_len``), a prefill of ``gen_batch`` prompts of ``prompt_len`` tokens and 8 decoding
+    steps. Takes a few seconds for a small model."""
+    t_start = time.perf_counter()
+    runtime = _rss_bytes()
+    seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
+    ids = torch.randint(0, c.vocab_size, (micro_batch, seq_len))
+    keep = torch.zeros(micro_batch, seq_len, dtype=torch.bool)
+    keep[:, seq_len - 1 - target_len:seq_len - 1] = True
+    prompts = torch.randint(0, c.vocab_size, (gen_batch, prompt_len)).tolist()
+    autocast = setting.dtype == "bf16"
+    steps = 8
+    measured = {}
+    for blocks in (1, 2):
+        model = _tiny_copy(c, blocks, setting)
+        _train_step(model, ids, keep, autocast)  # warm-up
+        train = _best_of(lambda model=model: _train_step(model, ids, keep, autocast), repeats)
+        saved = _saved_bytes(model, ids, keep, autocast)
+        model.eval()
+
+        def run(n, model=model):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                generate(model, prompts, max_new_tokens=n, temperature=0.0)
+
+        run(1)  # warm-up
+        prefill = _best_of(lambda: run(1), repeats)
+        decode = (_best_of(lambda: run(steps + 1), repeats) - prefill) / steps
+        measured[blocks] = (train, saved, prefill, max(decode, 0.0))
+        del model
+    tokens, prompt_tokens = micro_batch * seq_len, gen_batch * prompt_len
+
+    def split(i: int, per: float) -> tuple[float, float]:
+        block = max(measured[2][i] - measured[1][i], 0.0)
+        return block / per, max(measured[1][i] - block, 0.0) / per
+
+    (tb, tr), (sb, sr) = split(0, tokens), split(1, tokens)
+    (pb, pr), (db, dr) = split(2, prompt_tokens), split(3, 1)
+    return UnitCosts(tb, tr, sb, sr, pb, pr, db, dr, gen_batch, runtime, time.perf_counter() - t_start)
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+@dataclass(frozen=True)
+class TrainWork:
+    """One training stage: optimizer steps over ``examples`` sequences of ``tokens`` in all
+    (padded), of which ``max_tokens`` in the longest micro-batch, plus ``reference_tokens`` of a
+    no-grad reference pass (DPO)."""
+
+    examples: int
+    tokens: int
+    steps: int
+    micro_batch: int
+    max_row_tokens: int
+    reference_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateWork:
+    """Generation: ``prompts`` prompts of ``prompt_tokens`` tokens in all, in batches of
+    ``batch``, each batch decoding at most ``max_new_tokens`` steps; ``scored_tokens`` of
+    prompt-only scoring (the planner)."""
+
+    prompts: int
+    prompt_tokens: int
+    batch: int
+    max_new_tokens: int
+    scored_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    peak_bytes: int
+
+
+def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: int, world: int,
+                 checkpointing: bool) -> int:
+    """Peak bytes per device of a training step (see the module docstring)."""
+    L = c.num_hidden_layers
+    weights = model_params(c) * _BYTES[setting.base_dtype] / world
+    if world > 1:
+        weights += 2 * block_params(c) * _BYTES[setting.base_dtype]
+    adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
+    per_token_block = u.saved_block_bytes_per_token
+    if checkpointing:
+        block_input = c.hidden_size * 4  # the fp32 residual stream entering each block
+        activations = micro_tokens * (L * block_input + per_token_block)
+    else:
+        activations = micro_tokens * L * per_token_block
+    head = micro_tokens * u.saved_rest_bytes_per_token
+    return int(u.runtime_bytes + weights + adapters + activations + head)
+
+
+def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWork, world: int,
+                   checkpointing: bool) -> Estimate:
+    L = c.num_hidden_layers
+    per_token = u.train_rest_s_per_token + L * u.train_block_s_per_token
+    if checkpointing:  # the forward of every block runs twice
+        per_token += L * u.prefill_block_s_per_token
+    reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
+    seconds = (work.tokens * per_token + reference) / world
+    memory = train_memory(c, u, setting, work.micro_batch * work.max_row_tokens, world, checkpointing)
+    return Estimate(seconds, memory)
+
+
+def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: GenerateWork,
+                      world: int) -> Estimate:
+    L = c.num_hidden_layers
+    per_prompt_token = u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token
+    batches = math.ceil(work.prompts / max(work.batch, 1))
+    step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at this batch size
+    seconds = ((work.prompt_tokens + work.scored_tokens) * per_prompt_token
+               + batches * work.max_new_tokens * step) / world
+    weights = model_params(c) * _BYTES[setting.base_dtype]  # inference: a full copy per device
+    kv = 2 * L * c.num_key_value_heads * c.head_dim * _BYTES[setting.dtype] * work.batch * (
+        work.prompt_tokens / max(work.prompts, 1) + work.max_new_tokens)
+    return Estimate(seconds, int(u.runtime_bytes + weights + kv))

@@ -1,0 +1,129 @@
+"""``--plan``: parameter counts of the public 7-8 B configs, the cost arithmetic, and the CLI on
+directories that hold only a config.json (no weights, no tokenizer)."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from decesc.core.model import ModelConfig
+from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, generate_estimate,
+                                  lora_params, model_params, train_estimate, train_memory)
+from tools.train import main
+
+# The public config.json files of Qwen/Qwen2.5-7B-Instruct and meta-llama/Llama-3.1-8B-Instruct.
+QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+             "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+             "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+             "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28,
+             "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+             "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+             "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False,
+             "vocab_size": 152064}
+LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+              "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+              "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+              "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+              "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+              "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+# Unit costs as --plan prints them (made-up round numbers, so the arithmetic below is exact).
+COSTS = UnitCosts(train_block_s_per_token=1e-4, train_rest_s_per_token=2e-4,
+                  saved_block_bytes_per_token=1000.0, saved_rest_bytes_per_token=500.0,
+                  prefill_block_s_per_token=3e-5, prefill_rest_s_per_token=1e-5,
+                  decode_block_s_per_step=1e-3, decode_rest_s_per_step=2e-3, decode_batch=8,
+                  runtime_bytes=300 << 20, seconds=1.0)
+
+
+@pytest.mark.parametrize("config, params, lora", [(QWEN25_7B, 7_615_616_512, 40_370_176),
+                                                  (LLAMA31_8B, 8_030_261_248, 41_943_040)])
+def test_parameter_counts_of_the_paper_backbones(config, params, lora):
+    """The published sizes (7.62 B, 8.03 B); LoRA r 16 on the 7 projections of every block:
+    Llama: 32 x 16 x ((4096+4096) + 2 (4096+1024) + (4096+4096) + 2 (4096+14336) + (14336+4096))."""
+    c = ModelConfig.from_hf(config)
+    assert model_params(c) == params and lora_params(c, 16) == lora
+    assert lora == 32 * 16 * (8192 + 2 * 5120 + 8192 + 2 * 18432 + 18432) or config is QWEN25_7B
+
+
+def test_cost_arithmetic_by_hand():
+    """Llama-3.1-8B (32 blocks), bf16 base, 1 device, 2 sequences of 1000 tokens, no checkpointing:
+    memory = runtime 300 MiB + 8,030,261,248 x 2 B + 41,943,040 x 16 B + 2000 x (32 x 1000 + 500) B;
+    time of 10,000 tokens = 10,000 x (2e-4 + 32 x 1e-4) s = 34 s, plus a reference pass over 5,000
+    tokens at 5,000 x (1e-5 + 32 x 3e-5) = 4.85 s. With checkpointing every block's forward runs
+    again (+ 10,000 x 32 x 3e-5 = 9.6 s) and only the fp32 block inputs stay: 2000 x (32 x 4096 x 4
+    + 1000) B of activations."""
+    c = ModelConfig.from_hf(LLAMA31_8B)
+    s = Setting(dtype="bf16", base_dtype="bf16")
+    mem = train_memory(c, COSTS, s, 2000, world=1, checkpointing=False)
+    assert mem == (300 << 20) + 8_030_261_248 * 2 + 41_943_040 * 16 + 2000 * (32 * 1000 + 500)
+    work = TrainWork(examples=10, tokens=10_000, steps=1, micro_batch=2, max_row_tokens=1000,
+                     reference_tokens=5000)
+    assert train_estimate(c, COSTS, s, work, 1, False).seconds == pytest.approx(34 + 4.85)
+    assert train_estimate(c, COSTS, s, work, 1, True).seconds == pytest.approx(34 + 4.85 + 9.6)
+    ckpt = train_memory(c, COSTS, s, 2000, 1, True)
+    assert ckpt == (300 << 20) + 8_030_261_248 * 2 + 41_943_040 * 16 + 2000 * (32 * 4096 * 4 + 1000) + 2000 * 500
+    # FSDP over 4 devices: weights and adapters sharded, plus two gathered blocks; time / 4
+    sharded = train_memory(c, COSTS, s, 2000, 4, False)
+    block = (mem - (300 << 20) - 8_030_261_248 * 2 - 41_943_040 * 16 - 2000 * 32500)
+    assert block == 0 and sharded < mem / 2
+    assert train_estimate(c, COSTS, s, work, 4, False).seconds == pytest.approx((34 + 4.85) / 4)
+    # generation: 20 prompts of 100 tokens in batches of 8 -> 3 batches x 10 steps of 0.034 s
+    gen = GenerateWork(prompts=20, prompt_tokens=2000, batch=8, max_new_tokens=10)
+    assert generate_estimate(c, COSTS, s, gen, 1).seconds == pytest.approx(2000 * 9.7e-4 + 3 * 10 * 0.034)
+
+
+# ... and as they might be for a 7-8 B block in bf16 (activations ~ 100 x hidden size bytes a token)
+COSTS_7B = UnitCosts(**{**asdict(COSTS), "saved_block_bytes_per_token": 400_000.0,
+                        "saved_rest_bytes_per_token": 600_000.0})
+
+
+def _config_only(tmp_path, config):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(asdict(COSTS_7B)))
+    return d, costs
+
+
+@pytest.mark.parametrize("config", [QWEN25_7B, LLAMA31_8B])
+def test_plan_on_a_config_only_directory(tmp_path, capsys, config):
+    model, costs = _config_only(tmp_path, config)
+    run_dir = tmp_path / "run"
+    args = ["--model", str(model), "--run-dir", str(run_dir), "--profile", "paper", "--plan",
+            "--plan-costs", str(costs), "--stages", "sft-rg,dpo-rg", "--dtype", "bf16",
+            "--micro-batch-size", "4", "--device-memory", "24"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "token counts are estimated from characters" in out
+    assert "| sft-rg |" in out and "| dpo-rg |" in out and "examples" in out
+    assert "would not fit in 24.0 GiB per device" in out and "they would" in out
+    assert not run_dir.exists()  # --plan never writes a run
+
+
+def test_plan_suggests_more_devices_only_when_needed(tmp_path, capsys):
+    model, costs = _config_only(tmp_path, QWEN25_7B)
+    base = ["--model", str(model), "--run-dir", str(tmp_path / "r"), "--profile", "paper", "--plan",
+            "--plan-costs", str(costs), "--stages", "sft-sp", "--dtype", "bf16",
+            "--micro-batch-size", "1", "--activation-checkpointing", "on"]
+    assert main(base + ["--device-memory", "80"]) == 0
+    assert "would not fit" not in capsys.readouterr().out
+    assert main(base + ["--device-memory", "8", "--nproc", "1"]) == 0
+    assert "devices (torchrun, FSDP2)" in capsys.readouterr().out
+
+
+def test_plan_errors_are_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nothing"), "--plan", "--run-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "config.json" in err
+
+
+@pytest.mark.slow
+def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
+    assert main(["--model", "tiny", "--run-dir", str(tmp_path / "r"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "| eval | 26 turns x 4 systems |" in out and '"train_block_s_per_token"' in out
