@@ -15,7 +15,6 @@ itself instead of copying it, so a call that trains one module holds one model.
 from __future__ import annotations
 
 import copy
-import gc
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 from decesc.formats.loading import load_pretrained
 from decesc.formats.peft import load_adapter
+from decesc.pipeline.memory import release
 
 
 def resolve_device(device: str | None) -> str:
@@ -89,4 +89,4 @@ class Models:
     def close(self) -> None:
         """Drop the base model and free its memory."""
         self._base = None
-        gc.collect()
+        release()
