@@ -193,6 +193,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
     outcome = {}
     with _lock_all_ranks(run.dir, is_main, distributed):
         models = Models(config.model, config.device)
+        models.hand_over = True  # a training stage holds one model (see decesc.pipeline.models)
         try:
             todo = preflight(run, models, stages)
             for stage in stages:
@@ -210,7 +211,6 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
                     run.begin(stage)
                 if distributed:
                     barrier()
-                models.last_stage = stage == todo[-1]
                 memory = StageMemory().start()
                 t0 = time.perf_counter()
                 summary = BY_NAME[stage].run(run, stage, models)
