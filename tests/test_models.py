@@ -1,5 +1,6 @@
 """The run's model cache: the base read once, independent copies handed out, merged modules equal
-to a hand merge, the base handed over when no later stage needs it, everything freed."""
+to a hand merge, the base handed over when asked (the pipeline's training stages), everything
+freed."""
 
 import gc
 import weakref
@@ -67,15 +68,17 @@ def test_merged_equals_a_hand_merge(tmp_path, loads):
     assert loads == ["tiny"]
 
 
-def test_the_last_stage_gets_the_base_itself_and_close_frees_it(loads):
+def test_a_hand_over_gives_the_base_itself_and_close_frees_it(loads):
     models = Models("tiny", "cpu")
     assert models.tokenizer is not None  # reads the checkpoint
     base_ref = weakref.ref(models._base)
-    models.last_stage = True
+    models.hand_over = True
     handed = models.fresh()
     assert handed is base_ref() and models._base is None  # no copy
     again = models.fresh()  # a later request reads the checkpoint again
     assert loads == ["tiny", "tiny"] and again is not handed
+    assert torch.equal(again.lm_head.weight, handed.lm_head.weight)  # the same file, the same weights
+    assert models.base_config is again.config and loads == ["tiny", "tiny"]  # no read for the config
     del handed
     models.close()
     gc.collect()

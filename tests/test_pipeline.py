@@ -53,6 +53,43 @@ def test_every_stage_writes_its_outputs(run_dir, capsys):
     assert (run_dir / "eval" / "strategy_distribution.svg").read_text().startswith("<svg")
 
 
+def test_done_records_each_stages_resident_memory(run_dir):
+    """DONE.json holds the stage's peak RSS (VmHWM reset at its start: at least its start and end
+    RSS) and the RSS at its start and end, in MB."""
+    for done in Path(run_dir).glob("*/DONE.json"):
+        memory = json.loads(done.read_text())["memory"]
+        assert memory["peak_rss_mb"] > 0, done
+        if Path("/proc/self/status").is_file():
+            assert memory["peak_rss_mb"] >= max(memory["rss_start_mb"], memory["rss_end_mb"]) > 0, done
+
+
+def test_each_stage_frees_its_models(tmp_path):
+    """When a stage is done (its "done" line is logged) its models are freed: after a training
+    stage no model is alive (it trained the base itself, decesc.pipeline.models), after mine and
+    eval only the base (their merged copies are gone). The line names the stage's peak RSS."""
+    import gc
+
+    from decesc.core.model import CausalLM
+    from decesc.pipeline.config import build_config
+    from decesc.pipeline.run import run_pipeline
+    from decesc.pipeline.stages import NAMES
+
+    config = build_config(overrides=dict(
+        model="tiny", run_dir=str(tmp_path / "run"), max_new_tokens=4, max_train_examples=2,
+        sft_batch_size=2, mine_contexts=2, mine_samples=1, max_pairs=2, dpo_batch_size=2,
+        eval_turns=2, judge_samples=2, dtype="fp32"))
+    alive = {}
+
+    def log(line):
+        if " done in " in line:
+            gc.collect()
+            alive[line.split("]")[0][1:]] = sum(type(o) is CausalLM for o in gc.get_objects())
+            assert " s, peak RSS " in line and line.endswith(" MB"), line
+
+    run_pipeline(config, log=log)
+    assert alive == {stage: int(stage in ("mine", "eval")) for stage in NAMES}
+
+
 def test_rerun_skips_every_stage(run_dir, capsys):
     before = tokens(run_dir)
     assert train(run_dir) == 0

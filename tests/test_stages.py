@@ -53,8 +53,7 @@ def test_run_order_and_dependencies_come_from_the_declarations():
     assert BY_NAME["dpo-rg"].after == ("sft-rg", "mine")
     assert upstream("eval") == list(NAMES[:-1])
     assert upstream("dpo-sp") == ["sft-sp", "sft-rg", "sft-vanilla", "mine"]
-    assert [s.name for s in STAGES if s.distributed] == ["sft-sp", "sft-rg", "sft-vanilla",
-                                                          "dpo-sp", "dpo-rg", "dpo-vanilla"]
+    assert [s.name for s in STAGES if s.distributed] == list(NAMES)  # mine, eval: sharded generation
     assert parse_stages("eval, sft-sp") == ["sft-sp", "eval"]
     assert parse_stages("all") == list(NAMES)
     with pytest.raises(ValueError, match="unknown stage"):
@@ -149,9 +148,17 @@ def test_range_checks_come_from_field_metadata(name, value, message):
 
 
 def test_torchrun_refuses_single_process_stages(tmp_path, monkeypatch):
+    """Every stage runs under torchrun (mine and eval shard their generation); a stage declared
+    without ``distributed`` would be refused, by name, before the lock is taken."""
+    from decesc.pipeline import stages
+
+    assert all(s.distributed for s in stages.STAGES)
+    monkeypatch.setitem(stages.BY_NAME, "mine", replace(stages.BY_NAME["mine"], distributed=False))
+    monkeypatch.setitem(stages.BY_NAME, "eval", replace(stages.BY_NAME["eval"], distributed=False))
+    monkeypatch.setattr("decesc.pipeline.run.STAGES", tuple(stages.BY_NAME.values()))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="under torchrun only training stages run "
-                                         r"\(sft-sp, sft-rg, sft-vanilla, dpo-sp, dpo-rg, dpo-vanilla\); "
+    with pytest.raises(ValueError, match="under torchrun only these stages run: "
+                                         "sft-sp, sft-rg, sft-vanilla, dpo-sp, dpo-rg, dpo-vanilla; "
                                          "run mine, eval in a single process"):
         run_pipeline(PipelineConfig(run_dir=str(tmp_path), model="tiny"), ["sft-sp", "mine", "eval"])
     assert not (tmp_path / ".lock").exists()

@@ -4,7 +4,7 @@
     python -m tools.train --model tiny        # the same with a tiny random model, in seconds
     python -m tools.train --model Qwen/Qwen2.5-7B-Instruct --data ../shared/data/esconv \
         --judge openai --judge-url http://localhost:8000/v1 --judge-model gpt-4.1-mini
-    torchrun --nproc_per_node=4 -m tools.train --stages sft-sp,sft-rg,sft-vanilla ...   # FSDP2
+    torchrun --nproc_per_node=4 -m tools.train ...   # FSDP2 training, generation on every process
 
     python -m tools.train sft --model SRC --data train.jsonl --out runs/sft
     python -m tools.train dpo --model SRC --sft-adapter runs/sft --data pairs.jsonl --out runs/dpo
@@ -72,8 +72,9 @@ mine: Inferential Preference Mining (the SFT models' mistakes, judged, routed in
 dpo-*: DPO of each module on its pairs, with the SFT model as reference; eval: Table-3-style report.
 A stage whose outputs exist is skipped; delete its directory (or change its settings) to rerun it
 and what depends on it. With no arguments: every stage on the built-in sample with the SmolLM2
-demo model and the rule-based judge (the 'demo' profile). Training stages also run under
-torchrun (FSDP2); mine and eval then run in a single process.
+demo model and the rule-based judge (the 'demo' profile). Every stage also runs under torchrun:
+training shards the model (FSDP2), mine and eval share out their generation batches (the same
+outputs as one process); rank 0 judges and writes.
 
 Settings, highest precedence first: these flags, the --config file, the config.json of an
 existing run directory (a run remembers the settings of its last finished call), the profile
@@ -175,7 +176,7 @@ def run_pipeline(argv: list[str]) -> int:
     if main_process:
         print(f"finished in {time.perf_counter() - t0:.0f} s", flush=True)
         report = Run(config).stage_dir("eval") / "report.md"
-        if "eval" in stages and report.is_file() and not launched_by_torchrun():
+        if "eval" in stages and report.is_file():
             print()
             print(report.read_text())
             print(f"report: {report} (also report.json, strategy_distribution.svg)")

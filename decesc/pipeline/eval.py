@@ -3,7 +3,8 @@
 Vanilla SFT / DPO run joint inference; Decoupled SFT / DPO run decoupled inference with the
 greedy planner (argmax over the eight strategy names). Replies are sampled with seed
 ``seed + 7``. The outputs are stored in ``outputs.json`` with the settings and inputs that
-produced them, so ``tools.evaluate`` can rescore them without generating again.
+produced them, so ``tools.evaluate`` can rescore them without generating again. Under torchrun
+every process generates its share and rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from decesc.pipeline.data import examples, sampling, subset
 from decesc.pipeline.judging import judge_items, make_judge
 from decesc.pipeline.results import json_problem, move_aside, read_json
 from decesc.pipeline.sft import MODULES
+from decesc.pipeline.shard import process_shard
 from decesc.pipeline.stage import Stage
 
 REPLY_SEED_OFFSET = 7
@@ -74,16 +76,26 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
 
     Generated once and stored in ``path`` together with the settings that produced them; a
     later call with the same settings (and the same trained stages and data) reloads them, from
-    ``path`` or from ``reuse`` (another such file, only read).
+    ``path`` or from ``reuse`` (another such file, only read). Under torchrun every process
+    takes part (its share of the batches) and gets every output; rank 0 reads and writes.
     """
     c, tok = run.config, models.tokenizer
     tests = turns(run, tok)
     settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval")}
-    for candidate, own in ((path, True), (reuse, False)):
-        if candidate is not None:
-            systems = _stored(candidate, settings, own, log)
-            if systems is not None:
-                return tests, systems
+    shard = process_shard()
+
+    def stored() -> dict | None:
+        for candidate, own in ((path, True), (reuse, False)):
+            if candidate is not None:
+                systems = _stored(candidate, settings, own, log)
+                if systems is not None:
+                    return systems
+        return None
+
+    systems = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
+    if systems is not None:
+        return tests, systems
+    progress = progress and shard.is_main
     sft = {m: run.adapter(f"sft-{m}") for m in MODULES}
     dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
     chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
@@ -91,17 +103,19 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     systems = {}
     for kind, chain in chains.items():
         (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,
-                        rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}")
+                        rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}",
+                        shard=shard)
         systems[f"Vanilla {kind}"] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
     for kind, chain in chains.items():
         (rd,) = decoupled(lambda chain=chain: models.merged(*chain("sp")),
                           lambda chain=chain: models.merged(*chain("rg")), tok,
                           tests, base, plan_temperature=0.0, rounds=(REPLY_SEED_OFFSET,), progress=progress,
-                          desc=f"Decoupled {kind}")
+                          desc=f"Decoupled {kind}", shard=shard)
         systems[f"Decoupled {kind}"] = {"strategies": rd.strategies, "replies": rd.replies}
     systems = {k: systems[k] for k in SYSTEMS}
-    atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
-                                        "systems": systems}, indent=1))
+    if shard.is_main:
+        atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
+                                            "systems": systems}, indent=1))
     return tests, systems
 
 
@@ -130,6 +144,9 @@ def run_eval(run, name: str, models) -> dict:
     from decesc.esc.report import json_safe, write_report
 
     d = run.stage_dir(name)
+    if not process_shard().is_main:  # the other processes share the generation; rank 0 judges
+        system_outputs(run, models, d / "outputs.json", progress=False, log=run.log)
+        return {}
     rows = score_run(run, models, d / "outputs.json", log=run.log)
     report = write_report(rows, d, title=f"DecoupledESC evaluation: {run.config.model} on "
                                          f"{run.config.data} ({run.config.eval_split})")
@@ -142,5 +159,5 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
 
 
 STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
-              roles=("generate", "judge"), run=run_eval, splits=lambda c: (c.eval_split,), check=check,
-              outputs_ok=outputs_ok)
+              roles=("generate", "judge"), run=run_eval, distributed=True, splits=lambda c: (c.eval_split,),
+              check=check, outputs_ok=outputs_ok)

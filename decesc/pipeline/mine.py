@@ -12,11 +12,15 @@ Round r samples strategies with seed ``seed + r`` and replies with seed ``seed +
 The judged outputs are routed into the three pair files; rejected replies are cut where their
 re-encoded pair would not fit ``max_seq_len`` (:func:`decesc.esc.ipm.fit_pairs`, counted in
 ``stats.json``).
+
+Under torchrun every process generates its share of each sub-step and rank 0 judges, routes and
+writes (:mod:`decesc.pipeline.shard`): the files are those of a single process.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 from decesc.core.tokenizer import chat_messages
 from decesc.esc.inference import decoupled, vanilla
@@ -27,7 +31,8 @@ from decesc.formats.atomic import atomic_write_text
 from decesc.formats.records import write_pairs
 from decesc.pipeline.data import examples, sampling, subset
 from decesc.pipeline.judging import judge_items, make_judge
-from decesc.pipeline.results import cached_rows, json_problem, pairs_problem
+from decesc.pipeline.results import json_problem, pairs_problem
+from decesc.pipeline.shard import process_shard, stored_or_generated
 from decesc.pipeline.stage import Stage
 
 TASKS = ("sp", "rg", "vanilla")
@@ -59,12 +64,15 @@ def check(run, models) -> None:
 
 def run_mine(run, name: str, models) -> dict:
     c, d, tok = run.config, run.stage_dir(name), models.tokenizer
-    judge = make_judge(c, run.dir)
+    shard = process_shard()
+    judge = make_judge(c, run.dir) if shard.is_main else None  # one process writes its cache
     ctx = contexts(run, tok)
     k, seeds = c.mine_samples, reply_seed_offsets(c.mine_samples)
     sft = {task: lambda task=task: models.merged(run.adapter(f"sft-{task}")) for task in TASKS}
 
     def judged(rows: list[dict]) -> list[dict]:
+        if judge is None:  # another rank's copy of the rows: rank 0 judges and writes them
+            return rows
         items = judge_items([ctx[row["index"]] for row in rows], [row["response"] for row in rows],
                             [row["strategy"] for row in rows])
         for row, j in zip(rows, judge.judge_many(items)):
@@ -73,28 +81,30 @@ def run_mine(run, name: str, models) -> dict:
 
     def planner_rows():
         rounds = decoupled(sft["sp"], None, tok, ctx, sampling(c), plan_temperature=c.temperature,
-                           rounds=seeds, progress=True)
+                           rounds=seeds, progress=shard.is_main, shard=shard)
         return [{"index": i, "round": r, "strategy": s} for r, rd in enumerate(rounds)
                 for i, s in enumerate(rd.strategies)]
 
     def generator_rows():
         rounds = decoupled(None, sft["rg"], tok, ctx, sampling(c), strategies=[e.strategy for e in ctx],
-                           rounds=seeds, progress=True, desc="rg samples")
+                           rounds=seeds, progress=shard.is_main, desc="rg samples", shard=shard)
         return judged([{"index": i, "round": r, "output": o, "strategy": s, "response": a}
                        for r, rd in enumerate(rounds)
                        for i, (s, a, o) in enumerate(zip(rd.strategies, rd.replies, rd.outputs))])
 
     def vanilla_rows():
-        rounds = vanilla(sft["vanilla"], tok, ctx, sampling(c), rounds=seeds, progress=True,
-                         desc="vanilla samples")
+        rounds = vanilla(sft["vanilla"], tok, ctx, sampling(c), rounds=seeds, progress=shard.is_main,
+                         desc="vanilla samples", shard=shard)
         return judged([{"index": i, "round": r, "output": o, "strategy": s, "response": a}
                        for r, rd in enumerate(rounds)
                        for i, (s, a, o) in enumerate(zip(rd.strategies, rd.replies, rd.outputs))])
 
-    with judge:  # closes its cache
-        sp_rows = cached_rows(d / "sp_outputs.jsonl", planner_rows)
-        rg_rows = cached_rows(d / "rg_outputs.jsonl", generator_rows)
-        van_rows = cached_rows(d / "vanilla_outputs.jsonl", vanilla_rows)
+    with judge or nullcontext():  # closes its cache
+        sp_rows = stored_or_generated(d / "sp_outputs.jsonl", planner_rows, shard, run.log)
+        rg_rows = stored_or_generated(d / "rg_outputs.jsonl", generator_rows, shard, run.log)
+        van_rows = stored_or_generated(d / "vanilla_outputs.jsonl", vanilla_rows, shard, run.log)
+    if not shard.is_main:
+        return {}
 
     candidates = [Candidate(task_example(ctx[r["index"]], "sp"), r["strategy"]) for r in sp_rows]
     candidates += [Candidate(ctx[r["index"]], r["response"], tuple(r["judgment"]["errors"]))
@@ -152,4 +162,5 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
 
 
 STAGE = Stage("mine", after=("sft-sp", "sft-rg", "sft-vanilla"), roles=("generate", "judge"),
-              run=run_mine, splits=lambda c: ("train",), check=check, outputs_ok=outputs_ok)
+              run=run_mine, distributed=True, splits=lambda c: ("train",), check=check,
+              outputs_ok=outputs_ok)

@@ -15,11 +15,16 @@ then runs a pre-flight (:mod:`decesc.pipeline.preflight`) before any stage start
 interrupted before ``DONE.json`` resumes: training stages continue from their last checkpoint,
 mining reuses finished sub-steps and every cached judgment. A stage whose inputs changed since it
 started is cleared first, so stale checkpoints are never resumed.
+
+Under torchrun every stage runs in every process: training stages shard the model (FSDP2), the
+generating stages (mine, eval) their batches (:mod:`decesc.pipeline.shard`); rank 0 writes the
+markers. ``DONE.json`` also records the stage's resident memory (:mod:`decesc.pipeline.memory`),
+printed in its "done" line. After each stage its models are freed and the freed heap returned to
+the system, so the next stage starts with little more than the base model resident.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import shutil
@@ -33,6 +38,7 @@ from decesc.formats.records import read_text
 from decesc.pipeline.config import PipelineConfig, read_config_file
 from decesc.pipeline.data import data_fingerprint, model_fingerprint
 from decesc.pipeline.lock import RunLock
+from decesc.pipeline.memory import StageMemory, release
 from decesc.pipeline.stages import BY_NAME, NAMES, STAGES
 
 
@@ -133,10 +139,12 @@ class Run:
         self.memo[("started", stage)] = inputs
         return d
 
-    def finish(self, stage: str, summary: dict, seconds: float) -> None:
-        """Write DONE.json, recording the inputs the stage started on."""
+    def finish(self, stage: str, summary: dict, seconds: float, memory: dict | None = None) -> None:
+        """Write DONE.json, recording the inputs the stage started on (and, measured like
+        ``seconds``, its resident ``memory``: :class:`decesc.pipeline.memory.StageMemory`)."""
         record = {"stage": stage, "token": uuid.uuid4().hex, "config": self.config_hash(stage),
                   "inputs": self.memo[("started", stage)], "seconds": round(seconds, 1),
+                  **({"memory": memory} if memory is not None else {}),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary,
                   "settings": self.settings(stage)}
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
@@ -176,7 +184,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
         bad = [s for s in stages if not BY_NAME[s].distributed]
         if bad:
             allowed = ", ".join(s.name for s in STAGES if s.distributed)
-            raise ValueError(f"under torchrun only training stages run ({allowed}); "
+            raise ValueError(f"under torchrun only these stages run: {allowed}; "
                              f"run {', '.join(bad)} in a single process (python -m tools.train "
                              f"--stages {','.join(bad)})")
     info = setup_distributed(config.device) if distributed else None
@@ -185,6 +193,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
     outcome = {}
     with _lock_all_ranks(run.dir, is_main, distributed):
         models = Models(config.model, config.device)
+        models.hand_over = True  # a training stage holds one model (see decesc.pipeline.models)
         try:
             todo = preflight(run, models, stages)
             for stage in stages:
@@ -202,13 +211,15 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
                     run.begin(stage)
                 if distributed:
                     barrier()
-                models.last_stage = stage == todo[-1]
+                memory = StageMemory().start()
                 t0 = time.perf_counter()
                 summary = BY_NAME[stage].run(run, stage, models)
-                gc.collect()  # the stage's models are gone: free their memory now
+                seconds = time.perf_counter() - t0
+                release()  # the stage's models are gone: give their memory back now
+                used = memory.summary()
                 if is_main:
-                    run.finish(stage, summary, time.perf_counter() - t0)
-                    run.log(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
+                    run.finish(stage, summary, seconds, used)
+                    run.log(f"[{stage}] done in {seconds:.0f} s, peak RSS {used['peak_rss_mb']} MB")
                 if distributed:
                     barrier()
                 outcome[stage] = "ran"
