@@ -45,8 +45,9 @@ def test_every_stage_writes_its_outputs(run_dir, capsys):
         assert {"prompt", "strategy", "chosen", "rejected", "error_types", "source_model"} <= set(pair)
     assert json.loads((run_dir / "mine" / "stats.json").read_text())["sp"]["pairs"] > 0
     assert list((run_dir / "ref_cache").glob("*.safetensors"))
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert [r["system"] for r in report] == ["Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO"]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())["systems"]
+    assert [r["system"] for r in report] == ["Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO",
+                                             "Chance: majority", "Chance: prior"]
     assert {"D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "Q_W", "Q", "unparseable"} <= set(report[0])
     md = (run_dir / "eval" / "report.md").read_text()
     assert "| Decoupled DPO |" in md and "unparseable" in md
@@ -150,7 +151,10 @@ def test_readme_tiny_command_and_context_budget_error(tmp_path, capsys):
     too small for the prompts: a clear error instead of training on nothing."""
     assert train_cli.main(["--model", "tiny", "--run-dir", str(tmp_path / "readme")]) == 0
     assert (tmp_path / "readme" / "eval" / "report.md").is_file()
-    capsys.readouterr()
+    out = capsys.readouterr().out  # the printed summary says what the demo is, and where to look
+    assert "**Smoke-scale run** (demo profile on builtin data: at most 64 training examples per module, " in out
+    assert ('see the README, section "Results on ESConv"; reproduce them with `python -m tools.train '
+            '--data ../shared/data/esconv --profile cpu`') in out
     assert train_cli.main(["--model", "tiny", "--run-dir", str(tmp_path / "small"), "--max-seq-len", "400",
                            "--stages", "sft-rg"]) == 1
     assert "examples fit the context budget of 360 tokens" in capsys.readouterr().err
@@ -172,9 +176,9 @@ def test_missing_dependency_is_named(tmp_path, capsys):
 def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     eval_report = (run_dir / "eval" / "report.json").read_text()
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
-    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert len(rows) == 4 and all(r["turns"] == 4 for r in rows)
-    assert [r["Q"] for r in rows] == [r["Q"] for r in json.loads(eval_report)]  # same outputs reused
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
+    assert len(rows) == 6 and all(r["turns"] == 4 for r in rows)  # the four systems + two chance rows
+    assert [r["Q"] for r in rows] == [r["Q"] for r in json.loads(eval_report)["systems"]]  # same outputs reused
     assert not list((run_dir / "evaluate").glob("outputs-*.json"))
     assert "report written to" in capsys.readouterr().out
     # other settings: own outputs and report, the eval stage's files untouched
@@ -193,7 +197,7 @@ def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     of its own is moved aside and recomputed."""
     outputs = run_dir / "eval" / "outputs.json"
     before = json.loads(outputs.read_text())["systems"]
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = json.loads((run_dir / "eval" / "report.json").read_text())["systems"]
     outputs.write_text(outputs.read_text()[:100])
     assert train(run_dir, "--status") == 0
     assert dict(line.split() for line in capsys.readouterr().out.splitlines())["eval"] == "stale"
@@ -210,7 +214,7 @@ def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     assert train(run_dir) == 0
     assert f"[eval] outputs do not read back: {outputs}: not valid JSON (" in capsys.readouterr().out
     assert json.loads(outputs.read_text())["systems"] == before
-    assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())] == [r["Q"] for r in report]
+    assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())["systems"]] == [r["Q"] for r in report]
 
 
 @pytest.mark.slow
@@ -248,3 +252,60 @@ def test_training_stage_under_torchrun_matches_single_process(tmp_path):
     fsdp = load_file(tmp_path / "fsdp" / "sft-sp" / "adapter_model.safetensors")
     assert set(fsdp) == set(single) and all(".lora_" in k for k in fsdp)
     assert max((fsdp[k] - single[k]).abs().max().item() for k in single) <= 1e-5
+
+
+def fake_esconv(directory: Path) -> Path:
+    """A train/valid/test directory in the real data's layout, made of the built-in sample."""
+    from decesc.esc.esconv import builtin_sample_path, split_dialogues
+
+    lines = builtin_sample_path().read_text().splitlines()
+    directory.mkdir()
+    for split, part in split_dialogues(lines, seed=0).items():
+        (directory / f"{split}.jsonl").write_text("\n".join(part) + "\n")
+    return directory
+
+
+def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
+    """The command of the README's results (--data DIR --profile cpu), shrunk to seconds with
+    the tiny model: short prompts, bf16 inference, constrained vanilla tags (never unparseable),
+    strategies scored on every test turn and replies on a subset, chance rows, intervals; then
+    tools.evaluate on the valid split without retraining, strategy metrics only."""
+    from decesc.esc.esconv import load_splits
+    from decesc.esc.prompts import SHORT_SYSTEMS
+
+    data, run = fake_esconv(tmp_path / "esconv"), tmp_path / "cpu"
+    shrink = ["--model", "tiny", "--max-new-tokens", "12", "--max-train-examples", "8", "--sft-batch-size", "4",
+              "--mine-contexts", "4", "--max-pairs", "6", "--dpo-batch-size", "4", "--reply-turns", "3",
+              "--bootstrap-replicates", "40", "--gen-batch-size", "8"]
+    assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
+    capsys.readouterr()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["prompt_style"], config["inference_dtype"], config["vanilla_tags"]) == ("short", "bf16", "constrained")
+    pair = json.loads((run / "mine" / "sp_pairs.jsonl").read_text().splitlines()[0])
+    assert pair["system"] == SHORT_SYSTEMS["sp"]
+    assert all(json.loads(line)["strategy"] is not None
+               for line in (run / "mine" / "vanilla_outputs.jsonl").read_text().splitlines())
+    n_turns = {k: sum(t.speaker == "supporter" for d in v for t in d.turns) for k, v in load_splits(data).items()}
+    report = json.loads((run / "eval" / "report.json").read_text())
+    rows = {r["system"]: r for r in report["systems"]}
+    assert all(r["turns"] == n_turns["test"] for r in rows.values())
+    assert [r["replied"] for r in rows.values()] == [3, 3, 3, 3, 0, 0]
+    assert rows["Vanilla SFT"]["unparseable"] == rows["Vanilla DPO"]["unparseable"] == 0
+    assert all(set(r["ci"]) == {"B", "TV", "Q_W", "Q"} for r in rows.values())
+    assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
+        ("Decoupled SFT", "Vanilla SFT", "B"), ("Decoupled SFT", "Vanilla SFT", "TV"),
+        ("Decoupled DPO", "Decoupled SFT", "B"), ("Decoupled DPO", "Decoupled SFT", "TV"),
+        ("Vanilla DPO", "Vanilla SFT", "B"), ("Vanilla DPO", "Vanilla SFT", "TV")]
+    assert not any("Smoke-scale" in note for note in report["notes"])
+    assert f"on all {n_turns['test']} test turns" in report["notes"][0]
+
+    before = {p: p.read_bytes() for p in (run / "eval").iterdir()}
+    assert evaluate_cli.main([str(run), "--split", "valid", "--reply-turns", "0", "--out", str(tmp_path / "valid"),
+                              "--no-progress"]) == 0
+    assert "report written to" in capsys.readouterr().out
+    valid = json.loads((tmp_path / "valid" / "report.json").read_text())
+    assert valid["title"] == f"DecoupledESC evaluation: {run} (valid)"
+    assert all(r["turns"] == n_turns["valid"] and r["replied"] == 0 and r["D-1"] is None for r in valid["systems"])
+    assert {p: p.read_bytes() for p in (run / "eval").iterdir()} == before  # the test-split report untouched
+    assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
+    assert capsys.readouterr().out.count("up to date, skipped") == 8  # nothing was retrained

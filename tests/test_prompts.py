@@ -224,3 +224,29 @@ def test_shipped_tiny_tokenizer_is_trained_on_the_sample_and_the_prompts():
     texts += list(SYSTEMS.values())
     texts += [instruction("rg", s) for s in STRATEGIES] + [instruction("sp"), instruction("vanilla")]
     assert train_tiny_tokenizer(texts) == TINY_TOKENIZER_FILE.read_text()
+
+
+def test_short_prompt_style():
+    """style "short": one short instruction per task (no strategy definitions), the same history
+    block; rg_example / task_example keep the style; the budget counts the short system prompt,
+    so more history fits; "full" stays the default and unchanged."""
+    from decesc.esc.prompts import SHORT_SYSTEMS, system_prompt, task_example
+
+    d = long_dialogue()
+    for task in ("sp", "rg", "vanilla"):
+        full = build_examples([d], task)[5]
+        short = build_examples([d], task, style="short")[5]
+        assert full.style == "full" and full.system == system_prompt(task) and short.system == SHORT_SYSTEMS[task]
+        assert short.context == full.context and short.target == full.target
+        assert not any(DEFINITIONS[name] in short.system + short.prompt for name in STRATEGIES)
+        assert words(short.system) < 25 and words(short.system) < words(full.system) / 8
+        assert task_example(short, "sp").style == rg_example(short, "Information").style == "short"
+    rg = rg_example(build_examples([dialogue()], "sp", style="short")[1], "Information")
+    assert rg.system == SHORT_SYSTEMS["rg"] and rg.prompt.endswith("Strategy: Information. Write the supporter's next reply.")
+    budget = 200
+    cut_full = build_examples([d], "sp", words, budget)
+    cut_short = build_examples([d], "sp", words, budget, style="short")
+    assert all(len(s.context) >= len(f.context) for s, f in zip(cut_short, cut_full))
+    assert sum(len(s.context) > len(f.context) for s, f in zip(cut_short, cut_full)) > 40
+    with pytest.raises(ValueError, match="unknown prompt style 'tiny'"):
+        build_examples([d], "sp", style="tiny")

@@ -35,14 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt budget: the oldest turns are dropped to fit (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--prompt-style", choices=("full", "short"), default="full",
+                   help="without --run: the prompt style the adapters were trained with (default full; "
+                        "with --run: the run's)")
     return p
 
 
-def module_adapters(args) -> tuple[str, list, list]:
+def module_adapters(args) -> tuple[str, list, list, str]:
+    """(model source, planner adapters, generator adapters, prompt style the modules were trained with)."""
     if args.run is None:
         if not (args.model and args.sp and args.rg):
             raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
-        return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg]
+        return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg], args.prompt_style
     from decesc.pipeline.run import Run
 
     run = Run.open(args.run)
@@ -53,7 +57,7 @@ def module_adapters(args) -> tuple[str, list, list]:
             raise ValueError(f"{args.run}: no trained sft-{module} adapter; run python -m tools.train first")
         dpo = run.adapter(f"dpo-{module}") if args.use == "dpo" else None
         chains.append([sft] + ([dpo] if dpo else []))
-    return args.model or run.config.model, chains[0], chains[1]
+    return args.model or run.config.model, chains[0], chains[1], run.config.prompt_style
 
 
 def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None):
@@ -66,7 +70,7 @@ def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None
     return planner, generator, tokenizer
 
 
-def fit_context(turns, tokenizer, budget: int) -> str:
+def fit_context(turns, tokenizer, budget: int, style: str = "full") -> str:
     """The history block of the most recent turns whose RG prompt fits ``budget`` tokens."""
     from decesc.esc.esconv import Dialogue
     from decesc.esc.prompts import make_example, render_context
@@ -75,7 +79,7 @@ def fit_context(turns, tokenizer, budget: int) -> str:
     start = 0
     while True:
         context = render_context(dialogue, len(turns), start)
-        ex = make_example("rg", context, "Question")
+        ex = make_example("rg", context, "Question", style=style)
         if start >= len(turns) - 1 or tokenizer.count_tokens(ex.system + ex.prompt) <= budget:
             return context
         start += 1
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
     from decesc.esc.prompts import make_example
 
     try:
-        source, sp_chain, rg_chain = module_adapters(args)
+        source, sp_chain, rg_chain, style = module_adapters(args)
         planner, generator, tokenizer = build_models(source, sp_chain, rg_chain, args.device)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -114,9 +118,9 @@ def main(argv=None) -> int:
             print("(new conversation)", flush=True)
             continue
         turns.append(Turn("seeker", text, None))
-        context = fit_context(turns, tokenizer, args.max_context_tokens)
+        context = fit_context(turns, tokenizer, args.max_context_tokens, style)
         sampling.seed += 1
-        (rd,) = decoupled(planner, generator, tokenizer, [make_example("sp", context, None)], sampling)
+        (rd,) = decoupled(planner, generator, tokenizer, [make_example("sp", context, None, style=style)], sampling)
         strategy, reply = rd.strategies[0], rd.replies[0]
         turns.append(Turn("supporter", reply, strategy))
         print(f"Supporter [{strategy}]: {reply}", flush=True)

@@ -2,12 +2,19 @@
 
     python -m tools.evaluate runs/default
     python -m tools.evaluate runs/qwen runs/llama --out reports/compare --judge-samples 100
+    python -m tools.evaluate runs/cpu --split valid --reply-turns 0     # select DPO settings
 
 For each run directory (made by ``python -m tools.train``) the four systems Vanilla SFT, Vanilla
 DPO, Decoupled SFT and Decoupled DPO are run on the evaluation turns (or their stored outputs are
-reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, Q_W,
-Q, unparseable strategies, error-type shares, strategy preference and distribution. With several
-runs, system names are prefixed by the run directory's name.
+reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
+Q_W, Q, unparseable strategies, error-type shares, strategy preference and distribution, next to
+the two chance planners, with dialogue-bootstrap 95% intervals and paired differences. With
+several runs, system names are prefixed by the run directory's name.
+
+Choosing settings (DPO lr / beta, ...) is done on the valid split, never on test: ``--split
+valid`` scores the trained stages on the valid split without retraining, and ``--reply-turns 0``
+skips reply generation (B, TV, Q_W, Q and the distribution only: planner and tag scoring), which
+makes each point of a sweep cheap.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to evaluate (default: the run's eval_split)")
     p.add_argument("--eval-turns", type=int, default=None,
                    help="evaluate at most this many turns (seeded subset; default: the run's setting)")
+    p.add_argument("--reply-turns", type=int, default=None,
+                   help="generate replies on at most this many of them (seeded subset; 0: strategy "
+                        "metrics only; default: the run's setting)")
+    p.add_argument("--bootstrap-replicates", type=int, default=None,
+                   help="bootstrap replicates of the 95%% intervals (0: none; default: the run's setting)")
     p.add_argument("--judge", choices=choices["judge"], default=None,
                    help="judge for rubric scores and error types (default: the run's judge)")
     p.add_argument("--judge-url", default=None, help="base URL of the OpenAI-compatible judge API")
@@ -51,17 +63,19 @@ def main(argv=None) -> int:
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
     from decesc.pipeline.eval import STAGE as EVAL
-    from decesc.pipeline.eval import score_run
+    from decesc.pipeline.eval import report_notes, score_run, turns
     from decesc.pipeline.lock import RunLock
     from decesc.pipeline.models import Models
     from decesc.pipeline.run import Run
     from decesc.pipeline.stages import upstream
 
-    rows = []
+    rows, differences, notes, names = [], [], [], []
     try:
         for run_dir in args.runs:
             run = Run.open(run_dir)
             changes = {k: v for k, v in {"eval_split": args.split, "eval_turns": args.eval_turns,
+                                         "reply_turns": args.reply_turns,
+                                         "bootstrap_replicates": args.bootstrap_replicates,
                                          "judge": args.judge, "judge_url": args.judge_url,
                                          "judge_model": args.judge_model,
                                          "judge_api_key_env": args.judge_api_key_env,
@@ -79,16 +93,23 @@ def main(argv=None) -> int:
             with RunLock(run_dir):  # it writes the run's judge cache and its own outputs
                 models = Models(run.config.model, run.config.device)
                 try:
-                    rows += score_run(run, models, outputs, prefix, progress=not args.no_progress,
-                                      reuse=run.stage_dir(EVAL.name) / "outputs.json")
+                    got, diffs = score_run(run, models, outputs, prefix, progress=not args.no_progress,
+                                           reuse=run.stage_dir(EVAL.name) / "outputs.json")
+                    tests = turns(run, models.tokenizer)
                 finally:
                     models.close()
+            rows, differences = rows + got, differences + diffs
+            names.append(f"{run_dir} ({run.config.eval_split})")
+            notes += [(f"{run_dir}: " if prefix else "") + note for note in
+                      report_notes(run, len(tests), len({e.dialogue for e in tests}), got[0]["replied"],
+                                   got[0]["judged"])]
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
                                            else Path("eval_report"))
-    report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(args.runs))
+    report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(names),
+                          differences=differences, notes=notes)
     print(report.read_text())
     print(f"report written to {report} (+ report.json, strategy_distribution.svg)")
     return 0

@@ -24,7 +24,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     """Flags of the full pipeline: one per PipelineConfig field, plus --config and --stages."""
     from dataclasses import MISSING, fields
 
-    from decesc.pipeline.config import DEMO, TINY_MODEL, PipelineConfig, field_type
+    from decesc.pipeline.config import CPU, DEMO, TINY_MODEL, PipelineConfig, field_type
     from decesc.pipeline.stages import NAMES as STAGES
 
     p = argparse.ArgumentParser(
@@ -55,6 +55,8 @@ def pipeline_parser() -> argparse.ArgumentParser:
         shown = [] if default is None else [f"default: {default}"]
         if f.name in DEMO:
             shown.append(f"demo profile: {DEMO[f.name]}")
+        if f.name in CPU:
+            shown.append(f"cpu profile: {CPU[f.name]}")
         if f.name in TINY_MODEL:
             shown.append(f"with --model tiny: {TINY_MODEL[f.name]}")
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f.name),
@@ -78,7 +80,8 @@ outputs as one process); rank 0 judges and writes.
 
 Settings, highest precedence first: these flags, the --config file, the config.json of an
 existing run directory (a run remembers the settings of its last finished call), the profile
-('demo' on the built-in sample, else 'paper' = the defaults shown), the defaults.
+('demo' on the built-in sample, else 'paper' = the defaults shown; 'cpu' for real ESConv data on
+a 2-core CPU: python -m tools.train --data ../shared/data/esconv --profile cpu), the defaults.
 
 Other modes: python -m tools.train sft|dpo --help   (one training stage on a JSONL file)
 """

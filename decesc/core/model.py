@@ -381,7 +381,7 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:].contiguous()  # (B, 1, D); a strided view would make the head a batched matmul that copies the weight per row
         elif logits_at is not None:
             x = x[logits_at]  # (N, D): only these positions reach the output head
         return self.lm_head(x)  # (B, T, V), (B, 1, V) or (N, V)

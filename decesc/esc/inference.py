@@ -11,10 +11,31 @@ prediction is therefore a valid strategy. The prompt is encoded once (KV cache);
 candidate names are then scored one after another from the same cached prompt, each writing its
 few tokens into the same cache slots after the prompt.
 
+Shared prefix. The prompts of a batch share their first tokens (the chat header and the system
+prompt, often history too when consecutive turns of one dialogue are batched). That longest
+common token prefix is encoded once with batch 1 and its keys/values copied into every row's
+cache; only the rest of each prompt is encoded per row (left-padded after the prefix: the padding
+sits between prefix and suffix, masked, and the positions skip it). The scores equal those of
+encoding every prompt whole, up to float rounding. A batch whose common prefix equals the
+previous batch's reuses its encoding.
+
 Response Generator: a_t ~ LLM_RG(a | c_t, s_t): ordinary sampling from the RG prompt that names
-the (planned or gold) strategy. Vanilla: free generation of "[Strategy] response", parsed back
-with :func:`decesc.esc.prompts.split_vanilla_output`; an unreadable tag is kept as ``None`` so the
-metrics can count it as unparseable.
+the (planned or gold) strategy.
+
+Vanilla (joint "[Strategy] reply" model), two rules (``tags``):
+
+- "constrained": the tag is chosen like the planner's strategy: the eight tags "[s]", tokenised as
+  they begin a training target, are scored by their sequence log-prob log p("[s]" | c), then the
+  argmax (tag temperature 0) or a sample from softmax(log p / temperature) is taken, and the reply
+  is sampled AFTER the chosen tag (its tokens appended to the prompt). Every tag is valid. The
+  reply gets ``max_new_tokens`` minus its tag's length, so tag + reply never exceed
+  ``max_new_tokens``, as in free decoding.
+- "free": free generation of "[Strategy] reply", parsed back with
+  :func:`decesc.esc.prompts.split_vanilla_output`; an unreadable tag is kept as ``None`` so the
+  metrics can count it as unparseable.
+
+Precision: ``Sampling.dtype`` "bf16" casts each model the functions load to bfloat16 (much faster
+matrix products on CPUs with bf16 units; scores and sampling are then rounded accordingly).
 """
 
 from __future__ import annotations
@@ -29,7 +50,13 @@ from decesc.core.generate import generate, left_pad, truncate_at_stop
 from decesc.core.kv_cache import KVCache
 from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer, chat_messages
-from decesc.esc.prompts import Example, rg_example, split_vanilla_output, task_example
+from decesc.esc.prompts import (
+    Example,
+    format_vanilla_target,
+    rg_example,
+    split_vanilla_output,
+    task_example,
+)
 from decesc.esc.sharding import SINGLE, Shard
 from decesc.esc.strategies import STRATEGIES
 
@@ -47,6 +74,11 @@ class Sampling:
     max_new_tokens: int = 96
     seed: int = 0
     batch_size: int = 8
+    dtype: str = "fp32"  # "fp32" or "bf16": the models' dtype while they run (module docstring)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VANILLA_TAGS = ("constrained", "free")
 
 
 def _prompt_ids(tokenizer: Tokenizer, ex: Example) -> list[int]:
@@ -58,25 +90,60 @@ def _batches(n: int, size: int, desc: str, progress: bool, shard: Shard = SINGLE
     return tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False) if progress else starts
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest common prefix of the rows, at most the shortest row's length - 1
+    (every row keeps one token of its own: its last position predicts the continuation)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 @torch.inference_mode()
-def score_strategies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
-                     batch_size: int = 8, progress: bool = False, shard: Shard = SINGLE) -> torch.Tensor:
-    """log LLM_SP(s | c) for each example and each of the 8 strategies: (N, 8), fp32.
-    ``shard``: this process's batches (:mod:`decesc.esc.sharding`); every process gets all rows."""
-    names = [tokenizer.encode(s) + [tokenizer.end_of_turn_id] for s in STRATEGIES]
-    extra = max(len(n) for n in names) - 1
+def score_continuations(model: CausalLM, prompts: list[list[int]], candidates: list[list[int]],
+                        batch_size: int = 8, progress: bool = False, desc: str = "scoring",
+                        share_prefix: bool = True, pad_token_id: int = 0,
+                        shard: Shard = SINGLE) -> torch.Tensor:
+    """log p(candidate | prompt): the summed log-probs of each candidate's tokens after each
+    prompt, (N, C) fp32. The prompt's last position predicts a candidate's first token.
+
+    Each prompt is encoded once (its KV cache); the candidates are scored one after another from
+    it, each writing its tokens into the same slots after the prompt. With ``share_prefix`` the
+    batch's common prefix is encoded once (module docstring). ``shard``: this process's batches
+    (:mod:`decesc.esc.sharding`); every process gets all rows.
+    """
+    extra = max(len(c) for c in candidates) - 1
     device = model.lm_head.weight.device
-    out = torch.empty(len(examples), len(STRATEGIES))
-    for b0 in _batches(len(examples), batch_size, "planning", progress, shard):
-        prompts = [_prompt_ids(tokenizer, ex) for ex in examples[b0:b0 + batch_size]]
-        ids, mask, padded = left_pad(prompts, tokenizer.pad_token_id, extra, device)
-        B, L = ids.shape
-        mask[:, L:] = 1  # the candidate name's slots after the prompt
-        cache = KVCache(model.config, B, L + extra, dtype=model.lm_head.weight.dtype, device=device)
-        first = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache, last_only=True)
-        first = first[:, -1].float().log_softmax(-1)  # (B, V): distribution of each name's 1st token
-        positions = mask[:, :L].sum(-1, keepdim=True)  # (B, 1)
-        for s, toks in enumerate(names):
+    dtype = model.lm_head.weight.dtype
+    out = torch.empty(len(prompts), len(candidates))
+    stored: tuple[tuple[int, ...], KVCache] | None = None  # the last encoded shared prefix
+    for b0 in _batches(len(prompts), batch_size, desc, progress, shard):
+        rows = prompts[b0:b0 + batch_size]
+        P = _common_prefix(rows) if share_prefix and len(rows) > 1 else 0
+        ids, suffix_mask, padded = left_pad([r[P:] for r in rows], pad_token_id, extra, device)
+        B, T = ids.shape  # T: the longest suffix
+        L = P + T
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), suffix_mask], 1)  # (B, L + extra)
+        mask[:, L:] = 1  # the candidate's slots after the prompt
+        cache = KVCache(model.config, B, L + extra, dtype=dtype, device=device)
+        if P:
+            key = tuple(rows[0][:P])
+            if stored is None or stored[0] != key:
+                prefix = KVCache(model.config, 1, P, dtype=dtype, device=device)
+                model(torch.tensor([key], device=device), cache=prefix, last_only=True)
+                stored = (key, prefix)
+            for layer in range(model.config.num_hidden_layers):  # (1, nkv, P, hd) -> every row
+                cache.k[layer][:, :, :P] = stored[1].k[layer]
+                cache.v[layer][:, :, :P] = stored[1].v[layer]
+        first = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache, start=P,
+                      last_only=True)
+        first = first[:, -1].float().log_softmax(-1)  # (B, V): distribution of each candidate's 1st token
+        positions = mask[:, :L].sum(-1, keepdim=True)  # (B, 1): each prompt's length
+        for c, toks in enumerate(candidates):
             score = first[:, toks[0]]
             if len(toks) > 1:
                 n = len(toks) - 1
@@ -86,10 +153,42 @@ def score_strategies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
                                start=L)  # (B, n, V): predicts toks[1:]
                 tgt = torch.tensor(toks[1:], device=device).expand(B, n)
                 score = score + logits.float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0].sum(-1)
-            out[b0:b0 + B, s] = score.cpu()
+            out[b0:b0 + B, c] = score.cpu()
     if shard.world > 1:  # fp32 -> Python float -> fp32 is exact
         out = torch.tensor(shard.collect(out.tolist(), batch_size), dtype=out.dtype).reshape(out.shape)
     return out
+
+
+def score_strategies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
+                     batch_size: int = 8, progress: bool = False, share_prefix: bool = True,
+                     shard: Shard = SINGLE) -> torch.Tensor:
+    """log LLM_SP(s | c) for each example and each of the 8 strategies: (N, 8), fp32."""
+    names = [tokenizer.encode(s) + [tokenizer.end_of_turn_id] for s in STRATEGIES]
+    return score_continuations(model, [_prompt_ids(tokenizer, ex) for ex in examples], names,
+                               batch_size, progress, "planning", share_prefix, tokenizer.pad_token_id, shard)
+
+
+def tag_tokens(tokenizer: Tokenizer) -> list[list[int]]:
+    """The tokens of each strategy's tag "[s]" as they begin a vanilla training target
+    ("[s] reply" encoded whole): the shortest prefix of that encoding that decodes to text
+    starting with "[s]"."""
+    out = []
+    for s in STRATEGIES:
+        ids, tag = tokenizer.encode(format_vanilla_target(s, "x")), f"[{s}]"
+        k = next((k for k in range(1, len(ids) + 1) if tokenizer.decode(ids[:k]).startswith(tag)), None)
+        if k is None:
+            raise ValueError(f"the tokenizer does not round-trip the vanilla tag {tag!r}")
+        out.append(ids[:k])
+    return out
+
+
+def score_tags(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 8,
+               progress: bool = False, share_prefix: bool = True, shard: Shard = SINGLE) -> torch.Tensor:
+    """log p("[s]" | c) of the vanilla model for each example (its vanilla prompt) and each of
+    the 8 strategies' tags: (N, 8), fp32."""
+    prompts = [_prompt_ids(tokenizer, task_example(ex, "vanilla")) for ex in examples]
+    return score_continuations(model, prompts, tag_tokens(tokenizer), batch_size, progress, "tags",
+                               share_prefix, tokenizer.pad_token_id, shard)
 
 
 def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> list[str]:
@@ -104,17 +203,23 @@ def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int 
 
 def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
                      sampling: Sampling, progress: bool = False, desc: str = "generating",
+                     forced: list[list[int]] | None = None, limits: list[int] | None = None,
                      shard: Shard = SINGLE) -> list[str]:
     """One reply per example (its prompt as the user message), batched, stopped at turn end.
+    ``forced[i]``: tokens appended to example i's prompt (its reply continues after them);
+    ``limits[i]``: keep at most that many of its generated tokens (at most max_new_tokens).
     ``shard``: this process's batches (:mod:`decesc.esc.sharding`); every process gets all replies."""
     replies: list[str] = [""] * len(examples)
     for b0 in _batches(len(examples), sampling.batch_size, desc, progress, shard):
         batch = examples[b0:b0 + sampling.batch_size]
-        outs = generate(model, [_prompt_ids(tokenizer, ex) for ex in batch],
+        extra = forced[b0:b0 + sampling.batch_size] if forced is not None else [[]] * len(batch)
+        outs = generate(model, [_prompt_ids(tokenizer, ex) + f for ex, f in zip(batch, extra)],
                         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                         top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed + b0,
                         stop_token_ids=tokenizer.stop_token_ids, stop_strings=TURN_STOPS,
                         decode=tokenizer.decode, pad_token_id=tokenizer.pad_token_id)
+        if limits is not None:
+            outs = [o[:n] for o, n in zip(outs, limits[b0:b0 + sampling.batch_size])]
         replies[b0:b0 + len(batch)] = [truncate_at_stop(tokenizer.decode(o), TURN_STOPS).strip()
                                        for o in outs]
     return shard.collect(replies, sampling.batch_size)
@@ -127,21 +232,31 @@ ModelLike = CausalLM | Callable[[], CausalLM]
 class Round:
     """One sampling round over the contexts: per context, the strategy used (None: a vanilla tag
     that cannot be read), the reply text, and the generated text it came from (vanilla: the raw
-    "[Strategy] reply"; decoupled: the reply; planning only: empty)."""
+    "[Strategy] reply"; decoupled: the reply; planning only: empty). With ``reply_indices``
+    the replies and outputs are those of the chosen contexts, in that order."""
 
     strategies: list[str | None]
     replies: list[str]
     outputs: list[str]
 
 
-def _use(model: ModelLike) -> CausalLM:
-    return model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+def _use(model: ModelLike, dtype: str = "fp32") -> CausalLM:
+    """The model (loaded if given as a loader), cast to ``dtype`` (in place)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"Sampling.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+    return model.to(DTYPES[dtype]) if model.lm_head.weight.dtype != DTYPES[dtype] else model
+
+
+def _pick(items: list, indices: Sequence[int] | None) -> list:
+    return list(items) if indices is None else [items[i] for i in indices]
 
 
 def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer: Tokenizer,
               examples: list[Example], sampling: Sampling, *, plan_temperature: float = 0.0,
               strategies: list[str] | None = None, rounds: Sequence[int] = (0,),
-              progress: bool = False, desc: str = "replies", shard: Shard = SINGLE) -> list[Round]:
+              progress: bool = False, desc: str = "replies",
+              reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE) -> list[Round]:
     """Decoupled inference: plan a strategy per context, then generate a reply
     that uses it. One :class:`Round` per entry of ``rounds``.
 
@@ -151,6 +266,8 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
     samples from them with ``plan_temperature`` (0: argmax) and seed ``sampling.seed + r``.
     ``generator``: the Response Generator, or None to plan only (IPM's planner mining; replies
     are then empty). Round r samples replies with seed ``sampling.seed + rounds[r]``.
+    ``reply_indices``: generate replies for these examples only (default all): a round's
+    ``replies`` / ``outputs`` then follow that order, its ``strategies`` still cover every example.
     A model may be given as a function that loads it: it is called when needed and dropped
     right after, so the planner and the generator are never in memory together.
     ``shard``: this process's share of the batches (:mod:`decesc.esc.sharding`).
@@ -159,19 +276,21 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
         raise ValueError("decoupled: give either a planner or the strategies")
     n_rounds = len(rounds)
     if planner is not None:
-        model = _use(planner)
+        model = _use(planner, sampling.dtype)
         scores = score_strategies(model, tokenizer, [task_example(ex, "sp") for ex in examples],
-                                  sampling.batch_size, progress, shard)
+                                  sampling.batch_size, progress, shard=shard)
         del model
         planned = [choose_strategies(scores, plan_temperature, sampling.seed + r) for r in range(n_rounds)]
     else:
         planned = [list(strategies)] * n_rounds
-    if generator is None:
-        return [Round(p, [""] * len(p), [""] * len(p)) for p in planned]
-    model = _use(generator)
+    n_replies = len(examples) if reply_indices is None else len(reply_indices)
+    if generator is None or n_replies == 0:
+        return [Round(p, [""] * n_replies, [""] * n_replies) for p in planned]
+    model = _use(generator, sampling.dtype)
+    chosen = _pick(examples, reply_indices)
     out = []
     for r, offset in enumerate(rounds):
-        rg = [rg_example(ex, s) for ex, s in zip(examples, planned[r])]
+        rg = [rg_example(ex, s) for ex, s in zip(chosen, _pick(planned[r], reply_indices))]
         replies = generate_replies(model, tokenizer, rg, replace(sampling, seed=sampling.seed + offset),
                                    progress, desc=f"{desc} {r + 1}/{n_rounds}" if n_rounds > 1 else desc,
                                    shard=shard)
@@ -181,18 +300,46 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
 
 def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sampling: Sampling, *,
             rounds: Sequence[int] = (0,), progress: bool = False, desc: str = "vanilla",
-            shard: Shard = SINGLE) -> list[Round]:
-    """Joint inference: generate "[Strategy] reply" and split it; one :class:`Round` per entry of
-    ``rounds`` (round r samples with seed ``sampling.seed + rounds[r]``). ``examples`` may be of
-    any task (their vanilla prompt is used); a strategy is None when the output's tag cannot be
-    read. ``model`` may be a function that loads it, ``shard`` as in :func:`decoupled`."""
-    model = _use(model)
+            tags: str = "constrained", tag_temperature: float = 0.0,
+            reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE) -> list[Round]:
+    """Joint inference: "[Strategy] reply" per context; one :class:`Round` per entry of
+    ``rounds`` (round r samples replies with seed ``sampling.seed + rounds[r]``). ``examples``
+    may be of any task (their vanilla prompt is used). ``model`` may be a function that loads it
+    (see :func:`decoupled`).
+
+    ``tags`` (module docstring): "constrained" scores the eight tags once and round r picks them
+    exactly as the planner does (``tag_temperature`` 0: argmax, else a sample with seed
+    ``sampling.seed + r``), then samples the reply after the chosen tag; "free" generates the
+    whole output and parses it (a strategy is None when the tag cannot be read).
+    ``reply_indices``: as in :func:`decoupled`. Free decoding reads the strategy off the
+    generated text, so it generates for every example and keeps the replies of those.
+    A round's ``outputs`` are the raw "[Strategy] reply" texts. ``shard`` as in :func:`decoupled`.
+    """
+    if tags not in VANILLA_TAGS:
+        raise ValueError(f"vanilla: tags must be one of {', '.join(VANILLA_TAGS)}, got {tags!r}")
+    model = _use(model, sampling.dtype)
     prompts = [task_example(ex, "vanilla") for ex in examples]
+    label = lambda r: f"{desc} {r + 1}/{len(rounds)}" if len(rounds) > 1 else desc  # noqa: E731
     out = []
+    if tags == "free":
+        for r, offset in enumerate(rounds):
+            outs = generate_replies(model, tokenizer, prompts, replace(sampling, seed=sampling.seed + offset),
+                                    progress, desc=label(r), shard=shard)
+            parsed = [split_vanilla_output(o) for o in outs]
+            out.append(Round([p[0] for p in parsed], _pick([p[1] for p in parsed], reply_indices),
+                             _pick(outs, reply_indices)))
+        return out
+    scores = score_tags(model, tokenizer, examples, sampling.batch_size, progress, shard=shard)
+    tag_ids = dict(zip(STRATEGIES, tag_tokens(tokenizer)))
+    room = {s: max(1, sampling.max_new_tokens - len(t)) for s, t in tag_ids.items()}  # reply tokens after the tag
+    budget = replace(sampling, max_new_tokens=max(room.values()))
+    chosen = _pick(prompts, reply_indices)
     for r, offset in enumerate(rounds):
-        outs = generate_replies(model, tokenizer, prompts, replace(sampling, seed=sampling.seed + offset),
-                                progress, desc=f"{desc} {r + 1}/{len(rounds)}" if len(rounds) > 1 else desc,
-                                shard=shard)
-        parsed = [split_vanilla_output(o) for o in outs]
-        out.append(Round([p[0] for p in parsed], [p[1] for p in parsed], outs))
+        strategies = choose_strategies(scores, tag_temperature, sampling.seed + r)
+        picked = _pick(strategies, reply_indices)
+        replies = (generate_replies(model, tokenizer, chosen, replace(budget, seed=sampling.seed + offset),
+                                    progress, desc=label(r), forced=[tag_ids[s] for s in picked],
+                                    limits=[room[s] for s in picked], shard=shard)
+                   if chosen else [])
+        out.append(Round(strategies, replies, [format_vanilla_target(s, a) for s, a in zip(picked, replies)]))
     return out

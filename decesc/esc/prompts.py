@@ -20,6 +20,14 @@ code.  The user message is::
 A dialogue that opens with the supporter has no history: the block then reads
 "(The conversation is just starting.)".
 
+Prompt styles.  ``style="full"`` (the default) is the prompt above: a system prompt that defines
+all eight strategies (260-271 SmolLM2 tokens) and, for the generator, the requested strategy's
+definition in the instruction - what an untrained (prompted) model needs to know the strategies.
+``style="short"`` is for modules that are trained on the task: one short instruction per task, as
+the paper's planner prompt is one instruction ("identify the reply strategy; answer with the
+strategy only"), so the token budget goes to the conversation instead of fixed text (about 25
+tokens of system prompt instead of 260-271). The history block is the same in both.
+
 Metadata.  By default the prompt does NOT show the situation / problem / emotion fields: in
 ESConv they come from the seeker's pre-chat survey, not from the conversation, so a deployed
 supporter would not have them; leaving them out also keeps the prompts short for small models.  `with_metadata=True`
@@ -90,22 +98,53 @@ SP_INSTRUCTION = "Which strategy should the supporter use for the next reply? An
 VANILLA_INSTRUCTION = ("Choose a strategy and write the supporter's next reply, "
                        "in the form \"[Strategy] reply\".")
 
+STYLES = ("full", "short")
 
-def rg_instruction(strategy: str) -> str:
-    """The RG user-message instruction naming the strategy to use (with its definition)."""
+# style "short": one instruction per task, no strategy definitions (for trained modules)
+_SHORT_ROLE = "You are an emotional supporter. "
+SHORT_SYSTEMS = {
+    "sp": _SHORT_ROLE + "Identify the strategy of the supporter's next reply; answer with the strategy only.",
+    "rg": _SHORT_ROLE + "Write the supporter's next reply with the given strategy; give only the reply.",
+    "vanilla": _SHORT_ROLE + "Choose the strategy of the supporter's next reply and write the reply, "
+                             "as \"[Strategy] reply\".",
+}
+SHORT_SP_INSTRUCTION = "Strategy of the next reply?"
+SHORT_VANILLA_INSTRUCTION = "Next reply, as \"[Strategy] reply\":"
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r} (expected one of {', '.join(STYLES)})")
+
+
+def system_prompt(task: str, style: str = "full") -> str:
+    """The system prompt of ``task`` in ``style`` (module docstring)."""
+    _check_style(style)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+    return (SYSTEMS if style == "full" else SHORT_SYSTEMS)[task]
+
+
+def rg_instruction(strategy: str, style: str = "full") -> str:
+    """The RG user-message instruction naming the strategy to use (with its definition in the
+    full style)."""
     if strategy not in DEFINITIONS:
         raise ValueError(f"not an exact strategy name: {strategy!r}")
+    if style == "short":
+        return f"Strategy: {strategy}. Write the supporter's next reply."
     return (f"Strategy for the next reply: {strategy} ({DEFINITIONS[strategy]}).\n"
             "Write the supporter's next reply using this strategy. Give only the reply text.")
 
 
-def instruction(task: str, strategy: str | None = None) -> str:
+def instruction(task: str, strategy: str | None = None, style: str = "full") -> str:
+    _check_style(style)
+    short = style == "short"
     if task == "sp":
-        return SP_INSTRUCTION
+        return SHORT_SP_INSTRUCTION if short else SP_INSTRUCTION
     if task == "rg":
-        return rg_instruction(strategy)
+        return rg_instruction(strategy, style)
     if task == "vanilla":
-        return VANILLA_INSTRUCTION
+        return SHORT_VANILLA_INSTRUCTION if short else VANILLA_INSTRUCTION
     raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
 
 
@@ -147,6 +186,7 @@ class Example(SFTExample):
     turn: int            # index of the supporter turn in that dialogue
     response: str        # gold response text
     context: str = ""    # rendered history block (shared by all tasks; used by rg_example)
+    style: str = "full"  # prompt style (module docstring); rg_example / task_example keep it
 
 
 _HEADER = "Conversation so far:"
@@ -178,16 +218,16 @@ def _target(task: str, strategy: str, response: str) -> str:
 
 
 def make_example(task: str, context: str, strategy: str | None, response: str = "",
-                 dialogue: int = -1, turn: int = -1) -> Example:
+                 dialogue: int = -1, turn: int = -1, style: str = "full") -> Example:
     """The example of `task` for a rendered history block `context` (see `render_context`).
 
     `strategy` is the gold (or, for rg, the requested) strategy; sp and vanilla prompts do not
-    show it, so it may be None there when unknown (a live chat).
+    show it, so it may be None there when unknown (a live chat). `style`: the prompt style.
     """
-    prompt = context + "\n\n" + instruction(task, strategy)
-    return Example(prompt, _target(task, strategy, response), SYSTEMS[task],
+    prompt = context + "\n\n" + instruction(task, strategy, style)
+    return Example(prompt, _target(task, strategy, response), system_prompt(task, style),
                    f"dialogue {dialogue}, turn {turn}", task=task, strategy=strategy,
-                   dialogue=dialogue, turn=turn, response=response, context=context)
+                   dialogue=dialogue, turn=turn, response=response, context=context, style=style)
 
 
 def rg_example(example: Example, strategy: str) -> Example:
@@ -197,25 +237,26 @@ def rg_example(example: Example, strategy: str) -> Example:
     The context is not re-budgeted: build the source examples with task "rg" if the budget
     matters (the RG instruction is the longest of the three).
     """
-    return make_example("rg", example.context, strategy, example.response, example.dialogue, example.turn)
+    return make_example("rg", example.context, strategy, example.response, example.dialogue, example.turn,
+                        example.style)
 
 
 def task_example(example: Example, task: str) -> Example:
     """The example of another task for the same context and gold annotation as `example`."""
     return make_example(task, example.context, example.strategy, example.response,
-                        example.dialogue, example.turn)
+                        example.dialogue, example.turn, example.style)
 
 
 def build_examples(dialogues: list[Dialogue], task: str,
                    count_tokens: Callable[[str], int] | None = None, max_tokens: int | None = None,
                    *, overhead: int = 16, with_metadata: bool = False,
-                   overflow: str = "keep") -> list[Example]:
+                   overflow: str = "keep", style: str = "full") -> list[Example]:
     """One example per supporter turn, in dialogue then turn order (see the module docstring).
 
     overflow: what to do with an example that exceeds max_tokens even with the minimal history
     (the latest seeker turn): "keep" it (default; one warning per call), "drop" it (one warning
     per call; then there is no longer one example per supporter turn), or "error" (ValueError
-    naming the dialogue and turn).
+    naming the dialogue and turn). style: the prompt style ("full" or "short").
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
@@ -223,6 +264,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
         raise ValueError(f"overflow must be 'keep', 'drop' or 'error', got {overflow!r}")
     if (count_tokens is None) != (max_tokens is None):
         raise ValueError("count_tokens and max_tokens must be given together")
+    _check_style(style)
     budgeted = count_tokens is not None
     cache: dict[str, int] = {}
 
@@ -256,18 +298,18 @@ def build_examples(dialogues: list[Dialogue], task: str,
             floor = t if latest_seeker is None else latest_seeker   # window must start <= floor
             if not budgeted:
                 examples.append(make_example(task, render_context(dialogue, t, 0, with_metadata),
-                                      strategy, response, d, t))
+                                             strategy, response, d, t, style))
                 continue
             target_cost = count_tokens(_target(task, strategy, response))
-            system_cost = count_fixed(SYSTEMS[task])
-            fixed = system_cost + count_fixed(instruction(task, strategy)) + target_cost + overhead + head_cost
+            system_cost = count_fixed(system_prompt(task, style))
+            fixed = system_cost + count_fixed(instruction(task, strategy, style)) + target_cost + overhead + head_cost
             available = max_tokens - fixed
             # smallest start with cum[t] - cum[start] <= available
             start = bisect.bisect_left(cum, cum[t] - available, 0, t + 1)
             start = min(start, floor)
             while True:   # exact check of the estimate; rarely needs more than one pass
                 example = make_example(task, render_context(dialogue, t, start, with_metadata),
-                                strategy, response, d, t)
+                                       strategy, response, d, t, style)
                 total = system_cost + count_tokens(example.prompt) + target_cost + overhead
                 if total <= max_tokens or start >= floor:
                     break

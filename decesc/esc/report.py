@@ -2,9 +2,17 @@
 
 Columns (paper, Table 3): D-1, B-1, F1, R-L (text metrics on the reply text, x100), Flu, Pro, Emp, Hel
 (mean 0-5 judge scores on the judged sample), B (preference bias, eq. 8), Q_W and Q (weighted and
-macro strategy F1, x100). Also reported per system: the number of unparseable strategies, the
-share of judged replies showing each error type, and the strategy preference p and distribution
-(predicted vs gold shares, the paper's Fig. 3), drawn as an SVG bar chart.
+macro strategy F1, x100); next to B the total-variation distance TV between the predicted and gold
+strategy shares, a bias measure that is always defined (:mod:`decesc.esc.metrics.uncertainty`).
+Also reported per system: the number of unparseable strategies, the share of judged replies
+showing each error type, and the strategy preference p and distribution (predicted vs gold
+shares, the paper's Fig. 3), drawn as an SVG bar chart.
+
+A system may have strategies only (no replies: the chance planners, :mod:`decesc.esc.chance`);
+its text and judge columns are then "–". The strategy metrics may cover more turns than the
+replies (every evaluation turn is planned, replies are generated on a subset): each row says how
+many of each. With bootstrap intervals (:func:`decesc.esc.metrics.uncertainty.strategy_bootstrap`)
+the report adds a table of 95% intervals of B, TV, Q_W and Q and one of the paired differences.
 """
 
 from __future__ import annotations
@@ -26,27 +34,39 @@ from decesc.esc.metrics import (
     text_metrics,
     weighted_f1,
 )
+from decesc.esc.metrics.uncertainty import tv_bias
 from decesc.esc.strategies import SHORT, STRATEGIES
 from decesc.formats.atomic import atomic_write_text
 
-COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "Q_W", "Q")
+COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "TV", "Q_W", "Q")
+TEXT_COLUMNS = ("D-1", "B-1", "F1", "R-L")
+INTERVAL_COLUMNS = ("B", "TV", "Q_W", "Q")  # x100 for Q_W and Q, as in the main table
+SCALE = {"B": 1.0, "TV": 1.0, "Q_W": 100.0, "Q": 100.0}
 
 
 @dataclass
 class SystemOutputs:
-    """What one system produced on the test turns (same order as the gold lists)."""
+    """What one system produced on the evaluation turns.
+
+    ``strategies`` follows the gold strategies (every evaluation turn); ``replies`` the replied
+    turns (the gold replies given to :func:`score_system`), or None for a system without replies.
+    """
 
     name: str
     strategies: list[str | None]  # planned / parsed strategy per turn (None = unparseable)
-    replies: list[str]
+    replies: list[str] | None
     judgments: list = field(default_factory=list)  # Judgment per judged turn (a subset)
     judged: list[int] = field(default_factory=list)  # indices of the judged turns
 
 
 def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: list[str]) -> dict:
     """All report numbers for one system (a flat dict, JSON-ready; NaN where undefined)."""
-    row: dict = {"system": out.name, "turns": len(out.replies)}
-    row.update({k: v for k, v in text_metrics(out.replies, gold_replies).items()})
+    replies = out.replies or []
+    row: dict = {"system": out.name, "turns": len(out.strategies), "replied": len(replies)}
+    if replies:
+        row.update(text_metrics(replies, gold_replies))
+    else:
+        row.update({k: math.nan for k in TEXT_COLUMNS})
     n = len(out.judgments)
     for col, dim in zip(("Flu", "Pro", "Emp", "Hel"), RUBRIC):
         row[col] = sum(j.scores[dim] for j in out.judgments) / n if n else math.nan
@@ -55,6 +75,7 @@ def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: l
         w = strategy_confusion(gold_strategies, out.strategies)
         row["B"] = float(preference_bias(w))
         row["preference"] = dict(zip(STRATEGIES, (float(x) for x in preference(w))))
+    row["TV"] = tv_bias(gold_strategies, out.strategies)
     row["Q_W"] = 100 * weighted_f1(gold_strategies, out.strategies)
     row["Q"] = 100 * macro_f1(gold_strategies, out.strategies)
     row["unparseable"] = sum(s is None for s in out.strategies)
@@ -69,20 +90,66 @@ def _fmt(x, digits=2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def render_markdown(rows: list[dict], title: str = "Evaluation") -> str:
-    lines = [f"# {title}", "",
-             "| system | " + " | ".join(COLUMNS) + " | unparseable | judged |",
-             "|---|" + "---|" * (len(COLUMNS) + 2)]
+def attach_intervals(rows: list[dict], intervals: dict) -> list[dict]:
+    """Put each system's bootstrap intervals (``strategy_bootstrap(...)["systems"]``, keyed by
+    the row's system name) into its row as ``row["ci"][metric] = {"low", "high", "undefined",
+    "replicates"}``, Q_W and Q scaled like the main table (x100)."""
+    for row in rows:
+        got = intervals.get(row["system"])
+        if got is not None:
+            row["ci"] = {m: {"low": got[m]["low"] * SCALE[m], "high": got[m]["high"] * SCALE[m],
+                             "undefined": got[m]["undefined"], "replicates": got[m]["replicates"]}
+                         for m in INTERVAL_COLUMNS}
+    return rows
+
+
+def _interval(value, ci: dict | None) -> str:
+    if not ci:
+        return _fmt(value)
+    undefined = math.isnan(ci["low"]) if isinstance(ci["low"], float) else ci["low"] is None
+    text = f"{_fmt(value)} [–]" if undefined else f"{_fmt(value)} [{_fmt(ci['low'])}, {_fmt(ci['high'])}]"
+    return text + (f" ({ci['undefined']}/{ci['replicates']} undefined)" if ci["undefined"] else "")
+
+
+def render_markdown(rows: list[dict], title: str = "Evaluation", differences: list[dict] = (),
+                    notes: list[str] = ()) -> str:
+    lines = [f"# {title}", ""]
+    for note in notes:
+        lines += [note, ""]
+    lines += ["| system | " + " | ".join(COLUMNS) + " | unparseable | replies | judged |",
+              "|---|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
-                     + f" | {r['unparseable']}/{r['turns']} | {r['judged']} |")
+                     + f" | {r['unparseable']}/{r['turns']} | {r['replied'] or '–'} | {r['judged'] or '–'} |")
     lines += ["", "D-1/B-1/F1/R-L and Q_W/Q are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
-              "B is the preference bias (lower = less biased). – = undefined: B and p have no finite "
-              "Bradley–Terry estimate when a predicted strategy never loses or nothing was mispredicted "
-              "(rules in decesc/metrics/preference.py); rubric columns need judged replies.", "",
-              "## Error types in judged replies (% of judged replies)", "",
+              "B is the preference bias (lower = less biased); TV is the total-variation distance "
+              "between the predicted and gold strategy shares (0 = the gold shares, 1 - the gold "
+              "share of s when always predicting s; always defined). – = undefined: B and p have no "
+              "finite Bradley–Terry estimate when a predicted strategy never loses or nothing was "
+              "mispredicted (rules in decesc/metrics/preference.py); text and rubric columns need "
+              "replies (the chance planners write none)."]
+    if any("ci" in r for r in rows):
+        first = next(r["ci"] for r in rows if "ci" in r)
+        lines += ["", "## 95% confidence intervals (dialogue bootstrap)", "",
+                  f"Percentile intervals over {first['B']['replicates']} replicates, each resampling the "
+                  "evaluation dialogues with replacement (all turns of a drawn dialogue; the same draw "
+                  "for every system). B is left out of a replicate where it is undefined (counted); its "
+                  "interval is – when more than half are.", "",
+                  "| system | " + " | ".join(INTERVAL_COLUMNS) + " |", "|---|" + "---|" * len(INTERVAL_COLUMNS)]
+        for r in rows:
+            if "ci" in r:
+                lines.append(f"| {r['system']} | " + " | ".join(_interval(r[m], r["ci"][m])
+                                                              for m in INTERVAL_COLUMNS) + " |")
+    if differences:
+        lines += ["", "## Paired differences (same bootstrap draws)", "",
+                  "| difference | value | 95% CI | undefined draws |", "|---|---|---|---|"]
+        for d in differences:
+            lines.append(f"| {d['metric']}({d['a']}) − {d['metric']}({d['b']}) | {_fmt(d['value'])} | "
+                         f"[{_fmt(d['low'])}, {_fmt(d['high'])}] | {d['undefined']}/{d['replicates']} |")
+    replied = [r for r in rows if r["replied"]]
+    lines += ["", "## Error types in judged replies (% of judged replies)", "",
               "| system | " + " | ".join(ERROR_TYPES) + " |", "|---|" + "---|" * len(ERROR_TYPES)]
-    for r in rows:
+    for r in replied:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["error_share"][e], 1) for e in ERROR_TYPES) + " |")
     lines += ["", "## Strategy preference p (Bradley–Terry, mean 1)", "",
               "| system | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|" + "---|" * 8]
@@ -126,7 +193,7 @@ def strategy_chart_svg(rows: list[dict]) -> str:
         parts.append(f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{H - bottom + 16}" '
                      f'text-anchor="middle">{SHORT[s]}</text>')
     for k, (name, _) in enumerate(series):  # legend
-        lx = left + k * 150
+        lx = left + k * (W - left) / max(len(series), 1)
         parts.append(f'<rect x="{lx}" y="{H - 24}" width="12" height="12" fill="{PALETTE[k % len(PALETTE)]}"/>'
                      f'<text x="{lx + 16}" y="{H - 14}">{html.escape(name)}</text>')
     return "\n".join(parts + ["</svg>"]) + "\n"
@@ -143,11 +210,14 @@ def json_safe(x):
     return x
 
 
-def write_report(rows: list[dict], out_dir: str | Path, title: str = "Evaluation") -> Path:
-    """Write report.md, report.json and strategy_distribution.svg; return the markdown path."""
+def write_report(rows: list[dict], out_dir: str | Path, title: str = "Evaluation",
+                 differences: list[dict] = (), notes: list[str] = ()) -> Path:
+    """Write report.md, report.json ({"title", "notes", "systems": rows, "differences"}) and
+    strategy_distribution.svg; return the markdown path."""
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.json", json.dumps(json_safe(rows), indent=2))
+    record = {"title": title, "notes": list(notes), "systems": rows, "differences": list(differences)}
+    atomic_write_text(out_dir / "report.json", json.dumps(json_safe(record), indent=2))
     atomic_write_text(out_dir / "strategy_distribution.svg", strategy_chart_svg(rows))
-    md = render_markdown(rows, title) + "\n![strategy distribution](strategy_distribution.svg)\n"
+    md = render_markdown(rows, title, differences, notes) + "\n![strategy distribution](strategy_distribution.svg)\n"
     atomic_write_text(out_dir / "report.md", md)
     return out_dir / "report.md"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from decesc.esc.esconv import builtin_sample_path, find_split_files, load_splits
 from decesc.esc.inference import Sampling
-from decesc.esc.prompts import SYSTEMS, Example, build_examples, instruction
+from decesc.esc.prompts import Example, build_examples, instruction, system_prompt
 from decesc.formats.zoo import (
     SMOLLM2_NAME,
     TINY_NAME,
@@ -55,10 +55,12 @@ def examples(config: PipelineConfig, memo: dict, tokenizer, split: str, task: st
     if budget < 64:
         raise ValueError(f"max_seq_len {config.max_seq_len} leaves only {budget} tokens for the "
                          f"prompt after max_new_tokens {config.max_new_tokens}")
-    out = build_examples(data[split], task, tokenizer.count_tokens, budget, overflow=overflow)
+    out = build_examples(data[split], task, tokenizer.count_tokens, budget, overflow=overflow,
+                         style=config.prompt_style)
     turns = sum(t.speaker == "supporter" for d in data[split] for t in d.turns)
     if len(out) < turns / 2:  # most dropped: the budget cannot even hold the fixed prompt text
-        fixed = tokenizer.count_tokens(SYSTEMS[task]) + tokenizer.count_tokens(instruction(task, "Question"))
+        fixed = (tokenizer.count_tokens(system_prompt(task, config.prompt_style))
+                 + tokenizer.count_tokens(instruction(task, "Question", config.prompt_style)))
         raise ValueError(f"{split} split, task {task}: only {len(out)} of {turns} examples fit the context budget of "
                          f"{budget} tokens (max_seq_len {config.max_seq_len} - max_new_tokens "
                          f"{config.max_new_tokens}); the system prompt and instruction alone take "
@@ -79,7 +81,7 @@ def sampling(config: PipelineConfig) -> Sampling:
     """The run's decoding settings; the seed is the run's seed (rounds add their offsets)."""
     return Sampling(temperature=config.temperature, top_p=config.top_p,
                     max_new_tokens=config.max_new_tokens, seed=config.seed,
-                    batch_size=config.gen_batch_size)
+                    batch_size=config.gen_batch_size, dtype=config.inference_dtype)
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -1,10 +1,17 @@
-"""Stage eval: the four systems on the evaluation turns, judged and scored (Table 3).
+"""Stage eval: the four systems on the evaluation turns, judged and scored (Table 3), next to
+two chance planners.
 
-Vanilla SFT / DPO run joint inference; Decoupled SFT / DPO run decoupled inference with the
-greedy planner (argmax over the eight strategy names). Replies are sampled with seed
-``seed + 7``. The outputs are stored in ``outputs.json`` with the settings and inputs that
-produced them, so ``tools.evaluate`` can rescore them without generating again. Under torchrun
-every process generates its share and rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
+Vanilla SFT / DPO run joint inference (their tags decoded as ``vanilla_tags`` says; constrained
+tags greedily, like the planner); Decoupled SFT / DPO run decoupled inference with the greedy
+planner (argmax over the eight strategy names). Every evaluation turn is planned (strategy
+metrics on all of them); replies are generated on the seeded subset of ``reply_turns`` of them,
+sampled with seed ``seed + 7``, and judged on a seeded subset of ``judge_samples`` of those. The
+chance planners (:mod:`decesc.esc.chance`) read the training split's strategy shares; the prior
+draw is seeded with ``seed + 11``. The outputs are stored in ``outputs.json`` with the settings
+and inputs that produced them, so ``tools.evaluate`` can rescore them without generating again.
+The report carries dialogue-bootstrap intervals (``bootstrap_replicates``, seed ``seed``) and the
+paired differences of :data:`DIFFERENCES`. Under torchrun every process generates its share and
+rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from decesc.core.tokenizer import chat_messages
+from decesc.esc.chance import chance_strategies
 from decesc.esc.inference import decoupled, vanilla
 from decesc.esc.prompts import Example, instruction, task_example
 from decesc.esc.strategies import STRATEGIES
 from decesc.formats.atomic import atomic_write_text
-from decesc.pipeline.data import examples, sampling, subset
+from decesc.pipeline.config import BUILTIN
+from decesc.pipeline.data import examples, sampling, splits, subset
 from decesc.pipeline.judging import judge_items, make_judge
 from decesc.pipeline.results import json_problem, move_aside, read_json
 from decesc.pipeline.sft import MODULES
@@ -26,12 +35,21 @@ from decesc.pipeline.shard import process_shard
 from decesc.pipeline.stage import Stage
 
 REPLY_SEED_OFFSET = 7
+CHANCE_SEED_OFFSET = 11
 SYSTEMS = ("Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO")
+# the paired differences that carry the paper's claims (B and TV of a minus b)
+DIFFERENCES = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"),
+               ("Vanilla DPO", "Vanilla SFT"))
 
 
 def turns(run, tokenizer) -> list[Example]:
     c = run.config
     return subset(examples(c, run.memo, tokenizer, c.eval_split, "rg", overflow="keep"), c.eval_turns, c.seed)
+
+
+def reply_turns(run, n: int) -> list[int]:
+    """Indices of the evaluation turns that get replies (seeded subset of ``reply_turns``)."""
+    return subset(list(range(n)), run.config.reply_turns, run.config.seed)
 
 
 def check(run, models) -> None:
@@ -40,13 +58,13 @@ def check(run, models) -> None:
     max_seq_len)."""
     c, tok = run.config, models.tokenizer
     window = models.base_config.max_position_embeddings
-    longest = max(tok.count_tokens(instruction("rg", s)) for s in STRATEGIES)
+    longest = max(tok.count_tokens(instruction("rg", s, c.prompt_style)) for s in STRATEGIES)
     for e in turns(run, tok):
         for task in ("rg", "vanilla"):
             ex = task_example(e, task)
             n = len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
             if task == "rg":  # the planned strategy's instruction may be longer than the gold one's
-                n += longest - tok.count_tokens(instruction("rg", e.strategy))
+                n += longest - tok.count_tokens(instruction("rg", e.strategy, c.prompt_style))
             if n + c.max_new_tokens > window:
                 raise ValueError(f"eval: {c.eval_split} split, dialogue {e.dialogue}, turn {e.turn}: the {task} "
                                  f"prompt takes {n} tokens, which leaves no room for max_new_tokens "
@@ -74,6 +92,7 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
                    log=print) -> tuple[list[Example], dict]:
     """Every system's outputs on the evaluation turns: {system: {"strategies", "replies"}}.
 
+    "strategies" cover every evaluation turn, "replies" the turns of :func:`reply_turns`.
     Generated once and stored in ``path`` together with the settings that produced them; a
     later call with the same settings (and the same trained stages and data) reloads them, from
     ``path`` or from ``reuse`` (another such file, only read). Under torchrun every process
@@ -99,59 +118,98 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     sft = {m: run.adapter(f"sft-{m}") for m in MODULES}
     dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
     chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
-    base = sampling(c)
+    base, replied = sampling(c), reply_turns(run, len(tests))
     systems = {}
     for kind, chain in chains.items():
         (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,
                         rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}",
-                        shard=shard)
+                        tags=c.vanilla_tags, tag_temperature=0.0, reply_indices=replied, shard=shard)
         systems[f"Vanilla {kind}"] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
     for kind, chain in chains.items():
         (rd,) = decoupled(lambda chain=chain: models.merged(*chain("sp")),
                           lambda chain=chain: models.merged(*chain("rg")), tok,
                           tests, base, plan_temperature=0.0, rounds=(REPLY_SEED_OFFSET,), progress=progress,
-                          desc=f"Decoupled {kind}", shard=shard)
+                          desc=f"Decoupled {kind}", reply_indices=replied, shard=shard)
         systems[f"Decoupled {kind}"] = {"strategies": rd.strategies, "replies": rd.replies}
     systems = {k: systems[k] for k in SYSTEMS}
     if shard.is_main:
         atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
-                                            "systems": systems}, indent=1))
+                                            "reply_turns": replied, "systems": systems}, indent=1))
     return tests, systems
 
 
+def training_strategies(run) -> list[str]:
+    """The gold strategy of every supporter turn of the training split (the chance planners' prior)."""
+    return [t.strategy for d in splits(run.config, run.memo)["train"] for t in d.turns if t.speaker == "supporter"]
+
+
 def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool = True,
-              reuse: Path | None = None, log=print) -> list[dict]:
-    """Report rows for a run's systems (outputs generated or reloaded, then judged)."""
-    from decesc.esc.report import SystemOutputs, score_system
+              reuse: Path | None = None, log=print) -> tuple[list[dict], list[dict]]:
+    """Report rows for a run's systems (outputs generated or reloaded, then judged) and the two
+    chance planners, with their bootstrap intervals; and the paired differences."""
+    from decesc.esc.metrics.uncertainty import strategy_bootstrap
+    from decesc.esc.report import SystemOutputs, attach_intervals, score_system
 
     c = run.config
     tests, systems = system_outputs(run, models, outputs_path, progress, reuse, log)
+    replied = reply_turns(run, len(tests))
     judge = make_judge(c, run.dir)
-    judged = subset(list(range(len(tests))), c.judge_samples, c.seed)
-    gold_s, gold_r = [e.strategy for e in tests], [e.response for e in tests]
+    judged = subset(list(range(len(replied))), c.judge_samples, c.seed)  # positions in `replied`
+    gold_s, gold_r = [e.strategy for e in tests], [tests[i].response for i in replied]
     rows = []
     with judge:  # closes its cache
         for name, out in systems.items():
-            items = judge_items([tests[i] for i in judged], [out["replies"][i] for i in judged],
-                                [out["strategies"][i] for i in judged])
+            items = judge_items([tests[replied[k]] for k in judged], [out["replies"][k] for k in judged],
+                                [out["strategies"][replied[k]] for k in judged])
             outputs = SystemOutputs(prefix + name, out["strategies"], out["replies"],
-                                    judge.judge_many(items, progress=progress), judged)
+                                    judge.judge_many(items, progress=progress) if items else [], judged)
             rows.append(score_system(outputs, gold_s, gold_r))
-    return rows
+    chance = chance_strategies(training_strategies(run), len(tests), c.seed + CHANCE_SEED_OFFSET)
+    rows += [score_system(SystemOutputs(prefix + name, strategies, None), gold_s, [])
+             for name, strategies in chance.items()]
+    predictions = {**{prefix + k: v["strategies"] for k, v in systems.items()},
+                   **{prefix + k: v for k, v in chance.items()}}
+    boot = strategy_bootstrap(gold_s, predictions, [e.dialogue for e in tests],
+                              [(prefix + a, prefix + b) for a, b in DIFFERENCES],
+                              replicates=c.bootstrap_replicates, seed=c.seed)
+    return attach_intervals(rows, boot["systems"]), boot["differences"]
+
+
+def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> list[str]:
+    """The report's header lines: what was scored on how many turns, and - for a smoke-scale run
+    (the built-in sample or the demo profile) - that it cannot show the method."""
+    c = run.config
+    notes = []
+    if c.data == BUILTIN or c.resolved_profile() == "demo":
+        notes.append(f"**Smoke-scale run** ({c.resolved_profile()} profile on {c.data} data: at most "
+                     f"{c.max_train_examples or 'all'} training examples per module, {tests} evaluation "
+                     "turns). It checks that every stage runs; it is far too small to show the method, "
+                     "and its numbers are noise. For results on real data see the README, section "
+                     "\"Results on ESConv\"; reproduce them with `python -m tools.train --data "
+                     "../shared/data/esconv --profile cpu`.")
+    notes.append(f"Strategy metrics (B, TV, Q_W, Q, preference, distribution) on all {tests} "
+                 f"{c.eval_split} turns ({dialogues} dialogues); replies and text metrics on "
+                 f"{replied} of them (seeded subset); Flu/Pro/Emp/Hel and error types are the "
+                 f"`{c.judge}` judge's, on {judged} replies per system. Chance rows read no context: "
+                 "\"majority\" always predicts the training split's most frequent strategy, "
+                 "\"prior\" draws from its strategy shares.")
+    return notes
 
 
 def run_eval(run, name: str, models) -> dict:
     from decesc.esc.report import json_safe, write_report
 
-    d = run.stage_dir(name)
+    d, c = run.stage_dir(name), run.config
     if not process_shard().is_main:  # the other processes share the generation; rank 0 judges
         system_outputs(run, models, d / "outputs.json", progress=False, log=run.log)
         return {}
-    rows = score_run(run, models, d / "outputs.json", log=run.log)
-    report = write_report(rows, d, title=f"DecoupledESC evaluation: {run.config.model} on "
-                                         f"{run.config.data} ({run.config.eval_split})")
+    rows, differences = score_run(run, models, d / "outputs.json", log=run.log)
+    tests = turns(run, models.tokenizer)
+    notes = report_notes(run, len(tests), len({e.dialogue for e in tests}), rows[0]["replied"], rows[0]["judged"])
+    report = write_report(rows, d, title=f"DecoupledESC evaluation: {c.model} on {c.data} ({c.eval_split})",
+                          differences=differences, notes=notes)
     return json_safe({"report": str(report),
-                      "systems": {r["system"]: {k: r[k] for k in ("B", "Q_W", "Q", "R-L")} for r in rows}})
+                      "systems": {r["system"]: {k: r[k] for k in ("B", "TV", "Q_W", "Q", "R-L")} for r in rows}})
 
 
 def outputs_ok(stage_dir, done: dict) -> str | None:
@@ -159,5 +217,5 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
 
 
 STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
-              roles=("generate", "judge"), run=run_eval, distributed=True, splits=lambda c: (c.eval_split,),
-              check=check, outputs_ok=outputs_ok)
+              roles=("generate", "judge"), run=run_eval, distributed=True,
+              splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok)

@@ -7,7 +7,8 @@ keeps every judgment):
 
 - planner: decoupled inference with the SFT planner sampled at ``temperature`` (no generator);
 - generator: decoupled inference with the GOLD strategy in place of the planner;
-- vanilla: joint inference with the SFT vanilla model.
+- vanilla: joint inference with the SFT vanilla model, its tags decoded as ``vanilla_tags`` says
+  (constrained: sampled among the eight tags at ``temperature``, like the planner's strategies).
 Round r samples strategies with seed ``seed + r`` and replies with seed ``seed + 1000 (r + 1)``.
 The judged outputs are routed into the three pair files; rejected replies are cut where their
 re-encoded pair would not fit ``max_seq_len`` (:func:`decesc.esc.ipm.fit_pairs`, counted in
@@ -94,7 +95,8 @@ def run_mine(run, name: str, models) -> dict:
 
     def vanilla_rows():
         rounds = vanilla(sft["vanilla"], tok, ctx, sampling(c), rounds=seeds, progress=shard.is_main,
-                         desc="vanilla samples", shard=shard)
+                         desc="vanilla samples", tags=c.vanilla_tags, tag_temperature=c.temperature,
+                         shard=shard)
         return judged([{"index": i, "round": r, "output": o, "strategy": s, "response": a}
                        for r, rd in enumerate(rounds)
                        for i, (s, a, o) in enumerate(zip(rd.strategies, rd.replies, rd.outputs))])

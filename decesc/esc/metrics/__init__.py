@@ -1,4 +1,5 @@
-"""Evaluation metrics (paper §4.1 and Table 3): strategy preference / bias, strategy F1 and distribution, text metrics."""
+"""Evaluation metrics (paper §4.1 and Table 3): strategy preference / bias, strategy F1 and distribution, text metrics,
+and their uncertainty (dialogue bootstrap, the always-defined TV bias)."""
 
 from decesc.esc.metrics.preference import (
     preference,
@@ -7,9 +8,11 @@ from decesc.esc.metrics.preference import (
 )
 from decesc.esc.metrics.strategy import macro_f1, strategy_distribution, weighted_f1
 from decesc.esc.metrics.text import text_metrics, tokenize
+from decesc.esc.metrics.uncertainty import bootstrap, strategy_bootstrap, tv_bias
 
 __all__ = [
     "strategy_confusion", "preference", "preference_bias",
     "weighted_f1", "macro_f1", "strategy_distribution",
     "text_metrics", "tokenize",
+    "bootstrap", "strategy_bootstrap", "tv_bias",
 ]

@@ -16,6 +16,15 @@ most biased planner there is.  TV = 1/2 sum_s |share_pred(s) - share_gold(s)| ov
 strategies plus "unparseable" (gold never is), in [0, 1]: 0 when the predicted strategy shares
 match the gold shares, 1 - share_gold(s) when every prediction is s.  It measures a preference
 for some strategies regardless of the context, always defined.
+
+Strategy metrics of many systems (`strategy_bootstrap`).  Every replicate needs B, TV, Q_W and Q
+of every system, so they are computed from one count matrix per system and draw,
+c[g, p] = #(gold g, predicted p) over the eight strategies (rows) and the eight plus
+"unparseable" (columns), built with one ``bincount`` (`strategy_scores`): Q_W / Q follow
+`decesc.esc.metrics.strategy` (labels = those in gold or predictions; F1 = 2 TP / (2 TP + FP +
+FN), 0 when that is 0/0), B is eq. 8 on w = c[:, :8] transposed (`decesc.esc.metrics.preference`),
+TV as above. The paired differences (say B(Decoupled SFT) - B(Vanilla SFT)) are evaluated on the
+same draw as their two systems.
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from decesc.esc.metrics.preference import preference_bias
 from decesc.esc.strategies import STRATEGIES
+
+STRATEGY_METRICS = ("B", "TV", "Q_W", "Q")
 
 
 def tv_bias(gold: Sequence[str], pred: Sequence[str | None], labels=STRATEGIES) -> float:
@@ -78,3 +90,74 @@ def bootstrap(groups: Sequence, statistic: Callable[[np.ndarray], dict[str, floa
         out[k] = {"value": float(full[k]), "low": float(low), "high": float(high),
                   "undefined": undefined, "replicates": replicates}
     return out
+
+
+def strategy_scores(counts: np.ndarray) -> dict[str, float]:
+    """B, TV, Q_W and Q (fractions) from c[g, p] = #(gold g, predicted p), shape (8, 9) with
+    column 8 = unparseable (module docstring). NaN for B where it has no finite estimate."""
+    counts = np.asarray(counts, dtype=float)
+    n = counts.sum()
+    if n == 0:
+        return {k: float("nan") for k in STRATEGY_METRICS}
+    k = counts.shape[0]
+    gold, pred = counts.sum(1), counts[:, :k].sum(0)  # (k,): gold support, predictions per label
+    tp = np.diag(counts[:, :k])
+    labels = (gold > 0) | (pred > 0)
+    denom = gold + pred  # = 2 TP + FP + FN
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    shares_gold = np.append(gold, 0.0) / n
+    shares_pred = counts.sum(0) / n
+    return {"B": preference_bias(counts[:, :k].T), "TV": float(0.5 * np.abs(shares_pred - shares_gold).sum()),
+            "Q_W": float((f1 * gold).sum() / n), "Q": float(f1[labels].mean())}
+
+
+def _indices(labels: Sequence[str | None], name: str, allow_none: bool) -> np.ndarray:
+    index = {s: i for i, s in enumerate(STRATEGIES)}
+    out = np.empty(len(labels), dtype=np.int64)
+    for n, x in enumerate(labels):
+        if x is None and allow_none:
+            out[n] = len(STRATEGIES)
+        elif x in index:
+            out[n] = index[x]
+        else:
+            raise ValueError(f"{name}[{n}] = {x!r} is not one of the strategies")
+    return out
+
+
+def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str | None]],
+                       groups: Sequence, differences: Sequence[tuple[str, str]] = (),
+                       replicates: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Dialogue-bootstrap intervals of B, TV, Q_W and Q of every system, and of the paired
+    differences ``B(a) - B(b)`` and ``TV(a) - TV(b)`` for each ``(a, b)`` in ``differences``
+    whose systems are both given.
+
+    ``predictions[name][i]`` is the strategy (None: unparseable) a system predicted on turn i,
+    whose gold strategy is ``gold[i]`` and dialogue ``groups[i]``. Returns ``{"systems": {name:
+    {metric: interval}}, "differences": [{"a", "b", "metric", **interval}]}``, an interval being
+    what :func:`bootstrap` returns per value (Q_W and Q as fractions).
+    """
+    g = _indices(gold, "gold", allow_none=False)
+    preds = {name: _indices(p, name, allow_none=True) for name, p in predictions.items()}
+    for name, p in preds.items():
+        if len(p) != len(g):
+            raise ValueError(f"{name}: {len(p)} predictions for {len(g)} gold strategies")
+    pairs = [(a, b) for a, b in differences if a in preds and b in preds]
+    cells = len(STRATEGIES) * (len(STRATEGIES) + 1)
+
+    def statistic(turns: np.ndarray) -> dict:
+        values = {}
+        for name, p in preds.items():
+            counts = np.bincount(g[turns] * (len(STRATEGIES) + 1) + p[turns], minlength=cells)
+            for metric, v in strategy_scores(counts.reshape(len(STRATEGIES), -1)).items():
+                values[(name, metric)] = v
+        for a, b in pairs:
+            for metric in ("B", "TV"):
+                values[(a, b, metric)] = values[(a, metric)] - values[(b, metric)]
+        return values
+
+    with warnings.catch_warnings():  # B's degenerate cases warn; they are NaN, counted
+        warnings.simplefilter("ignore")
+        out = bootstrap(groups, statistic, replicates, seed, level)
+    return {"systems": {name: {m: out[(name, m)] for m in STRATEGY_METRICS} for name in preds},
+            "differences": [{"a": a, "b": b, "metric": m, **out[(a, b, m)]} for a, b in pairs
+                            for m in ("B", "TV")]}
