@@ -4,6 +4,12 @@ Both stacks get the same SmolLM2-135M-Instruct weights (our GGUF load, handed to
 ``LlamaForCausalLM`` through its state dict), the same dtype, the same prompts and the same number
 of new tokens (greedy; stop tokens disabled so every run produces exactly ``--new-tokens``).
 
+Batch-1 decoding reads every weight once per token, so its speed is bounded by memory bandwidth:
+the run also measures the read bandwidth of this machine (a sum over a 1 GiB buffer, far larger
+than the caches) and prints the weight-read limit, bandwidth / bytes of the weights read per
+token (every matrix of the blocks and the output head; the embedding table only when it is the
+tied output head), next to decesc's batch-1 tokens/s as a share of it.
+
     python -m tools.bench_generate [--dtype fp32 bf16] [--batch 1 8] [--new-tokens 64]
 """
 
@@ -50,6 +56,22 @@ def timed(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def read_bandwidth(repeats: int, gib: int = 1) -> float:
+    """Bytes per second of reading a ``gib`` GiB fp32 buffer (a sum: one read per element)."""
+    x = torch.ones(gib * 256 * 1024 * 1024)
+    return x.numel() * 4 / timed(x.sum, repeats)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads: every parameter except the embedding table,
+    which is read one row per token, unless it is also the (tied) output head."""
+    embed = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    if model.lm_head.weight is embed:
+        total += embed.numel() * embed.element_size()
+    return total
 
 
 def bench_generation(model, hf, tok, batch: int, new_tokens: int, repeats: int):
@@ -106,6 +128,9 @@ def main(argv=None) -> int:
     base, tok = load_pretrained(args.model, dtype=torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}")
     rows = []
+    bandwidth = read_bandwidth(args.repeats)
+    print(f"read bandwidth (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s", flush=True)
+    limits = []
     for name in args.dtype:
         model = load_pretrained(args.model, dtype=DTYPES[name])[0] if name != "fp32" else base
         hf = transformers_model(base, DTYPES[name])
@@ -114,6 +139,9 @@ def main(argv=None) -> int:
             rows.append((f"generate tokens/s, batch {b}", name, ours, theirs))
             print(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
                   f"ratio {ours / theirs:5.2f}x", flush=True)
+            if b == 1:
+                per_token = weight_bytes_per_token(model)
+                limits.append((name, per_token, bandwidth / per_token, ours))
         B, T = args.forward_shape
         ours, theirs = bench_forward(model, hf, B, T, args.repeats)
         rows.append((f"forward tokens/s, {B}x{T}", name, ours, theirs))
@@ -122,6 +150,12 @@ def main(argv=None) -> int:
     print("\n| benchmark | dtype | decesc | transformers | ratio |\n|---|---|---|---|---|")
     for what, name, ours, theirs in rows:
         print(f"| {what} | {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    if limits:
+        print(f"\nbatch-1 decode against the weight-read limit ({bandwidth / 1e9:.1f} GB/s measured):\n"
+              "| dtype | weights read / token | limit tokens/s | decesc tokens/s | share of limit |\n"
+              "|---|---|---|---|---|")
+        for name, per_token, limit, ours in limits:
+            print(f"| {name} | {per_token / 1e6:.0f} MB | {limit:.1f} | {ours:.1f} | {ours / limit:.0%} |")
     return 0
 
 

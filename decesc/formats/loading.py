@@ -109,18 +109,29 @@ def load_hf_dir(path: Path, dtype=None, device=None) -> tuple[CausalLM, Tokenize
     return model, tokenizer
 
 
+def _gguf_tokenizer(hf_tok, meta: dict) -> Tokenizer:
+    tokens = [hf_tok.id_to_token(meta[k]) if meta.get(k) is not None else None
+              for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    return Tokenizer(hf_tok, bos_token=tokens[0], eos_token=tokens[1], pad_token=tokens[2],
+                     chat_template=meta.get("chat_template"),
+                     add_bos_token=bool(meta.get("add_bos_token", False)))
+
+
 def load_gguf(path: Path, dtype=None, device=None) -> tuple[CausalLM, Tokenizer]:
     from decesc.formats.gguf import gguf_to_hf
 
     config, state_dict, hf_tok, meta = gguf_to_hf(path)
     cfg = ModelConfig.from_hf(config, source=str(path))
     model = build_model(cfg, state_dict, str(path), dtype or torch.float32, device)
-    tokens = [hf_tok.id_to_token(meta[k]) if meta.get(k) is not None else None
-              for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
-    tokenizer = Tokenizer(hf_tok, bos_token=tokens[0], eos_token=tokens[1], pad_token=tokens[2],
-                          chat_template=meta.get("chat_template"),
-                          add_bos_token=bool(meta.get("add_bos_token", False)))
-    return model, tokenizer
+    return model, _gguf_tokenizer(hf_tok, meta)
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a GGUF file, from its metadata only (no tensor is read)."""
+    from decesc.formats.gguf import build_tokenizer, read_gguf, tokenizer_meta
+
+    with read_gguf(path) as gf:
+        return _gguf_tokenizer(build_tokenizer(gf.metadata, str(path)), tokenizer_meta(gf.metadata))
 
 
 def download(repo_id: str) -> Path:

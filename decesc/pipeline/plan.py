@@ -76,10 +76,9 @@ def _tokenizer_only(source: str):
         return tiny_tokenizer(), True
     path = smollm2_gguf_path() if source == SMOLLM2_NAME else Path(source).expanduser()
     if path.suffix == ".gguf":
-        from decesc.formats.gguf import build_tokenizer, read_gguf
+        from decesc.formats.loading import load_gguf_tokenizer
 
-        with read_gguf(path) as gf:
-            return build_tokenizer(gf.metadata, str(path)), True
+        return load_gguf_tokenizer(path), True
     if (path / "tokenizer.json").is_file():
         return Tokenizer.from_dir(path), True
     return CharTokenizer(), False
@@ -166,6 +165,17 @@ def _prompt_tokens(tok, examples, task: str) -> int:
     return total
 
 
+def _vanilla_work(tok, examples, replied, b: int, c, rounds: int = 1) -> list[GenerateWork]:
+    """The vanilla model's work: constrained tags are scored on every example, then the replies
+    generated on ``replied`` (after the tag); free tags generate on every example."""
+    if c.vanilla_tags == "free":
+        return [GenerateWork(len(examples) * rounds, _prompt_tokens(tok, examples, "vanilla") * rounds, b,
+                             c.max_new_tokens)]
+    return [GenerateWork(len(examples), 0, b, 0, scored_tokens=_prompt_tokens(tok, examples, "vanilla")),
+            GenerateWork(len(replied) * rounds, _prompt_tokens(tok, replied, "vanilla") * rounds, b,
+                         c.max_new_tokens)]
+
+
 def mine_work(run, shape: ShapeOnly) -> list[GenerateWork]:
     from decesc.pipeline.mine import contexts
 
@@ -173,21 +183,24 @@ def mine_work(run, shape: ShapeOnly) -> list[GenerateWork]:
     ctx = contexts(run, tok)
     k, b = c.mine_samples, c.gen_batch_size
     scoring = GenerateWork(len(ctx), 0, b, 0, scored_tokens=_prompt_tokens(tok, ctx, "sp"))
-    return [scoring] + [GenerateWork(len(ctx) * k, _prompt_tokens(tok, ctx, task) * k, b, c.max_new_tokens)
-                        for task in ("rg", "vanilla")]
+    return ([scoring, GenerateWork(len(ctx) * k, _prompt_tokens(tok, ctx, "rg") * k, b, c.max_new_tokens)]
+            + _vanilla_work(tok, ctx, ctx, b, c, rounds=k))
 
 
 def eval_work(run, shape: ShapeOnly) -> list[GenerateWork]:
-    from decesc.pipeline.eval import turns
+    """Per system: its strategies on every evaluation turn (planner or tag scoring), its replies
+    on the ``reply_turns`` subset."""
+    from decesc.pipeline.eval import reply_turns, turns
 
     c, tok = run.config, shape.tokenizer
     tests = turns(run, tok)
+    replied = [tests[i] for i in reply_turns(run, len(tests))]
     b = c.gen_batch_size
     work = []
     for _ in ("SFT", "DPO"):
-        work.append(GenerateWork(len(tests), _prompt_tokens(tok, tests, "vanilla"), b, c.max_new_tokens))
-        work.append(GenerateWork(len(tests), _prompt_tokens(tok, tests, "rg"), b, c.max_new_tokens,
-                                 scored_tokens=_prompt_tokens(tok, tests, "sp")))
+        work.append(GenerateWork(len(tests), 0, b, 0, scored_tokens=_prompt_tokens(tok, tests, "sp")))
+        work.append(GenerateWork(len(replied), _prompt_tokens(tok, replied, "rg"), b, c.max_new_tokens))
+        work += _vanilla_work(tok, tests, replied, b, c)
     return work
 
 
