@@ -36,13 +36,19 @@ _JUDGE = ("judge", "judge_model")
 # preference loss, its SFT term and pair packing (DPO stages)
 _SFT += ("base_dtype",)
 _DPO += ("base_dtype", "dpo_loss", "dpo_sft_weight", "dpo_packing")
+# and the real-data settings of issue 11: the prompt style (every stage), the vanilla tag rule and
+# the inference dtype (generating stages), the reply subset and the bootstrap (eval)
+_SFT += ("prompt_style",)
+_DPO += ("prompt_style",)
+_GEN += ("prompt_style", "vanilla_tags", "inference_dtype")
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
     "dpo-sp": _DPO + ("dpo_lr_sp", "dpo_beta_sp"),
     "dpo-rg": _DPO + ("dpo_lr_rg", "dpo_beta_rg"),
     "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
-    "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples"),
+    "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples", "reply_turns",
+                                       "bootstrap_replicates"),
 }
 
 
