@@ -22,8 +22,8 @@ import torch
 
 from decesc import load_pretrained
 from decesc.core.generate import generate
+from decesc.core.model import TORCH_DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPTS = [
     "I have been feeling really lonely since I moved to a new city for work.",
     "My exams are next week and I cannot sleep at night.",
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="model source (default: the demo GGUF)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+    p.add_argument("--dtype", nargs="+", choices=sorted(TORCH_DTYPES), default=["fp32", "bf16"],
                    help="dtypes to measure (default: fp32 bf16)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="generation batch sizes (default: 1 8)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
     print(f"read bandwidth (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s", flush=True)
     limits = []
     for name in args.dtype:
-        model = load_pretrained(args.model, dtype=DTYPES[name])[0] if name != "fp32" else base
-        hf = transformers_model(base, DTYPES[name])
+        model = load_pretrained(args.model, dtype=TORCH_DTYPES[name])[0] if name != "fp32" else base
+        hf = transformers_model(base, TORCH_DTYPES[name])
         for b in args.batch:
             ours, theirs = bench_generation(model, hf, tok, b, args.new_tokens, args.repeats)
             rows.append((f"generate tokens/s, batch {b}", name, ours, theirs))

@@ -9,12 +9,10 @@ import argparse
 import sys
 import time
 
-import torch
-
 from decesc import load_pretrained
 from decesc.core.generate import generate, truncate_at_stop
+from decesc.core.model import TORCH_DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32", help="weights dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
     return p
@@ -45,7 +43,7 @@ def main(argv=None) -> int:
     from decesc.pipeline.models import resolve_device
 
     try:
-        model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+        model, tok = load_pretrained(args.model, dtype=TORCH_DTYPES[args.dtype], device=resolve_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -30,6 +30,8 @@ from decesc.core.families import FAMILIES
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # see decesc.core.families
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# The dtypes a run names on its command line (--dtype, --base-dtype, --inference-dtype).
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):

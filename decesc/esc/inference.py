@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from decesc.core.generate import generate, left_pad, truncate_at_stop
 from decesc.core.kv_cache import KVCache
-from decesc.core.model import CausalLM
+from decesc.core.model import TORCH_DTYPES, CausalLM
 from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.esc.prompts import (
     Example,
@@ -77,7 +77,6 @@ class Sampling:
     dtype: str = "fp32"  # "fp32" or "bf16": the models' dtype while they run (module docstring)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VANILLA_TAGS = ("constrained", "free")
 
 
@@ -242,10 +241,10 @@ class Round:
 
 def _use(model: ModelLike, dtype: str = "fp32") -> CausalLM:
     """The model (loaded if given as a loader), cast to ``dtype`` (in place)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"Sampling.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"Sampling.dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
-    return model.to(DTYPES[dtype]) if model.lm_head.weight.dtype != DTYPES[dtype] else model
+    return model.to(TORCH_DTYPES[dtype]) if model.lm_head.weight.dtype != TORCH_DTYPES[dtype] else model
 
 
 def _pick(items: list, indices: Sequence[int] | None) -> list:

@@ -1,32 +1,45 @@
 """What a run will cost before it runs: parameters, memory per device, and time (``--plan``).
 
 Nothing here needs the model's weights: the shape comes from ``config.json`` or a GGUF header,
-and the unit costs are *measured* in a few seconds on this machine with the run's own code on
-random-weight models of the same shape but only 1 and 2 transformer blocks (:func:`calibrate`).
-With t(n) the time of the same work on an n-block model, a block costs t(2) - t(1) and the rest
-(embeddings, final norm, output head, loss, Python overhead) t(1) - (t(2) - t(1)); a model of L
-blocks costs rest + L * block. The same two models give the bytes autograd saves for backward
-per token (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``), from which the
-activation memory of any micro-batch follows.
+and the unit costs are *measured* in seconds on this machine with the run's own code on
+random-weight models of the same shape but only n1 < n2 transformer blocks (:func:`calibrate`).
+With t(n) the time of the same work on an n-block model, a block costs (t(n2) - t(n1)) / (n2 - n1)
+and the rest (embeddings, final norm, output head, loss, Python overhead) t(n1) - n1 * block; a
+model of L blocks costs rest + L * block. The models must be deep enough for a block's share to
+stand out of the noise: with checkpointing a small model's step peaks in its output head up to
+about 4 blocks (SmolLM2: the same growth at 1 and 4 blocks, 250 MB, then 340 MB at 8), so the
+plan uses 2 and 8 blocks, and 1 and 4 for models over 2 B parameters, whose blocks dominate.
+
+A training step is measured twice, without and with activation checkpointing: its time, and its
+memory as the growth of the resident set's peak during the step (``pipeline.memory.peak_growth``:
+autograd's saved activations, the backward pass's temporaries and the allocator's overhead, which
+glibc's heap makes large: on SmolLM2 about 1.3x the saved tensors without checkpointing and 10x
+the checkpointed block inputs with it), per token, so any micro-batch follows. Without /proc (not
+Linux) the bytes autograd saves are counted instead (``torch.autograd.graph.saved_tensors_hooks``),
+an undercount.
 
 Memory per device of a training step (FSDP shards by ``world``, a single process has world 1)::
 
     weights      n_base * bytes(base dtype) / world   (+ two gathered blocks when world > 1)
     adapters     n_lora * (4 weight + 4 grad + 8 AdamW moments) / world          (fp32)
-    activations  saved bytes per token per block * tokens * blocks   (no checkpointing), or
-                 block-input bytes * tokens * blocks + one block's saved bytes  (checkpointing)
-    head         the output head's saved bytes (logits of the target positions only)
+    step         measured bytes per token * tokens of the largest micro-batch, for the rest of
+                 the model plus L blocks (with or without checkpointing)
     runtime      the process's own resident memory before any model exists (measured)
 
+and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.models``), at least
+``runtime + n_base * 4`` (:func:`load_memory`). The calibration runs on the CPU, so a GPU's
+figures carry glibc's allocator overhead rather than the CUDA caching allocator's.
+
 Generation: prompts are prefilled in batches, then decoded step by step; a batch decodes until
-its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound).
+its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound). Its
+memory: the weights in the inference dtype and a batch's KV cache, plus, on the CPU, the fp32
+base that the merged copies are made from.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,10 +48,10 @@ import torch
 
 from decesc.core.generate import generate
 from decesc.core.lora import DEFAULT_TARGETS, apply_lora
-from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.model import TORCH_DTYPES, CausalLM, ModelConfig
+from decesc.pipeline.memory import peak_growth, resident_bytes
 
 GiB = 1024 ** 3
-_BYTES = {"fp32": 4, "bf16": 2}
 
 
 # ----------------------------------------------------------------------------- the model's shape
@@ -99,6 +112,7 @@ class Setting:
 
     dtype: str = "fp32"  # compute: fp32, or bf16 autocast
     base_dtype: str = "fp32"  # stored dtype of the frozen weights
+    inference_dtype: str = "fp32"  # the weights' dtype while generating (no autocast)
     lora_r: int = 16
     lora_dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -110,8 +124,12 @@ class UnitCosts:
 
     train_block_s_per_token: float
     train_rest_s_per_token: float
-    saved_block_bytes_per_token: float  # autograd-saved activations of one block
-    saved_rest_bytes_per_token: float
+    checkpointed_block_s_per_token: float  # the same step with activation checkpointing
+    checkpointed_rest_s_per_token: float
+    step_block_bytes_per_token: float  # peak resident growth of a training step, one block
+    step_rest_bytes_per_token: float
+    checkpointed_block_bytes_per_token: float  # the same with activation checkpointing
+    checkpointed_rest_bytes_per_token: float
     prefill_block_s_per_token: float
     prefill_rest_s_per_token: float
     decode_block_s_per_step: float  # one decoding step of a batch of ``decode_batch`` rows
@@ -121,16 +139,11 @@ class UnitCosts:
     seconds: float  # how long the calibration took
 
 
-def _rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _tiny_copy(c: ModelConfig, blocks: int, setting: Setting) -> CausalLM:
     model = CausalLM(replace(c, num_hidden_layers=blocks)).init_weights(seed=0)
     apply_lora(model, setting.lora_r, setting.lora_r, setting.lora_dropout, setting.targets, seed=0,
                dtype=torch.float32)
-    base = {"fp32": torch.float32, "bf16": torch.bfloat16}[setting.base_dtype]
+    base = TORCH_DTYPES[setting.base_dtype]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             p.data = p.data.to(base)
@@ -171,14 +184,26 @@ def _saved_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocas
     return sum(seen.values())
 
 
+def _step_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
+                repeats: int = 2) -> int:
+    """Peak resident growth of one training step (after a warm-up step; the largest of
+    ``repeats``, as the allocator's share varies from step to step by ~10%), or the saved
+    tensors where it cannot be measured (module docstring)."""
+    _train_step(model, ids, keep, autocast)
+    grown = [peak_growth(lambda: _train_step(model, ids, keep, autocast)) for _ in range(repeats)]
+    return _saved_bytes(model, ids, keep, autocast) if None in grown else max(grown)
+
+
 def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, micro_batch: int,
-              gen_batch: int, prompt_len: int, repeats: int = 2) -> UnitCosts:
-    """Measure the unit costs of :class:`UnitCosts` on 1- and 2-block random models of shape
-    ``c``: a training forward + backward of ``micro_batch`` rows of ``seq_len`` tokens (loss on the
-    last ``target_len``), a prefill of ``gen_batch`` prompts of ``prompt_len`` tokens and 8 decoding
+              gen_batch: int, prompt_len: int, blocks: tuple[int, int] = (2, 8),
+              repeats: int = 2) -> UnitCosts:
+    """Measure the unit costs of :class:`UnitCosts` on random models of shape ``c`` with
+    ``blocks`` (two depths) transformer blocks: a training forward + backward of ``micro_batch`` rows of ``seq_len`` tokens (loss on
+    the last ``target_len``; its time, and its memory without and with activation
+    checkpointing), a prefill of ``gen_batch`` prompts of ``prompt_len`` tokens and 8 decoding
     steps. Takes a few seconds for a small model."""
     t_start = time.perf_counter()
-    runtime = _rss_bytes()
+    runtime = resident_bytes()
     seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
     ids = torch.randint(0, c.vocab_size, (micro_batch, seq_len))
     keep = torch.zeros(micro_batch, seq_len, dtype=torch.bool)
@@ -187,31 +212,36 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     autocast = setting.dtype == "bf16"
     steps = 8
     measured = {}
-    for blocks in (1, 2):
-        model = _tiny_copy(c, blocks, setting)
+    for depth in blocks:
+        model = _tiny_copy(c, depth, setting)
         _train_step(model, ids, keep, autocast)  # warm-up
         train = _best_of(lambda model=model: _train_step(model, ids, keep, autocast), repeats)
-        saved = _saved_bytes(model, ids, keep, autocast)
-        model.eval()
+        step = _step_bytes(model, ids, keep, autocast)
+        model.set_activation_checkpointing(True)
+        checkpointed = _step_bytes(model, ids, keep, autocast)
+        train_checkpointed = _best_of(lambda model=model: _train_step(model, ids, keep, autocast), repeats)
+        model.set_activation_checkpointing(False)
+        model.eval().to(TORCH_DTYPES[setting.inference_dtype])
 
         def run(n, model=model):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                generate(model, prompts, max_new_tokens=n, temperature=0.0)
+            generate(model, prompts, max_new_tokens=n, temperature=0.0)
 
         run(1)  # warm-up
         prefill = _best_of(lambda: run(1), repeats)
         decode = (_best_of(lambda: run(steps + 1), repeats) - prefill) / steps
-        measured[blocks] = (train, saved, prefill, max(decode, 0.0))
+        measured[depth] = (train, train_checkpointed, step, checkpointed, prefill, max(decode, 0.0))
         del model
     tokens, prompt_tokens = micro_batch * seq_len, gen_batch * prompt_len
+    small, large = blocks
 
     def split(i: int, per: float) -> tuple[float, float]:
-        block = max(measured[2][i] - measured[1][i], 0.0)
-        return block / per, max(measured[1][i] - block, 0.0) / per
+        block = max(measured[large][i] - measured[small][i], 0.0) / (large - small)
+        return block / per, max(measured[small][i] - small * block, 0.0) / per
 
-    (tb, tr), (sb, sr) = split(0, tokens), split(1, tokens)
-    (pb, pr), (db, dr) = split(2, prompt_tokens), split(3, 1)
-    return UnitCosts(tb, tr, sb, sr, pb, pr, db, dr, gen_batch, runtime, time.perf_counter() - t_start)
+    per_token = [split(i, tokens) for i in range(4)]  # train, checkpointed, their bytes
+    (pb, pr), (db, dr) = split(4, prompt_tokens), split(5, 1)
+    return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
+                     time.perf_counter() - t_start)
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -254,26 +284,29 @@ def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: i
                  checkpointing: bool) -> int:
     """Peak bytes per device of a training step (see the module docstring)."""
     L = c.num_hidden_layers
-    weights = model_params(c) * _BYTES[setting.base_dtype] / world
+    weights = model_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize / world
     if world > 1:
-        weights += 2 * block_params(c) * _BYTES[setting.base_dtype]
+        weights += 2 * block_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize
     adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
-    per_token_block = u.saved_block_bytes_per_token
     if checkpointing:
-        block_input = c.hidden_size * 4  # the fp32 residual stream entering each block
-        activations = micro_tokens * (L * block_input + per_token_block)
+        block, rest = u.checkpointed_block_bytes_per_token, u.checkpointed_rest_bytes_per_token
     else:
-        activations = micro_tokens * L * per_token_block
-    head = micro_tokens * u.saved_rest_bytes_per_token
-    return int(u.runtime_bytes + weights + adapters + activations + head)
+        block, rest = u.step_block_bytes_per_token, u.step_rest_bytes_per_token
+    return int(u.runtime_bytes + weights + adapters + micro_tokens * (rest + L * block))
+
+
+def load_memory(c: ModelConfig, u: UnitCosts) -> int:
+    """Resident bytes while the pipeline reads the base model (fp32, on the CPU)."""
+    return int(u.runtime_bytes + model_params(c) * 4)
 
 
 def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWork, world: int,
                    checkpointing: bool) -> Estimate:
     L = c.num_hidden_layers
-    per_token = u.train_rest_s_per_token + L * u.train_block_s_per_token
-    if checkpointing:  # the forward of every block runs twice
-        per_token += L * u.prefill_block_s_per_token
+    if checkpointing:  # measured: the forward of every block runs twice
+        per_token = u.checkpointed_rest_s_per_token + L * u.checkpointed_block_s_per_token
+    else:
+        per_token = u.train_rest_s_per_token + L * u.train_block_s_per_token
     reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
     seconds = (work.tokens * per_token + reference) / world
     memory = train_memory(c, u, setting, work.micro_batch * work.max_row_tokens, world, checkpointing)
@@ -288,7 +321,8 @@ def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Gene
     step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at this batch size
     seconds = ((work.prompt_tokens + work.scored_tokens) * per_prompt_token
                + batches * work.max_new_tokens * step) / world
-    weights = model_params(c) * _BYTES[setting.base_dtype]  # inference: a full copy per device
-    kv = 2 * L * c.num_key_value_heads * c.head_dim * _BYTES[setting.dtype] * work.batch * (
+    size = TORCH_DTYPES[setting.inference_dtype].itemsize
+    weights = model_params(c) * size  # inference: a full copy per device
+    kv = 2 * L * c.num_key_value_heads * c.head_dim * size * work.batch * (
         work.prompt_tokens / max(work.prompts, 1) + work.max_new_tokens)
     return Estimate(seconds, int(u.runtime_bytes + weights + kv))

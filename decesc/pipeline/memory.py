@@ -28,15 +28,20 @@ from pathlib import Path
 STATUS = Path("/proc/self/status")
 
 
-def _status_mb(field: str) -> int | None:
-    """A ``/proc/self/status`` field (kB) in MB, or None where there is none."""
+def _status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB, or None where there is none."""
     try:
         for line in STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1]) // 1024
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _status_mb(field: str) -> int | None:
+    kb = _status_kb(field)
+    return None if kb is None else kb // 1024
 
 
 def process_peak_mb() -> int:
@@ -54,6 +59,29 @@ def release() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
         pass
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (VmRSS); without /proc its peak so far (ru_maxrss; on
+    Linux that would be no use here: it starts a child at its parent's peak, fork and exec keep
+    it)."""
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else process_peak_mb() << 20
+
+
+def peak_growth(fn) -> int | None:
+    """Bytes by which the resident set's peak during ``fn()`` exceeds the resident set before it
+    (freed memory given back first, :func:`release`; VmHWM reset as in :class:`StageMemory`):
+    what ``fn`` costs in memory, allocator overhead included. None without Linux's /proc."""
+    release()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) * 1024
 
 
 class StageMemory:

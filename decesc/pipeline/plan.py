@@ -32,7 +32,7 @@ from decesc.core.model import ModelConfig
 from decesc.core.tokenizer import chat_messages
 from decesc.pipeline.config import PipelineConfig
 from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, calibrate, generate_estimate,
-                                  model_params, read_model_config, train_estimate)
+                                  load_memory, model_params, read_model_config, train_estimate)
 
 # English BPE vocabularies of 32k-150k tokens average about 4 characters per token on ESConv-like
 # text (SmolLM2's tokenizer: 4.3 on the ESConv training split's supporter turns).
@@ -98,8 +98,8 @@ class StagePlan:
 
 
 def setting_of(c: PipelineConfig) -> Setting:
-    return Setting(dtype=c.dtype, base_dtype=c.base_dtype or c.dtype, lora_r=c.lora_r,
-                   lora_dropout=c.lora_dropout)
+    return Setting(dtype=c.dtype, base_dtype=c.base_dtype or c.dtype, inference_dtype=c.inference_dtype,
+                   lora_r=c.lora_r, lora_dropout=c.lora_dropout)
 
 
 def _padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
@@ -215,7 +215,7 @@ def _calibration_shape(run, shape: ShapeOnly) -> dict:
     big = model_params(shape.base_config) > 2e9
     seq = min(mean, 128 if big else 512)
     return dict(seq_len=seq, target_len=max(1, seq // 10), micro_batch=1 if big else c.micro_batch_size,
-                gen_batch=c.gen_batch_size, prompt_len=min(seq, 256))
+                gen_batch=c.gen_batch_size, prompt_len=min(seq, 256), blocks=(1, 4) if big else (2, 8))
 
 
 def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitCosts | None = None,
@@ -228,9 +228,11 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
     s = setting_of(config)
     cfg: ModelConfig = shape.base_config
     if costs is None:
-        log("calibrating on 1- and 2-block random models of this shape ...")
-        costs = calibrate(cfg, s, **_calibration_shape(run, shape))
+        sizes = _calibration_shape(run, shape)
+        log("calibrating on {}- and {}-block random models of this shape ...".format(*sizes["blocks"]))
+        costs = calibrate(cfg, s, **sizes)
     ckpt = config.activation_checkpointing == "on"
+    on_host = _on_host(config.device)
     out = []
     for name in stages:
         family, _, module = name.partition("-")
@@ -238,22 +240,31 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
             work = (sft_work if family == "sft" else dpo_work)(run, shape, module, nproc)
             est = train_estimate(cfg, costs, s, work, nproc, ckpt)
             what = f"{work.examples:,} {'examples' if family == 'sft' else 'pairs at most'}"
-            out.append(StagePlan(name, what, work.tokens, work.steps, est.seconds, est.peak_bytes))
+            peak = max(est.peak_bytes, load_memory(cfg, costs)) if on_host else est.peak_bytes
+            out.append(StagePlan(name, what, work.tokens, work.steps, est.seconds, peak))
         else:
             works = mine_work(run, shape) if name == "mine" else eval_work(run, shape)
             ests = [generate_estimate(cfg, costs, s, w, nproc) for w in works]
             n = works[0].prompts
             what = f"{n:,} contexts x {config.mine_samples}" if name == "mine" else f"{n:,} turns x 4 systems"
+            base = model_params(cfg) * 4 if on_host else 0  # the fp32 base the merged copies come from
             out.append(StagePlan(name, what, sum(w.prompt_tokens + w.scored_tokens for w in works), 0,
-                                 sum(e.seconds for e in ests), max(e.peak_bytes for e in ests)))
+                                 sum(e.seconds for e in ests), max(e.peak_bytes for e in ests) + base))
     return out, costs, shape
+
+
+def _on_host(device: str | None) -> bool:
+    """Whether the run's device is the CPU (whose memory also holds the fp32 base as it is read)."""
+    import torch
+
+    return not (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
 
 def device_memory(device: str | None) -> int:
     """Bytes of memory of one device: the GPU's, or this machine's RAM."""
     import torch
 
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if not _on_host(device):
         return torch.cuda.get_device_properties(0).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -16,14 +16,12 @@ import math
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from decesc.core.lora import LoRAConfig
+from decesc.core.model import TORCH_DTYPES
 from decesc.train.losses import PREFERENCE_LOSSES
 
 SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("fp32", "bf16")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = tuple(TORCH_DTYPES)
 
 
 def free(default):
