@@ -30,11 +30,16 @@ from decesc.formats.peft import load_adapter
 from decesc.pipeline.memory import release
 
 
+def default_device() -> str:
+    """cuda if this machine has a GPU torch can use, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(device: str | None) -> str:
     """``device`` checked against this machine (default: cuda if available, else cpu);
     ValueError naming the setting otherwise."""
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):

@@ -254,10 +254,11 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
 
 
 def _on_host(device: str | None) -> bool:
-    """Whether the run's device is the CPU (whose memory also holds the fp32 base as it is read)."""
-    import torch
+    """Whether the run's device is the CPU (whose memory also holds the fp32 base as it is read);
+    unlike ``resolve_device`` this accepts cuda on a machine without one (a plan for another)."""
+    from decesc.pipeline.models import default_device
 
-    return not (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return not (device or default_device()).startswith("cuda")
 
 
 def device_memory(device: str | None) -> int:
