@@ -26,11 +26,17 @@ def _policy(seed=1):
 def test_layout_by_hand():
     """Prompt [10 11 12], chosen reply [20 21], rejected reply [30 31 32] (labels on the replies).
 
-    Row: slots 0-2 prompt, 3-4 chosen, 5-7 rejected; positions 0 1 2 | 3 4 | 3 4 5.
-    Rejected slot 5 (token 30) sees slots 0, 1, 2 and itself, never the chosen slots 3, 4.
-    Targets: chosen 20, 21 predicted by slots 2, 3; rejected 30 by slot 2 (the prompt's last
-    token, NOT slot 4, the last chosen token), 31 by slot 5, 32 by slot 6. Predicting slots
-    {2, 3, 5, 6} -> logits rows 0..3; target rows [0, 1, 0, 2, 3].
+    The pair is a tree whose trunk is the heavier path, prompt + rejected (6 tokens), and whose
+    branch is the chosen reply. The second pair, prompt [10], replies [40] and [50], ties and
+    keeps the first (chosen) on the trunk. Batch: trunk slots Tt = 6, branch slots Tb = 2:
+
+        row 0: 10 11 12 30 31 32 | 20 21     positions 0 1 2 3 4 5 | 3 4
+        row 1: 10 40  0  0  0  0 | 50  0     positions 0 1 2 3 4 5 | 1 7 (pads keep their slot)
+
+    Chosen slot 6 (token 20) sees slots 0, 1, 2 and itself, never the rejected slots 3-5.
+    Targets: chosen 20, 21 predicted by slots 2, 6; rejected 30, 31, 32 by slots 2, 3, 4.
+    Row 1: 40 and 50 are both predicted by slot 0. Predicting slots row 0 {2, 3, 4, 6}, row 1
+    {0} -> logits rows 0..4; target rows (chosen, rejected, ...) [0, 3, 0, 1, 2, 4, 4].
     """
     item = {"chosen_ids": [10, 11, 12, 20, 21], "chosen_labels": [-100, -100, -100, 20, 21],
             "rejected_ids": [10, 11, 12, 30, 31, 32],
@@ -38,16 +44,18 @@ def test_layout_by_hand():
     short = {"chosen_ids": [10, 40], "chosen_labels": [-100, 40],
              "rejected_ids": [10, 50], "rejected_labels": [-100, 50], "length": 2}
     b = collate_shared_prefix([item, short], pad_token_id=0)
-    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32], [10, 40, 50, 0, 0, 0, 0, 0]]
-    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
-    assert b["position_ids"][1, :3].tolist() == [0, 1, 1]
-    mask = b["attention_mask"][0, 0]  # (T, T)
-    assert mask[5].nonzero().flatten().tolist() == [0, 1, 2, 5]
-    assert mask[7].nonzero().flatten().tolist() == [0, 1, 2, 5, 6, 7]
-    assert mask[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # chosen: plain causal
-    assert b["predict_at"][0].nonzero().flatten().tolist() == [2, 3, 5, 6]
+    assert b["input_ids"].tolist() == [[10, 11, 12, 30, 31, 32, 20, 21], [10, 40, 0, 0, 0, 0, 50, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 1, 7]
+    mask = b["attention_mask"]
+    assert mask.trunk_len == 6  # slots 0-5 attend causally
+    branch = mask.branch_mask[0, 0]  # (Tb, T): the queries of slots 6, 7
+    assert branch[0].nonzero().flatten().tolist() == [0, 1, 2, 6]
+    assert branch[1].nonzero().flatten().tolist() == [0, 1, 2, 6, 7]
+    assert mask.branch_mask[1, 0, 0].nonzero().flatten().tolist() == [0, 6]
+    assert b["predict_at"][0].nonzero().flatten().tolist() == [2, 3, 4, 6]
     assert b["predict_at"][1].nonzero().flatten().tolist() == [0]  # slot 0 predicts 40 and 50
-    assert b["target_rows"].tolist() == [0, 1, 0, 2, 3, 4, 4]
+    assert b["target_rows"].tolist() == [0, 3, 0, 1, 2, 4, 4]
     assert b["target_ids"].tolist() == [20, 21, 30, 31, 32, 40, 50]
     assert b["target_groups"].tolist() == [0, 0, 1, 1, 1, 2, 3]
     assert b["chosen_tokens"].tolist() == [2, 1]
@@ -129,5 +137,5 @@ def test_explicit_mask_needs_positions():
     with torch.no_grad():
         same = model(ids, attention_mask=causal, position_ids=torch.arange(3)[None])
         assert torch.allclose(same, model(ids), atol=1e-6)
-    with pytest.raises(ValueError, match="4-D attention_mask needs position_ids"):
+    with pytest.raises(ValueError, match="4-D or tree attention_mask needs position_ids"):
         model(ids, attention_mask=causal)

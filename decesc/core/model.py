@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+class TreeMask(NamedTuple):
+    """Attention of a tree row (:mod:`decesc.core.tree`): the first ``trunk_len`` slots attend
+    causally among themselves; the branch slots after them see the keys ``branch_mask`` allows.
+    The trunk thus takes SDPA's plain causal kernel, and only the branch queries pay for a mask."""
+
+    trunk_len: int  # Tt
+    branch_mask: torch.Tensor  # (B, 1, Tb, Tt + Tb) bool, True = may attend
+
+
+def tree_attention(q, k, v, tree: TreeMask, gqa: bool) -> torch.Tensor:
+    """SDPA over a tree row: causal for the trunk's queries, masked for the branches'. (B, nh, T, hd)."""
+    Tt = tree.trunk_len
+    y = F.scaled_dot_product_attention(q[:, :, :Tt], k[:, :, :Tt], v[:, :, :Tt], is_causal=True,
+                                       enable_gqa=gqa)  # (B, nh, Tt, hd)
+    if q.shape[2] == Tt:
+        return y
+    branch = F.scaled_dot_product_attention(q[:, :, Tt:], k, v, attn_mask=tree.branch_mask,
+                                            enable_gqa=gqa)  # (B, nh, Tb, hd)
+    return torch.cat([y, branch], dim=2)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: nh query heads share nkv key/value heads (nh % nkv == 0)."""
 
@@ -233,6 +254,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start)  # (B, nkv, S, hd), S = start + T
+        if isinstance(mask, TreeMask):
+            y = tree_attention(q, k, v, mask, self.nkv != self.nh)  # (B, nh, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         # Without a mask: plain causal attention over T new tokens, or one new token per row
         # attending to every cached key (no padding), where "causal" means "everything".
         y = F.scaled_dot_product_attention(
@@ -318,7 +342,8 @@ class CausalLM(nn.Module):
     ``attention_mask`` (B, S) with 1 for real tokens (S = start + T: it covers cached keys too);
     position ids are then derived from it unless given. An explicit boolean SDPA mask
     ``attention_mask`` (B, 1, T, T) (True = may attend; e.g. the block mask of a shared-prefix
-    preference row) is used as it is, with the given ``position_ids`` (B, T).
+    preference row) is used as it is, with the given ``position_ids`` (B, T); so is a
+    :class:`TreeMask` (a row of :mod:`decesc.core.tree`: causal trunk, masked branches).
     With a :class:`decesc.core.kv_cache.KVCache`, the T new tokens are written at slots
     ``start .. start+T-1`` and attend to all earlier slots.
     ``last_only`` returns logits of the last position only (B, 1, V) and ``logits_at`` (B, T)
@@ -353,7 +378,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, S), or (B, 1, T, T) bool
+        attention_mask: torch.Tensor | TreeMask | None = None,  # (B, S), (B, 1, T, T) bool, or a tree
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache=None,
         start: int = 0,
@@ -361,16 +386,19 @@ class CausalLM(nn.Module):
         logits_at: torch.Tensor | None = None,  # (B, T) bool
     ) -> torch.Tensor:
         B, T = input_ids.shape
-        explicit = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, T)
+        tree = isinstance(attention_mask, TreeMask)
+        explicit = tree or (attention_mask is not None and attention_mask.dim() == 4)  # (B, 1, T, T)
         if explicit and (position_ids is None or cache is not None):
-            raise ValueError("CausalLM: a 4-D attention_mask needs position_ids and no cache")
+            raise ValueError("CausalLM: a 4-D or tree attention_mask needs position_ids and no cache")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -T:]
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         mask = None
-        if explicit:
+        if tree:
+            mask = attention_mask
+        elif explicit:
             mask = attention_mask.bool()
         elif attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask, T)

@@ -33,6 +33,7 @@ from decesc.core.logprobs import IGNORE_INDEX
 
 CHATML, LLAMA3 = "chatml", "llama3"
 _END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>"}
+_NEWLINE_RUN = re.compile(r"(?<!\n)(?=\n)")  # before each run of newlines
 
 
 def detect_chat_format(template: str | None) -> str | None:
@@ -139,30 +140,62 @@ class Tokenizer:
         return sorted({i for i in (self.eos_token_id, self.end_of_turn_id) if i is not None})
 
     # ------------------------------------------------------------------ chat
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat-formatted text of ``messages`` ([{"role", "content"}, ...])."""
+    def render_chat_pieces(self, messages: list[dict], add_generation_prompt: bool = False) -> list[str]:
+        """The chat-formatted text of ``messages`` ([{"role", "content"}, ...]), cut into the
+        pieces that are tokenised one by one: a user message is cut before each run of newlines.
+
+        Why: the prompts of a dialogue's turns share their history line by line, and a dialogue
+        tree (:mod:`decesc.core.tree`) shares those lines as pieces. A byte-level BPE may merge a
+        line's last character with the newline after it; cutting there makes every prompt's
+        tokens the concatenation of its lines' tokens, whether the prompt is encoded alone or as
+        part of a tree (the README's "dialogue trees"). Nothing else is cut.
+        """
         if self.chat_format is None:
             raise ValueError("this tokenizer has no ChatML or Llama-3 chat template; "
                              "decesc cannot format chat prompts for it")
         if messages and messages[0]["role"] != "system" and self.default_system is not None:
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        pieces = [""]
+
+        def add(head: str, content: str, cut: bool, tail: str) -> None:
+            parts = _NEWLINE_RUN.split(content) if cut else [content]
+            pieces[-1] += head + parts[0]
+            pieces.extend(parts[1:])
+            pieces[-1] += tail
+
         if self.chat_format == CHATML:
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        parts = [self.bos_token or "<|begin_of_text|>"]
+            for m in messages:
+                add(f"<|im_start|>{m['role']}\n", m["content"], m["role"] == "user", "<|im_end|>\n")
+            if add_generation_prompt:
+                pieces[-1] += "<|im_start|>assistant\n"
+            return pieces
+        pieces[-1] = self.bos_token or "<|begin_of_text|>"
         for i, m in enumerate(messages):
             content = m["content"].strip()
             if i == 0 and m["role"] == "system" and "Cutting Knowledge Date" in (self.chat_template or ""):
                 today = (date.today().strftime("%d %b %Y") if "strftime_now" in self.chat_template
                          else "26 Jul 2024")
                 content = f"Cutting Knowledge Date: December 2023\nToday Date: {today}\n\n{content}"
-            parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{content}<|eot_id|>")
+            add(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", content, m["role"] == "user",
+                "<|eot_id|>")
         if add_generation_prompt:
-            parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts)
+            pieces[-1] += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        return pieces
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The chat-formatted text of ``messages`` ([{"role", "content"}, ...])."""
+        return "".join(self.render_chat_pieces(messages, add_generation_prompt))
+
+    def chat_pieces(self, messages: list[dict], add_generation_prompt: bool = False) -> list[list[int]]:
+        """The token ids of each piece of :meth:`render_chat_pieces`."""
+        return [self.encode(p) for p in self.render_chat_pieces(messages, add_generation_prompt)]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        return [i for piece in self.chat_pieces(messages, add_generation_prompt) for i in piece]
+
+    def target_ids(self, target: str) -> list[int]:
+        """An assistant target as trained: its tokens and the end-of-turn token."""
+        return self.encode(target) + [self.end_of_turn_id]
 
     def encode_prompt_target(self, messages: list[dict], target: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for training on one assistant reply.
@@ -173,7 +206,7 @@ class Tokenizer:
         end-of-turn token are learned.
         """
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
-        target_ids = self.encode(target) + [self.end_of_turn_id]
+        target_ids = self.target_ids(target)
         return prompt + target_ids, [IGNORE_INDEX] * len(prompt) + target_ids
 
 

@@ -9,12 +9,11 @@ Two packings (``PreferenceConfig.packing``) give the same log-probs up to roundi
 
 - ``"two-row"``: chosen and rejected are two rows of ONE right-padded batch of 2B rows; rows
   0..B-1 are the chosen replies, rows B..2B-1 the rejected ones. The prompt is processed twice.
-- ``"shared-prefix"``: one row per pair, ``[prompt | chosen | rejected]``, right-padded. A block
-  attention mask lets the rejected tokens see the prompt and themselves but not the chosen
-  tokens, and their position ids continue from the end of the prompt, so every token sees the
-  same keys at the same RoPE positions as in its own row. The first rejected token is predicted
-  by the prompt's last position (whose logits also predict the first chosen token), not by the
-  last chosen token: each target names the logits row that predicts it
+- ``"shared-prefix"``: one row per pair, the smallest token tree (:mod:`decesc.core.tree`): the
+  prompt once, the two replies as branches that see the prompt and themselves, never each other,
+  at positions that continue from the end of the prompt, so every token sees the same keys at
+  the same RoPE positions as in its own row. The prompt's last position predicts the first
+  token of both replies: each target names the logits row that predicts it
   (:func:`decesc.core.logprobs.indexed_logprobs`). For ESConv pairs (a ~300-token context, 3-35
   token replies) this nearly halves the tokens per pair.
 
@@ -31,13 +30,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from decesc.core.logprobs import (
-    IGNORE_INDEX,
-    indexed_logprobs,
-    model_sequence_logprobs,
-    target_counts,
-)
+from decesc.core.logprobs import IGNORE_INDEX, model_sequence_logprobs, target_counts
 from decesc.core.tokenizer import Tokenizer, chat_messages
+from decesc.core.tree import Tree, collate_trees, tree_logprobs
 from decesc.formats.records import PreferencePair
 from decesc.train.data import SequenceTooLongError, pad_right
 
@@ -96,52 +91,28 @@ def shared_prefix_length(item: dict) -> int:
     return p
 
 
-def collate_shared_prefix(items: list[dict], pad_token_id: int) -> dict:
-    """Shared-prefix packing: one right-padded row ``[prompt | chosen | rejected]`` per pair.
+def pair_tree(item: dict) -> Tree:
+    """A tokenised pair as the smallest tree (:mod:`decesc.core.tree`): the prompt, then the
+    chosen and the rejected reply as two children (sequence 0 = chosen, 1 = rejected)."""
+    p = shared_prefix_length(item)
+    if p == 0:
+        raise ValueError("shared-prefix packing needs a prompt both replies share")
+    tree = Tree()
+    for side in ("chosen", "rejected"):
+        ids, labels = item[f"{side}_ids"], item[f"{side}_labels"]
+        tree.add([(ids[:p], labels[:p]), (ids[p:], labels[p:])], side)
+    return tree
 
-    Row b holds P prompt tokens (positions 0..P-1), the chosen reply (row slots and positions
-    P..Lc-1) and the rejected reply (row slots Lc.., positions P..). Batch: input_ids /
-    position_ids (B, T); attention_mask (B, 1, T, T) bool, causal minus (rejected query, chosen
-    key); predict_at (B, T) bool, the positions whose logits are needed; target_rows /
-    target_ids / target_groups (M,): for each labelled token, its row in the (N, V) logits of the
-    predict_at positions, its id, and its sequence (2b chosen, 2b+1 rejected); chosen_tokens (B,).
-    """
-    rows, positions, prefix, chosen_end = [], [], [], []
-    targets = []  # (pair, predicting slot, token id, side)
-    for b, it in enumerate(items):
-        c_ids, r_ids = it["chosen_ids"], it["rejected_ids"]
-        p, lc = shared_prefix_length(it), len(c_ids)
-        rows.append(c_ids + r_ids[p:])
-        positions.append(list(range(lc)) + list(range(p, len(r_ids))))
-        prefix.append(p)
-        chosen_end.append(lc)
-        targets += [(b, t - 1, y, 0) for t, y in enumerate(it["chosen_labels"])
-                    if t >= 1 and y != IGNORE_INDEX]
-        # rejected token t (t >= p) sits in slot lc + t - p; its predictor t - 1 is the prompt's
-        # last slot p - 1 when t == p, else the rejected slot lc + t - 1 - p
-        targets += [(b, t - 1 if t - 1 < p else lc + t - 1 - p, y, 1)
-                    for t, y in enumerate(it["rejected_labels"]) if t >= 1 and y != IGNORE_INDEX]
-    input_ids = pad_right(rows, pad_token_id)  # (B, T)
-    B, T = input_ids.shape
-    position_ids = torch.arange(T).repeat(B, 1)  # (B, T); pad slots keep their slot index
-    for b, pos in enumerate(positions):
-        position_ids[b, :len(pos)] = torch.tensor(pos)
-    slot = torch.arange(T)
-    q, k = slot[None, :, None], slot[None, None, :]  # (1, T, 1), (1, 1, T)
-    p = torch.tensor(prefix)[:, None, None]  # (B, 1, 1)
-    lc = torch.tensor(chosen_end)[:, None, None]  # (B, 1, 1)
-    hidden = (q >= lc) & (k >= p) & (k < lc)  # (B, T, T): rejected (or pad) query, chosen key
-    attention_mask = ((k <= q) & ~hidden)[:, None]  # (B, 1, T, T)
-    pair, pred, ids, side = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
-    predict_at = torch.zeros(B, T, dtype=torch.bool)
-    predict_at[pair, pred] = True
-    logits_row = predict_at.flatten().long().cumsum(0) - 1  # (B*T,): row in the (N, V) logits
-    batch = {"packing": "shared-prefix", "input_ids": input_ids, "position_ids": position_ids,
-             "attention_mask": attention_mask, "predict_at": predict_at,
-             "target_rows": logits_row[pair * T + pred], "target_ids": ids,
-             "target_groups": 2 * pair + side,
-             "chosen_tokens": torch.bincount(pair[side == 0], minlength=B),
-             "num_tokens": sum(len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items)}
+
+def collate_shared_prefix(items: list[dict], pad_token_id: int) -> dict:
+    """Shared-prefix packing: one tree row per pair (:func:`decesc.core.tree.collate_trees`):
+    the prompt and the longer reply as the trunk, the other reply as a branch that sees the
+    prompt and itself, at positions that continue from the prompt. Sequence 2b of the batch is
+    pair b's chosen reply, 2b+1 its rejected one; chosen_tokens (B,) counts each chosen reply's
+    labelled tokens."""
+    batch = collate_trees([pair_tree(it) for it in items], pad_token_id)
+    batch.update(packing="shared-prefix", chosen_tokens=batch["target_counts"][0::2],
+                 num_tokens=sum(len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items))
     return _with_reference(batch, items)
 
 
@@ -156,11 +127,7 @@ def collate(items: list[dict], pad_token_id: int, packing: str) -> dict:
 def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (B,), rejected (B,)) summed reply log-probs from one forward of the batch."""
     if batch["packing"] == "shared-prefix":
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_at=batch["predict_at"])  # (N, V)
-        n = batch["chosen_tokens"].shape[0]
-        logps = indexed_logprobs(logits, batch["target_rows"], batch["target_ids"],
-                                 batch["target_groups"], 2 * n)  # (2B,) chosen, rejected, ...
+        logps = tree_logprobs(model, batch)  # (2B,) chosen, rejected, ...
         return logps[0::2], logps[1::2]
     logps = model_sequence_logprobs(model, batch["input_ids"], batch["labels"])  # (2B,)
     half = logps.shape[0] // 2
