@@ -46,6 +46,17 @@ from decesc.core.model import TreeMask
 Piece = tuple[list[int], list[int]]  # (ids, labels), the same length
 
 
+def prompt_pieces(pieces: list[list[int]]) -> list[Piece]:
+    """Token pieces that are read, not learned (a chat prompt's
+    :meth:`decesc.core.tokenizer.Tokenizer.chat_pieces`)."""
+    return [(list(ids), [IGNORE_INDEX] * len(ids)) for ids in pieces]
+
+
+def target_piece(ids: list[int]) -> Piece:
+    """A piece whose every token is learned (a target, a candidate continuation)."""
+    return (list(ids), list(ids))
+
+
 class TreeTooLongError(ValueError):
     """One sequence alone does not fit the token budget of a tree."""
 
