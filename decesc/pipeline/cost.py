@@ -259,6 +259,7 @@ class TrainWork:
     micro_batch: int
     max_row_tokens: int
     reference_tokens: int = 0
+    max_labelled_tokens: int = 0  # labelled tokens of the largest micro-batch (its logits rows)
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,15 @@ def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWo
     return Estimate(seconds, memory)
 
 
+def gpu_train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWork, world: int,
+                       checkpointing: bool) -> Estimate:
+    """:func:`train_estimate` with the memory of a GPU, from the shapes
+    (:func:`shape_train_memory`); the time stays this machine's."""
+    seconds = train_estimate(c, u, setting, work, world, checkpointing).seconds
+    return Estimate(seconds, shape_train_memory(c, setting, work.micro_batch * work.max_row_tokens,
+                                                work.max_labelled_tokens, world, checkpointing))
+
+
 def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: GenerateWork,
                       world: int) -> Estimate:
     L = c.num_hidden_layers
@@ -326,3 +336,55 @@ def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Gene
     kv = 2 * L * c.num_key_value_heads * c.head_dim * size * work.batch * (
         work.prompt_tokens / max(work.prompts, 1) + work.max_new_tokens)
     return Estimate(seconds, int(u.runtime_bytes + weights + kv))
+
+
+# ----------------------------------------------------------------------------- a GPU, from shapes
+
+CUDA_CONTEXT_BYTES = 600 * 1024 ** 2  # the CUDA context and the caching allocator's reserve (about 0.5-0.8 GB)
+
+
+def block_activation_bytes(c: ModelConfig, setting: Setting, tokens: int) -> int:
+    """Bytes one block keeps for backward over ``tokens`` tokens (its recomputation under
+    activation checkpointing), counted from the shapes: per token, in the compute dtype, the
+    inputs of both norms in fp32 and their outputs, q, k, v and the rotated q, k, the attention
+    output, the gate, up, activated gate and product of the MLP (width F), the inputs LoRA's
+    dropout copies (five projections read x, o_proj the attention output, down_proj the product)
+    and the rank-r LoRA intermediates; doubled for the gradients of the same shapes that exist
+    while the block runs backward."""
+    size = 2 if setting.dtype == "bf16" else 4
+    D, F = c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    norms = 2 * D * (4 + size)
+    attention = size * (2 * q + 4 * kv + q)
+    mlp = size * 4 * F
+    lora_inputs = size * (5 * D + q + F) + 4 * setting.lora_r * len(setting.targets)
+    return 2 * tokens * (norms + attention + mlp + lora_inputs)
+
+
+def shape_train_memory(c: ModelConfig, setting: Setting, micro_tokens: int, labelled_tokens: int,
+                       world: int, checkpointing: bool, branch_tokens: int = 0) -> int:
+    """Peak bytes per device of a training step on a GPU, from the shapes alone (no calibration:
+    the CPU allocator's overhead does not apply to CUDA's caching allocator)::
+
+        weights      n_base * bytes(base dtype) / world (+ two gathered blocks when world > 1)
+        adapters     n_lora * 16 / world         (fp32 weight, gradient, two AdamW moments)
+        checkpoints  L * tokens * D * bytes(compute)   (each block's input; without
+                     checkpointing every block's activations instead)
+        one block    :func:`block_activation_bytes`
+        logits       labelled tokens * V * (bytes(compute) + 4 + 4)   (the head's output, its
+                     fp32 log-softmax and their gradient: the head runs at labelled positions only)
+        tree mask    branch tokens * tokens * (1 + 4)   (the boolean block mask and SDPA's float copy)
+        context      the CUDA context and allocator reserve (:data:`CUDA_CONTEXT_BYTES`)
+
+    For Qwen2.5-7B in bf16 with rank-16 adapters on all seven projections: 15.2 GB of weights,
+    0.6 GB of adapters, 0.8 GB of block inputs at 4,096 tokens."""
+    base = TORCH_DTYPES[setting.base_dtype].itemsize
+    size = 2 if setting.dtype == "bf16" else 4
+    weights = model_params(c) * base / world + (2 * block_params(c) * base if world > 1 else 0)
+    adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
+    block = block_activation_bytes(c, setting, micro_tokens)
+    kept = (c.num_hidden_layers * micro_tokens * c.hidden_size * size if checkpointing
+            else c.num_hidden_layers * block // 2)
+    logits = labelled_tokens * c.vocab_size * (size + 8)
+    mask = branch_tokens * micro_tokens * 5
+    return int(weights + adapters + kept + block + logits + mask + CUDA_CONTEXT_BYTES)

@@ -32,7 +32,8 @@ from decesc.core.model import ModelConfig
 from decesc.core.tokenizer import chat_messages
 from decesc.pipeline.config import PipelineConfig
 from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, calibrate, generate_estimate,
-                                  load_memory, model_params, read_model_config, train_estimate)
+                                  gpu_train_estimate, load_memory, model_params, read_model_config,
+                                  train_estimate)
 
 # English BPE vocabularies of 32k-150k tokens average about 4 characters per token on ESConv-like
 # text (SmolLM2's tokenizer: 4.3 on the ESConv training split's supporter turns).
@@ -126,10 +127,13 @@ def sft_work(run, shape: ShapeOnly, task: str, world: int) -> TrainWork:
 
     c, tok = run.config, shape.tokenizer
     data = training_examples(run, tok, task)
-    lengths = [len(tok.encode_prompt_target(chat_messages(e.prompt, e.system), e.target)[0]) for e in data]
+    encoded = [tok.encode_prompt_target(chat_messages(e.prompt, e.system), e.target) for e in data]
+    lengths = [len(ids) for ids, _ in encoded]
+    labelled = max((sum(y != -100 for y in labels) for _, labels in encoded), default=0)
     tokens, steps, longest = _padded_tokens(lengths, c.sft_batch_size, c.micro_batch_size, c.sft_epochs,
                                             c.seed, world)
-    return TrainWork(len(data), tokens, steps, c.micro_batch_size, longest)
+    return TrainWork(len(data), tokens, steps, c.micro_batch_size, longest,
+                     max_labelled_tokens=labelled * c.micro_batch_size)
 
 
 def dpo_work(run, shape: ShapeOnly, module: str, world: int) -> TrainWork:
@@ -152,7 +156,9 @@ def dpo_work(run, shape: ShapeOnly, module: str, world: int) -> TrainWork:
     micro = max(1, c.micro_batch_size // rows)
     tokens, steps, longest = _padded_tokens(lengths, c.dpo_batch_size, micro, c.dpo_epochs, c.seed, world)
     tokens *= rows
-    return TrainWork(len(lengths), tokens, steps, micro * rows, longest, reference_tokens=tokens // c.dpo_epochs)
+    labelled = 2 * (c.max_new_tokens + 1) * micro  # both replies of every pair, at their longest
+    return TrainWork(len(lengths), tokens, steps, micro * rows, longest, reference_tokens=tokens // c.dpo_epochs,
+                     max_labelled_tokens=labelled)
 
 
 def _prompt_tokens(tok, examples, task: str) -> int:
@@ -238,7 +244,7 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
         family, _, module = name.partition("-")
         if family in ("sft", "dpo"):
             work = (sft_work if family == "sft" else dpo_work)(run, shape, module, nproc)
-            est = train_estimate(cfg, costs, s, work, nproc, ckpt)
+            est = (train_estimate if on_host else gpu_train_estimate)(cfg, costs, s, work, nproc, ckpt)
             what = f"{work.examples:,} {'examples' if family == 'sft' else 'pairs at most'}"
             peak = max(est.peak_bytes, load_memory(cfg, costs)) if on_host else est.peak_bytes
             out.append(StagePlan(name, what, work.tokens, work.steps, est.seconds, peak))
