@@ -10,6 +10,7 @@ from conftest import ESCONV_DIR
 from decesc.esc.esconv import Dialogue, Turn, builtin_sample_path, load_dialogues, load_splits, split_dialogues
 
 from decesc.formats.records import DataError
+from decesc.formats.records import write_jsonl as write_jsonl_records
 from decesc.esc.strategies import STRATEGIES
 
 REAL = ESCONV_DIR
@@ -114,11 +115,33 @@ def test_split_dialogues_is_seeded_dialogue_level_8_1_1():
         split_dialogues(dialogues, ratios=(1, 1))
 
 
+def distinct_dialogues(n):
+    dialogues = [jsonl_dialogue() for _ in range(n)]
+    for i, d in enumerate(dialogues):
+        d["dialog"][0]["text"] = f"seeker line of dialogue {i}"
+    return dialogues
+
+
 def test_load_splits_on_a_file_splits_it(tmp_path):
-    path = write_jsonl(tmp_path / "all.jsonl", [jsonl_dialogue() for _ in range(20)])
+    path = write_jsonl(tmp_path / "all.jsonl", distinct_dialogues(20))
     splits = load_splits(path, ratios=(2, 1, 1), seed=3)
     assert {k: len(v) for k, v in splits.items()} == {"train": 10, "valid": 5, "test": 5}
     assert [d.index for d in splits["test"]] == [d.index for d in split_dialogues(load_dialogues(path), (2, 1, 1), 3)["test"]]
+
+
+def test_repeated_dialogues_in_one_file_do_not_leak_across_splits(tmp_path):
+    """A file split 8:1:1 by dialogue that holds one dialogue twice (here in other whitespace):
+    the repeat is dropped with a warning naming both lines, so no copy is on two sides."""
+    dialogues = distinct_dialogues(30)
+    repeat = json.loads(json.dumps(dialogues[4]))
+    repeat["dialog"][1]["text"] = "  supporter   line 0 "
+    path = write_jsonl(tmp_path / "all.jsonl", dialogues + [repeat, dialogues[7]])
+    with pytest.warns(UserWarning, match=r"all\.jsonl: 2 dialogue\(s\) repeat .*: line 31 \(= line 5\), "
+                                         r"line 32 \(= line 8\)"):
+        splits = load_splits(path, seed=1)
+    assert sum(len(v) for v in splits.values()) == 30
+    seen = Counter(tuple((t.speaker, t.text) for t in d.turns) for v in splits.values() for d in v)
+    assert set(seen.values()) == {1}
 
 
 # ------------------------------------------------------------------ malformed inputs
@@ -185,7 +208,7 @@ def test_error_supporter_turn_without_strategy(tmp_path):
 def test_error_invalid_json_names_the_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(jsonl_dialogue()) + "\n" + json.dumps(jsonl_dialogue()) + "\n{oops\n")
-    with pytest.raises(DataError, match=r"broken\.jsonl, line 3: invalid JSON"):
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 3: not valid JSON"):
         load_dialogues(path)
 
 
@@ -199,7 +222,48 @@ def test_errors_in_the_original_layout_name_dialogue_turn_and_field(tmp_path):
     assert str(info.value).startswith(f"{path}, dialogue 1, turn 2, field 'annotation.strategy': "
                                       "supporter turn without strategy")
     path.write_text('[\n {"dialog": [}\n]')
-    with pytest.raises(DataError, match=r"ESConv\.json, line 2: invalid JSON"):
+    with pytest.raises(DataError, match=r"ESConv\.json, line 2: not valid JSON"):
+        load_dialogues(path)
+
+
+def test_line_and_paragraph_separators_are_characters_inside_a_line(tmp_path):
+    """U+2028, U+2029 and U+0085 are characters of a JSON string, written raw by decesc's JSONL
+    writer; a line ends at \\n only (\\r\\n too). They are whitespace, so cleaning makes them spaces."""
+    obj = jsonl_dialogue(2)
+    obj["situation"] = "lost\u2028my\u2029job\x85today"
+    obj["dialog"][1]["text"] = "I hear you.\u2028What happened?"
+    path = tmp_path / "data.jsonl"
+    write_jsonl_records(path, [obj, jsonl_dialogue(1)])
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    dialogues = load_dialogues(path)
+    assert [d.line for d in dialogues] == [1, 2]
+    assert dialogues[0].situation == "lost my job today"
+    assert dialogues[0].turns[1] == Turn("supporter", "I hear you. What happened?", "Question")
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert [d.turns for d in load_dialogues(path)] == [d.turns for d in dialogues]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_lone_surrogate_names_file_line_and_field(tmp_path, layout):
+    """``"\\ud83d"`` is valid JSON but not text; it used to reach the tokenizer (a TypeError
+    naming nothing)."""
+    objects = [jsonl_dialogue(1), jsonl_dialogue(2)]
+    objects[1]["dialog"][3]["text"] = "\ud83d smile"
+    text = "\n".join(json.dumps(o) for o in objects) + "\n"
+    if layout == "json":
+        text = "[\n" + text.replace("\n", ",\n", 1) + "]\n"
+    path = tmp_path / f"data.{layout}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_dialogues(path)
+    where = f"{path}, line 2, field 'dialog[3].text'" if layout == "jsonl" else f"{path}, field '[1].dialog[3].text'"
+    assert str(info.value) == f"{where}: lone surrogate '\\ud83d' (half of a UTF-16 pair, not text)"
+
+
+def test_deep_nesting_names_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(jsonl_dialogue()) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"data\.jsonl, line 2: JSON nested too deeply to read$"):
         load_dialogues(path)
 
 

@@ -107,3 +107,21 @@ def test_budget_too_small_for_mining_is_found_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "examples fit the context budget of 324 tokens" in err[0]
     assert not (run_dir / "sft-sp").exists()
+
+
+def test_data_that_is_not_text_fails_before_any_stage(tmp_path, capsys):
+    """A JSON escape of a lone surrogate used to reach the tokenizer in the pre-flight (a
+    TypeError naming nothing); ``--data /dev/zero`` was read until memory ran out."""
+    from decesc.esc.esconv import builtin_sample_path
+
+    lines = builtin_sample_path().read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2].replace('[{"text": "', '[{"text": "\\ud83d', 1)
+    data, run_dir = tmp_path / "data.jsonl", tmp_path / "run"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert train_cli.main(TINY + ["--data", str(data), "--run-dir", str(run_dir)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {data}, line 3, field 'dialog[0].text': lone surrogate '\\ud83d' (half of a UTF-16 pair, not text)"]
+    assert not (run_dir / "sft-sp").exists()
+    assert train_cli.main(TINY + ["--data", "/dev/zero", "--run-dir", str(run_dir)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: /dev/zero: not a regular file (a device, pipe or socket, which may never end); give a file"]

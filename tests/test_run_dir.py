@@ -206,7 +206,7 @@ def test_bad_data_and_bom_files(tmp_path, capsys):
     broken = data_dir(tmp_path / "broken", train=LINES[:3] + ['{"dialog": '])
     assert train_cli.main(TINY + ["--data", str(broken), "--run-dir", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {broken / 'train.jsonl'}, line 4: invalid JSON: Expecting value (column 12)"]
+    assert err == [f"error: {broken / 'train.jsonl'}, line 4: not valid JSON (Expecting value, column 12)"]
     assert train_cli.main(TINY + ["--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r3")]) == 1
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nowhere'}: no such data file or "
                                                "directory (--data)")

@@ -99,7 +99,7 @@ def test_bad_data_line_names_file_line_and_field(workdir, tmp_path, capsys):
     assert f"{bad}:1: field 'rejected' must be a string" in capsys.readouterr().err
     bad.write_text("{not json\n")
     assert main(args) == 1
-    assert f"{bad}:1: not valid JSON" in capsys.readouterr().err
+    assert f"{bad}, line 1: not valid JSON" in capsys.readouterr().err
 
 
 def test_help_of_both_modes(capsys):

@@ -48,6 +48,7 @@ import torch
 
 from decesc import load_pretrained, save_pretrained
 from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+from decesc.formats.records import read_jsonl
 from decesc.train.config import PreferenceConfig, TrainConfig
 from decesc.train.dpo import dpo_objective, prepare_dpo_model
 from decesc.train.fsdp import DistInfo
@@ -161,7 +162,7 @@ def _config(dtype: str, batch: int, steps: int) -> TrainConfig:
 
 
 def _ours_rate(out_dir: Path, warmup: int) -> float:
-    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
+    rows = [row for _, row in read_jsonl(out_dir / "metrics.jsonl")][warmup:]
     return sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens/s"] for r in rows)
 
 

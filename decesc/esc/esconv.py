@@ -29,13 +29,13 @@ and the field, e.g.::
 
 from __future__ import annotations
 
-import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from decesc.esc.strategies import normalize_strategy
-from decesc.formats.records import DataError, read_text
+from decesc.formats.records import DataError, parse_json, read_jsonl, read_lines, read_text
 
 SEEKER = "seeker"
 SUPPORTER = "supporter"
@@ -59,6 +59,7 @@ class Dialogue:
     situation: str = ""
     source: str = ""        # file the dialogue came from
     index: int = 0          # 0-based position of the dialogue in that file
+    line: int | None = None  # 1-based line of a JSONL file (layout (b)) it is on
 
     @property
     def supporter_turns(self) -> list[int]:
@@ -139,28 +140,19 @@ def _parse_dialogue(obj, layout: str, path, index: int, line: int | None) -> Dia
                 raise fail(str(e), turn=k, field=label_field) from None
         turns.append(Turn(speaker, clean_text(raw[text_field]), strategy))
     return Dialogue(turns, meta["emotion_type"], meta["problem_type"], meta["situation"],
-                    source=str(path), index=index)
+                    source=str(path), index=index, line=line)
 
 
-def _load_json_array(text: str, path) -> list[Dialogue]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, line=e.lineno) from None
+def _load_json_array(path) -> list[Dialogue]:
+    data = parse_json(read_text(path), path)
     if not isinstance(data, list):
         raise DataError(f"wrong type: expected a JSON array of dialogues, got {type(data).__name__}", path)
     return [_parse_dialogue(obj, "json", path, i, None) for i, obj in enumerate(data)]
 
 
-def _load_jsonl(text: str, path) -> list[Dialogue]:
+def _load_jsonl(path) -> list[Dialogue]:
     dialogues = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, line=line_no) from None
+    for line_no, obj in read_jsonl(path):
         dialogues.append(_parse_dialogue(obj, "jsonl", path, len(dialogues), line_no))
     return dialogues
 
@@ -170,16 +162,15 @@ def load_dialogues(path) -> list[Dialogue]:
     path = Path(path)
     if path.is_dir():
         return [d for split in load_splits(path).values() for d in split]
-    text = read_text(path)
-    start = text.lstrip()[:1]
+    line_no, start = next(((n, line.lstrip()[:1]) for n, line in read_lines(path) if line.strip()), (1, ""))
     if start == "[":
-        return _load_json_array(text, path)
+        return _load_json_array(path)
     if start == "{":
-        return _load_jsonl(text, path)
+        return _load_jsonl(path)
     if start == "":
         raise DataError("empty file: no dialogues", path)
     raise DataError("invalid JSON: expected '[' (ESConv.json layout) or '{' (JSONL layout) "
-                    f"as the first character, got {start!r}", path, line=1)
+                    f"as the first character, got {start!r}", path, line=line_no)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -226,12 +217,36 @@ def load_splits(path, ratios=(8, 1, 1), seed: int = 0) -> dict[str, list[Dialogu
     """Train / valid / test dialogues.
 
     A directory: its split files, used as they are (only the splits present are returned).
-    A file: all its dialogues, split with `split_dialogues(dialogues, ratios, seed)`.
+    A file: all its dialogues but repeats (`drop_repeats`), split with
+    `split_dialogues(dialogues, ratios, seed)`.
     """
     path = Path(path)
     if path.is_dir():
         return {split: load_dialogues(file) for split, file in find_split_files(path).items()}
-    return split_dialogues(load_dialogues(path), ratios, seed)
+    return split_dialogues(drop_repeats(load_dialogues(path)), ratios, seed)
+
+
+def drop_repeats(dialogues: list[Dialogue]) -> list[Dialogue]:
+    """The dialogues without those whose turns repeat an earlier one's (a warning names them):
+    split by dialogue, two copies of one could land in training and test."""
+    first, keep, repeats = {}, [], []
+    for d in dialogues:
+        key = tuple((t.speaker, t.text, t.strategy) for t in d.turns)
+        if key in first:
+            repeats.append(f"{_where(d)} (= {_where(first[key])})")
+        else:
+            first[key] = d
+            keep.append(d)
+    if repeats:
+        shown = ", ".join(repeats[:10]) + (f" and {len(repeats) - 10} more" if len(repeats) > 10 else "")
+        warnings.warn(f"{dialogues[0].source}: {len(repeats)} dialogue(s) repeat the turns of an earlier "
+                      f"one and are dropped before the split, so no copy leaks across splits: {shown}",
+                      stacklevel=2)
+    return keep
+
+
+def _where(d: Dialogue) -> str:
+    return f"line {d.line}" if d.line is not None else f"dialogue {d.index}"
 
 
 def builtin_sample_path() -> Path:

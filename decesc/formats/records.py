@@ -11,13 +11,17 @@ Preference pair (DPO)::
 The prompt becomes the user message of a chat ([system?, user]); the target / chosen / rejected
 text is the assistant reply that is learned. A pair mined by IPM carries more fields (task, gold
 strategy, error types, vanilla category, dialogue and turn); they are read back when present.
-Files may start with a UTF-8 byte-order mark. Bad lines raise :class:`DataError` naming
-``file, line N`` and the field.
+Lines end at ``\\n`` only (JSON's rule: U+2028, U+2029 and U+0085 are characters of a string);
+``\\r\\n`` and a leading UTF-8 byte-order mark are accepted. Bad lines raise :class:`DataError`
+naming ``file, line N`` and the field.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -55,23 +59,105 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- JSONL
 
 
+MAX_LINE_BYTES = 64 << 20  # one JSONL line (a dialogue, an example) is far smaller
+
+
+def _open(path: str | Path):
+    """``path`` opened to read bytes; DataError if it is not a regular file (a device such as
+    ``/dev/zero`` may never end, a pipe cannot be read twice), FileNotFoundError if it does not
+    exist."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket, which may never end"
+        raise DataError(f"not a regular file ({kind}); give a file", path)
+    return open(path, "rb")
+
+
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file (a leading byte-order mark is dropped); DataError if it is not UTF-8."""
+    with _open(path) as f:
+        data = f.read()
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line number, value) of every non-blank line; DataError names the line that is not JSON."""
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
-        if line.strip():
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    r"""(line number, text) of each line of a UTF-8 text file, read as a stream.
+
+    Lines end at ``\n`` only, as in JSON, where U+2028, U+2029 and U+0085 are characters inside a
+    string (:func:`write_jsonl` writes them as they are); a trailing ``\r`` is dropped, and so is
+    a byte-order mark. DataError naming the line if it is not UTF-8 or longer than
+    :data:`MAX_LINE_BYTES`.
+    """
+    with _open(path) as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES), b""), 1):
+            if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"line longer than {MAX_LINE_BYTES / 2**20:g} MiB: not a text file "
+                                "of records", path, line=lineno)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg}, column {e.colno}); if this file is an "
-                                "output of decesc, delete it to recompute it", path, line=lineno) from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start} of the line)",
+                                path, line=lineno) from None
+            yield lineno, text.removesuffix("\n").removesuffix("\r")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate gets into JSON text
+
+
+def _lone_surrogate(value) -> tuple[str, str] | None:
+    """(field, character) of the first string (key or value) of a JSON value that holds a lone
+    surrogate, or None. ``"\\ud83d"`` is valid JSON but half a UTF-16 pair, not text: UTF-8 and
+    tokenizers refuse it."""
+    stack = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return where, v[e.start]
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                name = f"{where}.{k}" if where else k
+                stack += [(name, x), (name, k)]  # the key is looked at first
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v)))]
+    return None
+
+
+def parse_json(text: str, path: str | Path, line: int | None = None):
+    """A JSON value from one JSONL line (``line``) or a whole file; DataError naming file, line
+    and field if it is not valid JSON, is nested deeper than Python can read, or holds a lone
+    surrogate."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg}, column {e.colno})", path,
+                        line=e.lineno if line is None else line) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", path, line=line) from None
+    if _SURROGATE_ESCAPE.search(text) and (found := _lone_surrogate(value)):
+        field, char = found
+        raise DataError(f"lone surrogate {char!r} (half of a UTF-16 pair, not text)", path, line=line,
+                        field=field or None)
+    return value
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line (lines as :func:`read_lines` splits them,
+    values as :func:`parse_json` reads them)."""
+    for lineno, line in read_lines(path):
+        if line.strip(" \t"):
+            yield lineno, parse_json(line, path, lineno)
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -118,22 +204,15 @@ class PreferencePair:
 _TEXT_FIELDS = {SFTExample: ("prompt", "target"), PreferencePair: ("prompt", "chosen", "rejected")}
 
 
-def _read_records(path: str | Path, kind: type) -> list:
+def _read_records(path: str | Path, kind: type, allow_empty: bool = False) -> list:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
     required = _TEXT_FIELDS[kind]
     known = {f.name for f in fields(kind)} - {"source"}
-    text = read_text(path)
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         for name in required:
@@ -151,7 +230,7 @@ def _read_records(path: str | Path, kind: type) -> list:
             records.append(kind(**{k: v for k, v in rec.items() if k in known}, source=where))
         except TypeError as e:
             raise DataError(f"{where}: not a {kind.__name__} ({e})") from None
-    if not records:
+    if not records and not allow_empty:
         raise DataError(f"{path}: no examples")
     return records
 
@@ -165,9 +244,7 @@ def read_pairs_jsonl(path: str | Path, allow_empty: bool = False) -> list[Prefer
     """Preference pairs from a JSONL file with fields prompt, chosen, rejected (optional system,
     and the IPM fields when the file was written by :func:`write_pairs`). ``allow_empty``: an
     empty file is no pairs rather than an error (IPM may find no mistake to learn from)."""
-    if allow_empty and Path(path).is_file() and not read_text(path).strip():
-        return []
-    return _read_records(path, PreferencePair)
+    return _read_records(path, PreferencePair, allow_empty)
 
 
 def write_pairs(path: str | Path, pairs: list[PreferencePair]) -> None:

@@ -105,13 +105,15 @@ def _digest(path: Path, memo: dict, content: bool = True) -> str:
 
 
 def data_fingerprint(config: PipelineConfig, split_names: tuple[str, ...], memo: dict) -> dict:
-    """{split: content hash of the file it comes from} ("missing" when it has none)."""
+    """{split: content hash of the file it comes from} ("missing" when it has none, or it is not
+    a regular file: a device such as /dev/zero never ends)."""
     try:
         source = data_source(config)
         files = find_split_files(source) if source.is_dir() else {s: source for s in split_names}
     except (OSError, ValueError):
         return {s: "missing" for s in split_names}
-    return {s: _digest(files[s], memo) if s in files else "missing" for s in split_names}
+    return {s: _digest(files[s], memo) if s in files and files[s].is_file() else "missing"
+            for s in split_names}
 
 
 def model_fingerprint(source: str, memo: dict) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from decesc.formats.atomic import atomic_write_text
+from decesc.formats.records import read_lines
 from decesc.train import fsdp
 from decesc.train.checkpoint import (
     clean_partial,
@@ -104,7 +105,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for _, line in read_lines(path):
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
