@@ -297,6 +297,129 @@ def trl_dpo(hf_dir, dtype, a, target, tmp) -> tuple[float, int] | str:
     return sum(tokens[a.warmup:]) / sum(times[a.warmup:]), mem.mb
 
 
+# ----------------------------------------------------------------------------- dialogue trees
+
+
+def dialogue_examples(n: int, data_dir: str, tok, window: int | None = None):
+    """The planner's SFT examples (short prompts, full history, or the history cut to ``window``
+    tokens as the ``cpu`` profile does) of the first ``n`` dialogues of ESConv's training split
+    in ``data_dir``, or of decesc's built-in sample (dialogues of the same shape) without it."""
+    from decesc.esc.esconv import builtin_sample_path, load_dialogues
+    from decesc.esc.prompts import build_examples
+
+    path = Path(data_dir) / "train.jsonl"
+    source = str(path) if path.is_file() else "the built-in sample"
+    dialogues = load_dialogues(path if path.is_file() else builtin_sample_path())[:n]
+    budget = dict(count_tokens=tok.count_tokens, max_tokens=window) if window else {}
+    return build_examples(dialogues, "sp", style="short", **budget), source
+
+
+def _turn_batches(examples, tok, micro: int) -> list[list[dict]]:
+    """Per dialogue, its turn-level rows in micro-batches of ``micro`` (length-sorted)."""
+    from decesc.core.tokenizer import chat_messages
+
+    per: dict[int, list[dict]] = {}
+    for ex in examples:
+        ids, labels = tok.encode_prompt_target(chat_messages(ex.prompt, ex.system), ex.target)
+        per.setdefault(ex.dialogue, []).append({"input_ids": ids, "labels": labels, "length": len(ids)})
+    out = []
+    for rows in per.values():
+        rows.sort(key=lambda r: r["length"])
+        out.append([collate_sft(rows[i:i + micro], tok.pad_token_id) for i in range(0, len(rows), micro)])
+    return out
+
+
+def _tree_batches(examples, tok) -> list[list[dict]]:
+    """Per dialogue, its tree(s), one per micro-batch."""
+    from decesc.core.tokenizer import chat_messages
+    from decesc.core.tree import collate_trees, pack_trees, prompt_pieces, target_piece
+
+    seqs = [(ex.dialogue, (ex.dialogue, ex.turn),
+             prompt_pieces(tok.chat_pieces(chat_messages(ex.prompt, ex.system), True))
+             + [target_piece(tok.target_ids(ex.target))]) for ex in examples]
+    per: dict[int, list[dict]] = {}
+    for tree in pack_trees(seqs, max_tokens=16384):
+        per.setdefault(tree.keys[0][0], []).append(collate_trees([tree], tok.pad_token_id))
+    return list(per.values())
+
+
+def dialogue_sft(impl: str, base, tok, hf_dir, examples, dtype: str, micro: int) -> tuple[float, int, int]:
+    """One epoch of SFT over every supporter turn of the dialogues, one optimizer step per
+    dialogue, with the same loop for every implementation: (seconds, peak MB, tokens processed)."""
+    from decesc.core.logprobs import model_sequence_logprobs
+    from decesc.core.tree import tree_logprobs
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if impl == "transformers+peft":
+        model = _hf_model(hf_dir)
+        batches = _turn_batches(examples, tok, micro)
+        loss_of = lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]).loss  # noqa: E731
+    else:
+        cfg = _config(dtype, 1, 1)
+        model = apply_lora(copy.deepcopy(base), seed=0, dtype=torch.float32)
+        model, _ = prepare_model(model, cfg, DistInfo())
+        tree = impl == "decesc tree"
+        batches = _tree_batches(examples, tok) if tree else _turn_batches(examples, tok, micro)
+
+        def loss_of(m, b):
+            logps = tree_logprobs(m, b) if tree else model_sequence_logprobs(m, b["input_ids"], b["labels"])
+            return -logps.sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    model.train()
+    tokens = 0
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        for dialogue in batches:
+            for b in dialogue:
+                with autocast:
+                    loss = loss_of(model, b)
+                loss.backward()
+                tokens += int(b["input_ids"].numel())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+    return seconds, mem.mb, tokens
+
+
+DIALOGUE_IMPLS = ("decesc tree", "decesc turn", "decesc turn, 320-token window", "transformers+peft")
+
+
+def dialogue_main(a, base, tok, dtypes) -> dict:
+    """``--dialogues N``: SFT of all turns of N dialogues, dialogue trees against turn-level rows."""
+    full, source = dialogue_examples(a.dialogues, a.data, tok)
+    window, _ = dialogue_examples(a.dialogues, a.data, tok, window=320)
+    samples: dict[tuple, list] = {}
+    skipped = {}
+    with tempfile.TemporaryDirectory() as tmp_str:
+        hf_dir = Path(tmp_str) / "hf"
+        save_pretrained(base, tok, hf_dir)
+        for _ in range(a.repeats):
+            for dtype in dtypes:
+                for impl in DIALOGUE_IMPLS:
+                    if impl == "transformers+peft" and a.no_hf:
+                        skipped[impl] = "skipped"
+                        continue
+                    data = window if "window" in impl else full
+                    r = dialogue_sft(impl, base, tok, hf_dir, data, dtype, a.batch)
+                    samples.setdefault((dtype, impl), []).append(r)
+                    print(f"  {dtype} {impl}: {r[0]:.1f} s, {r[2]:,} tokens", file=sys.stderr, flush=True)
+    cases = []
+    for (dtype, impl), runs in samples.items():
+        secs = [r[0] for r in runs]
+        cases.append({"dtype": dtype, "impl": impl, "seconds": statistics.median(secs),
+                      "spread": (max(secs) - min(secs)) / statistics.median(secs), "samples": secs,
+                      "tokens": runs[0][2], "peak_mb": statistics.median(r[1] for r in runs)})
+    for c in cases:
+        tree = next(x for x in cases if x["impl"] == "decesc tree" and x["dtype"] == c["dtype"])
+        c["tree_speedup"] = c["seconds"] / tree["seconds"]
+        c["tree_memory_share"] = tree["peak_mb"] / c["peak_mb"] if c["peak_mb"] > 0 else None
+    return {"model": a.model, "data": source, "dialogues": a.dialogues, "turns": len(full),
+            "micro_batch": a.batch, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": a.repeats, "cases": cases, "skipped": skipped}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -334,6 +457,13 @@ def main(argv=None) -> int:
                    help="smoke sizes: 1 repeat, 1 step, no warmup, batch 2, 24-token prompts, "
                         "2/6-token targets, a 256 matmul ceiling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--dialogues", type=int, default=0,
+                   help="instead of the step benchmark: SFT of every supporter turn of this many "
+                        "ESConv training dialogues (planner, full history), dialogue trees against "
+                        "turn-level rows (--batch rows per micro-batch) and transformers+peft")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "esconv"),
+                   help="ESConv directory for --dialogues (default ../shared/data/esconv; the "
+                        "built-in sample without it)")
     a = p.parse_args(argv)
     if a.quick:
         a.repeats, a.steps, a.warmup, a.batch, a.prompt_len = 1, 1, 0, 2, 24
@@ -348,6 +478,19 @@ def main(argv=None) -> int:
 
     base, tok = load_pretrained(a.model, dtype=torch.float32)
     dtypes = ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]
+    if a.dialogues:
+        result = dialogue_main(a, base, tok, dtypes)
+        if a.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"SFT of all {result['turns']} turns of {a.dialogues} dialogues ({result['data']}), "
+              f"{a.model}, median of {a.repeats} interleaved repeats")
+        print(f"{'dtype':5} {'implementation':32} {'seconds':>8} {'spread':>7} {'tokens':>9} "
+              f"{'peak MB':>8} {'tree x':>7}")
+        for c in result["cases"]:
+            print(f"{c['dtype']:5} {c['impl']:32} {c['seconds']:8.1f} {c['spread']:7.1%} "
+                  f"{c['tokens']:9,} {c['peak_mb']:8.0f} {c['tree_speedup']:6.2f}x")
+        return 0
     shapes = {"SP": a.sp_target, "RG": a.rg_target}
     ceiling = {d: matmul_ceiling(d, a.ceiling_size) for d in dtypes}
     samples: dict[tuple, list] = {}
