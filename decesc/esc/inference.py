@@ -117,6 +117,13 @@ def _batches(n: int, size: int, desc: str, progress: bool, shard: Shard = SINGLE
     return tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False) if progress else starts
 
 
+def _tree_batches(sequences: list[tuple[object, object, list[Piece]]], max_tokens: int) -> list[list]:
+    """Batches of trees of (group, key, pieces) sequences, each at most ``max_tokens`` padded
+    tokens, or the longest sequence's length if that is more (a batch holds one sequence at least)."""
+    budget = max([max_tokens] + [sum(len(ids) for ids, _ in pieces) for _, _, pieces in sequences])
+    return batch_trees(pack_trees(sequences, budget), budget)
+
+
 def _common_prefix(rows: list[list[int]]) -> int:
     """Length of the longest common prefix of the rows, at most the shortest row's length - 1
     (every row keeps one token of its own: its last position predicts the continuation)."""
@@ -199,7 +206,7 @@ def score_trees(model: CausalLM, prompts: list[list[Piece]], groups: list, candi
     device = model.lm_head.weight.device
     sequences = [(g, (i, c), p + [target_piece(cand)]) for i, (g, p) in enumerate(zip(groups, prompts))
                  for c, cand in enumerate(candidates)]
-    batches = batch_trees(pack_trees(sequences, max_tokens), max_tokens)
+    batches = _tree_batches(sequences, max_tokens)
     found = {}
     for j in _batches(len(batches), 1, desc, progress, shard):
         logps = tree_logprobs(model, batch_to(collate_trees(batches[j], pad_token_id), device))  # (G,)
@@ -302,7 +309,7 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
             replies[b0:b0 + len(outs)] = [text(i, o) for i, o in zip(rows, outs)]
         return shard.collect(replies, size)
     sequences = [(ex.dialogue, i, p) for i, (ex, p) in enumerate(zip(examples, prompts))]
-    batches = batch_trees(pack_trees(sequences, sampling.max_tokens), sampling.max_tokens)
+    batches = _tree_batches(sequences, sampling.max_tokens)
     found = {}
     for j in _batches(len(batches), 1, desc, progress, shard):
         keys = [k for tree in batches[j] for k in tree.keys]
