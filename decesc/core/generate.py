@@ -7,6 +7,13 @@ padded row produces exactly the tokens it would produce alone.
 Flow: one "prefill" forward over the whole padded prompt fills cache slots [0, L); each decode step
 feeds one token per row at slot L + step. Rows that hit a stop token (or stop string) keep being
 computed (static shapes) but their outputs are discarded; the loop ends when all rows are done.
+
+From a shared trunk (:func:`generate_tree`): the prompts are the sequences of token trees
+(:mod:`decesc.core.tree`; e.g. every turn of a dialogue, its history shared). One tree forward
+fills one cache with every tree token's keys/values; each decode step then feeds one token per
+row, which attends to its own path of that shared cache and to its own generated tokens
+(:class:`decesc.core.model.SharedPrefix`), at position prompt length + step. The tokens equal
+those of :func:`generate` on the flattened prompts, up to float rounding (greedy: the same).
 """
 
 from __future__ import annotations

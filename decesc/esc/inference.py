@@ -20,7 +20,17 @@ encoding every prompt whole, up to float rounding. A batch whose common prefix e
 previous batch's reuses its encoding.
 
 Response Generator: a_t ~ LLM_RG(a | c_t, s_t): ordinary sampling from the RG prompt that names
-the (planned or gold) strategy.
+the (planned or gold) strategy. Item i of a call samples from its own generator, seeded
+:func:`item_seed` (seed, i), so its reply does not depend on its batch or on the packing.
+
+Packing (``packing``): "tree" (the default) works on dialogue trees
+(:mod:`decesc.core.tree`): the turns of a dialogue share their history, so scoring puts every
+turn's prompt and its eight candidates in one tree (each candidate a labelled branch) scored in
+one forward pass (:func:`score_trees`), and generation encodes the prompts of a dialogue's turns
+once and decodes all their replies as one batch over that shared cache
+(:func:`decesc.core.generate.generate_tree`). Trees are batched by ``Sampling.max_tokens``
+padded tokens. "turn" is the path above, one row per turn in batches of ``batch_size``, kept as
+the checked reference: scores agree to float rounding, greedy and seeded replies token for token.
 
 Vanilla (joint "[Strategy] reply" model), two rules (``tags``):
 
