@@ -141,3 +141,17 @@ def test_smollm2_tree_inference_on_real_dialogues_equals_turn_level(smollm2):
     assert len(trees) == 2
     keys = [k for t in trees for k in t.keys]
     assert generate_tree(model, trees, 8) == generate(model, [_prompt_ids(tok, examples[k]) for k in keys], 8)
+
+
+def test_bench_generate_tree_benchmarks_run_on_the_tiny_model(capsys):
+    """tools.bench_generate --trees on a tiny setting: tree and turn-level rates in its JSON."""
+    import json
+
+    from tools.bench_generate import main
+
+    assert main(["--model", "tiny", "--skip-stacks", "--trees", "1", "--new-tokens", "2", "--repeats", "1",
+                 "--batch", "2", "--dtype", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["benchmark"] for r in out["trees"]] == ["score all turns, turns/s, turn batch 2",
+                                                      "replies per dialogue, replies/s, turn batch 2"]
+    assert all(r["tree"] > 0 and r["turn"] > 0 for r in out["trees"]) and out["stacks"] == []
