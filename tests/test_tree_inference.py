@@ -41,6 +41,27 @@ def _sharp_tiny():
     return CausalLM(tiny_config(tok.vocab_size)).init_weights(std=0.3, seed=1).eval(), tok
 
 
+def test_shared_prefix_attention_equals_attention_over_each_row_s_own_keys():
+    """One decode token per row over [its path of one shared prefix | its own keys], one
+    softmax: the same as SDPA over that row's keys gathered into a row of their own (GQA)."""
+    import torch.nn.functional as F
+
+    from decesc.core.model import SharedPrefix, shared_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    R, nh, nkv, hd, S, n = 3, 4, 2, 8, 10, 2
+    q = torch.randn(R, nh, 1, hd, generator=g)
+    k, v = torch.randn(2, R, nkv, n, hd, generator=g)
+    ks, vs = torch.randn(2, nkv, S, hd, generator=g)
+    visible = torch.rand(R, S, generator=g) < 0.5
+    y = shared_prefix_attention(q, k, v, SharedPrefix([ks], [vs], visible), 0)
+    for r in range(R):
+        keys = torch.cat([ks[:, visible[r]], k[r]], 1)[None]  # (1, nkv, path + n, hd)
+        values = torch.cat([vs[:, visible[r]], v[r]], 1)[None]
+        ref = F.scaled_dot_product_attention(q[r:r + 1], keys, values, enable_gqa=True)
+        assert torch.allclose(y[r:r + 1], ref, atol=1e-6)
+
+
 def test_tree_scores_of_every_turn_equal_score_continuations():
     """Every turn's 8 strategy names (and vanilla tags) scored on trees equal the cached
     turn-level scores, for budgets that put a dialogue in one tree, cut it into several, or

@@ -177,12 +177,13 @@ def main(argv=None) -> int:
         for name in args.dtype:
             model = load_pretrained(args.model, dtype=TORCH_DTYPES[name])[0] if name != "fp32" else base
             for b in args.batch:
-                measured = bench_trees(model, tok, dialogues, b, args.tree_tokens, args.new_tokens, args.repeats)
+                measured = bench_trees(model, tok, dialogues, b, args.tree_tokens, args.new_tokens,
+                                       args.repeats)
                 trees += [(f"score all turns, turns/s, turn batch {b}", name, *measured[:2]),
                           (f"replies per dialogue, replies/s, turn batch {b}", name, *measured[2:])]
                 for what, _, tree, turn in trees[-2:]:
-                    say(f"  {what:<46} {name:<5} tree {tree:8.2f}  turn {turn:8.2f}  ratio {tree / turn:5.2f}x",
-                        flush=True)
+                    say(f"  {what:<46} {name:<5} tree {tree:8.2f}  turn {turn:8.2f}  "
+                        f"ratio {tree / turn:5.2f}x", flush=True)
     if args.skip_stacks:
         args.dtype = []
     bandwidth = read_bandwidth(args.repeats) if args.dtype else None

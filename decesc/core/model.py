@@ -414,7 +414,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | TreeMask | SharedPrefix | None = None,  # (B, S), (B, 1, T, T) bool, a tree, a prefix
+        attention_mask: torch.Tensor | TreeMask | SharedPrefix | None = None,  # (B, S), (B, 1, T, T) bool, ...
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache=None,
         start: int = 0,
