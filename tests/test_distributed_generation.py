@@ -1,6 +1,7 @@
 """Generation on every device: mine and eval under torchrun (4 processes, gloo) write the files of
 one process, byte for byte. Each rank computes whole batches of the single-process batch list
-(decesc.esc.sharding), rank 0 gathers, judges and writes."""
+(decesc.esc.sharding), rank 0 gathers, judges and writes. Tree-packed inference (whole batches of
+dialogue trees per rank) gives the outputs of one process too."""
 
 import json
 import os
@@ -49,6 +50,58 @@ def copy_run(src: Path, dst: Path, stages: tuple[str, ...]) -> Path:
     for stage in stages:
         shutil.copytree(src / stage, dst / stage)
     return dst
+
+
+def test_shard_merge_unites_every_rank_s_results():
+    """Keyed results (tree batches are not runs of examples): every rank gets the union."""
+    sent = [{(0, 1): 1.0, 4: "a"}, {(2, 0): 2.0}]
+    assert Shard(1, 2, gather=lambda mine: sent).merge(sent[1]) == {(0, 1): 1.0, 4: "a", (2, 0): 2.0}
+    assert Shard().merge({3: 1}) == {3: 1}
+
+
+# Tree-packed inference under torchrun: rank 0 writes what every rank received.
+TREE_WORKER = """
+import json, sys
+import torch.distributed as dist
+from dataclasses import replace
+from decesc.esc.esconv import builtin_sample_path, load_dialogues
+from decesc.esc.inference import Sampling, generate_replies, score_strategies, vanilla
+from decesc.esc.prompts import build_examples
+from decesc.formats.zoo import load_tiny
+from decesc.pipeline.shard import process_shard
+
+if len(sys.argv) > 2:
+    dist.init_process_group("gloo")
+shard = process_shard()
+model, tok = load_tiny()
+examples = build_examples(load_dialogues(builtin_sample_path())[:3], "rg")
+sampling = Sampling(temperature=1.0, max_new_tokens=6, seed=3, max_tokens=0)  # a batch per tree piece
+out = {"scores": score_strategies(model, tok, examples, max_tokens=0, shard=shard).tolist(),
+       "replies": generate_replies(model, tok, examples, sampling, shard=shard),
+       "vanilla": [vars(r) for r in vanilla(model, tok, examples, sampling, rounds=(0, 5),
+                                            tag_temperature=1.0, shard=shard)]}
+if shard.is_main:
+    open(sys.argv[1], "w").write(json.dumps(out))
+if len(sys.argv) > 2:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_tree_inference_under_torchrun_gives_the_outputs_of_one_process(tmp_path):
+    """Scores, sampled replies and constrained vanilla rounds on trees: 2 processes (gloo) share
+    out the tree batches and every process gets the outputs of one process, exactly."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TREE_WORKER)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    for cmd in ([sys.executable, str(worker), str(one)],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 str(worker), str(two), "dist"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads(one.read_text())
+    assert len(single["replies"]) == len(single["scores"]) == 16
+    assert json.loads(two.read_text()) == single
 
 
 def test_shard_takes_whole_batches_in_turn_and_collects_them_in_place():

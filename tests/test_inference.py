@@ -136,7 +136,7 @@ def test_constrained_vanilla_tags_are_the_argmax_of_the_tag_logprobs():
     from dataclasses import replace
 
     from decesc.core.generate import generate, truncate_at_stop
-    from decesc.esc.inference import TURN_STOPS, score_tags, tag_tokens
+    from decesc.esc.inference import TURN_STOPS, item_seed, score_tags, tag_tokens
     from decesc.esc.prompts import task_example
 
     model, tok = load_tiny()
@@ -154,15 +154,14 @@ def test_constrained_vanilla_tags_are_the_argmax_of_the_tag_logprobs():
     (rd,) = vanilla(model, tok, rg, sampling, rounds=(7,))
     assert rd.strategies == [STRATEGIES[i] for i in direct.argmax(-1).tolist()]
     assert None not in rd.strategies
-    for k, s in enumerate(rd.strategies):
-        b0 = k - k % 3  # the reply's batch (its start seeds the sampling): prompt + chosen tag per row
-        rows = [tok.apply_chat_template(chat_messages(x.prompt, x.system), add_generation_prompt=True)
-                + tags[STRATEGIES.index(t)] for x, t in zip([task_example(x, "vanilla") for x in rg[b0:b0 + 3]],
-                                                            rd.strategies[b0:b0 + 3])]
-        outs = generate(model, rows, max_new_tokens=longest + 6 - shortest, temperature=sampling.temperature,
-                        top_p=sampling.top_p, seed=5 + 7 + b0, stop_token_ids=tok.stop_token_ids,
-                        stop_strings=TURN_STOPS, decode=tok.decode, pad_token_id=tok.pad_token_id)
-        kept = outs[k - b0][:longest + 6 - len(tags[STRATEGIES.index(s)])]  # tag + reply <= max_new_tokens
+    for k, s in enumerate(rd.strategies):  # item k samples with its own seed: alone = in its batch
+        x = task_example(rg[k], "vanilla")
+        row = tok.apply_chat_template(chat_messages(x.prompt, x.system), add_generation_prompt=True) \
+            + tags[STRATEGIES.index(s)]
+        (out,) = generate(model, [row], max_new_tokens=longest + 6 - shortest, temperature=sampling.temperature,
+                          top_p=sampling.top_p, seeds=[item_seed(5 + 7, k)], stop_token_ids=tok.stop_token_ids,
+                          stop_strings=TURN_STOPS, decode=tok.decode, pad_token_id=tok.pad_token_id)
+        kept = out[:longest + 6 - len(tags[STRATEGIES.index(s)])]  # tag + reply <= max_new_tokens
         reply = truncate_at_stop(tok.decode(kept), TURN_STOPS).strip()
         assert rd.replies[k] == reply and rd.outputs[k] == f"[{s}] {reply}"
 

@@ -10,19 +10,34 @@ than the caches) and prints the weight-read limit, bandwidth / bytes of the weig
 token (every matrix of the blocks and the output head; the embedding table only when it is the
 tied output head), next to decesc's batch-1 tokens/s as a share of it.
 
+Dialogue trees (``--trees N``, the first N dialogues of ESConv's valid split under ``--data``,
+or the built-in sample dialogues when it is absent): scoring the 8 strategies of every supporter
+turn on trees against the turn-level cached scoring (``score_continuations``), and the greedy
+replies of all turns of a dialogue decoded from its shared trunk against batched turn-level
+generation (short prompts; both produce the same tokens, so the work is the same).
+``--skip-stacks`` runs only these; ``--json`` prints every measurement as one JSON object.
+
     python -m tools.bench_generate [--dtype fp32 bf16] [--batch 1 8] [--new-tokens 64]
+    python -m tools.bench_generate --model tiny --skip-stacks --trees 1 --new-tokens 4 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from decesc import load_pretrained
 from decesc.core.generate import generate
 from decesc.core.model import TORCH_DTYPES
+from decesc.esc.esconv import builtin_sample_path, load_dialogues
+from decesc.esc.inference import Sampling, generate_replies, score_strategies
+from decesc.esc.prompts import build_examples
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "esconv"
 
 PROMPTS = [
     "I have been feeling really lonely since I moved to a new city for work.",
@@ -112,6 +127,24 @@ def bench_forward(model, hf, batch: int, seq: int, repeats: int):
     return n / timed(ours, repeats), n / timed(theirs, repeats)
 
 
+def bench_trees(model, tok, dialogues, batch: int, max_tokens: int, new_tokens: int, repeats: int):
+    """(supporter turns scored per second, tree and turn-level; replies per second, tree and
+    turn-level) over ``dialogues`` (module docstring)."""
+    sp = build_examples(dialogues, "sp", style="short")
+    rg = build_examples(dialogues, "rg", style="short")
+    greedy = Sampling(temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, max_tokens=max_tokens)
+
+    def scores(packing):
+        return lambda: score_strategies(model, tok, sp, batch, packing=packing, max_tokens=max_tokens)
+
+    def replies(packing):  # all turns of one dialogue per call
+        by_dialogue = [[e for e in rg if e.dialogue == d] for d in range(len(dialogues))]
+        return lambda: [generate_replies(model, tok, turns, greedy, packing=packing) for turns in by_dialogue]
+
+    return (len(sp) / timed(scores("tree"), repeats), len(sp) / timed(scores("turn"), repeats),
+            len(rg) / timed(replies("tree"), repeats), len(rg) / timed(replies("turn"), repeats))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,13 +156,39 @@ def main(argv=None) -> int:
     p.add_argument("--forward-shape", type=int, nargs=2, default=[4, 256], metavar=("B", "T"),
                    help="forward-pass benchmark batch and length (default 4 256)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept (default 3)")
+    p.add_argument("--trees", type=int, default=0, metavar="N",
+                   help="dialogue-tree benchmarks on N dialogues (default 0: none)")
+    p.add_argument("--tree-tokens", type=int, default=4096,
+                   help="padded prompt tokens per batch of trees (default 4096)")
+    p.add_argument("--data", type=Path, default=DATA, help=f"ESConv directory (default {DATA})")
+    p.add_argument("--skip-stacks", action="store_true", help="skip the decesc vs transformers runs")
+    p.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     args = p.parse_args(argv)
 
     base, tok = load_pretrained(args.model, dtype=torch.float32)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}")
-    rows = []
-    bandwidth = read_bandwidth(args.repeats)
-    print(f"read bandwidth (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s", flush=True)
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}")
+    rows, trees = [], []
+    if args.trees:
+        source = args.data / "valid.jsonl"
+        source = source if source.is_file() else builtin_sample_path()
+        dialogues = load_dialogues(source)[:args.trees]
+        say(f"dialogue trees: {len(dialogues)} dialogues of {source}", flush=True)
+        for name in args.dtype:
+            model = load_pretrained(args.model, dtype=TORCH_DTYPES[name])[0] if name != "fp32" else base
+            for b in args.batch:
+                measured = bench_trees(model, tok, dialogues, b, args.tree_tokens, args.new_tokens,
+                                       args.repeats)
+                trees += [(f"score all turns, turns/s, turn batch {b}", name, *measured[:2]),
+                          (f"replies per dialogue, replies/s, turn batch {b}", name, *measured[2:])]
+                for what, _, tree, turn in trees[-2:]:
+                    say(f"  {what:<46} {name:<5} tree {tree:8.2f}  turn {turn:8.2f}  "
+                        f"ratio {tree / turn:5.2f}x", flush=True)
+    if args.skip_stacks:
+        args.dtype = []
+    bandwidth = read_bandwidth(args.repeats) if args.dtype else None
+    if bandwidth:
+        say(f"read bandwidth (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s", flush=True)
     limits = []
     for name in args.dtype:
         model = load_pretrained(args.model, dtype=TORCH_DTYPES[name])[0] if name != "fp32" else base
@@ -137,16 +196,30 @@ def main(argv=None) -> int:
         for b in args.batch:
             ours, theirs = bench_generation(model, hf, tok, b, args.new_tokens, args.repeats)
             rows.append((f"generate tokens/s, batch {b}", name, ours, theirs))
-            print(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
-                  f"ratio {ours / theirs:5.2f}x", flush=True)
+            say(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
+                f"ratio {ours / theirs:5.2f}x", flush=True)
             if b == 1:
                 per_token = weight_bytes_per_token(model)
                 limits.append((name, per_token, bandwidth / per_token, ours))
         B, T = args.forward_shape
         ours, theirs = bench_forward(model, hf, B, T, args.repeats)
         rows.append((f"forward tokens/s, {B}x{T}", name, ours, theirs))
-        print(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
-              f"ratio {ours / theirs:5.2f}x", flush=True)
+        say(f"  {rows[-1][0]:<34} {name:<5} ours {ours:9.1f}  transformers {theirs:9.1f}  "
+            f"ratio {ours / theirs:5.2f}x", flush=True)
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "threads": torch.get_num_threads(), "read_bandwidth": bandwidth,
+            "stacks": [dict(benchmark=w, dtype=n, decesc=o, transformers=t) for w, n, o, t in rows],
+            "trees": [dict(benchmark=w, dtype=n, tree=a, turn=b) for w, n, a, b in trees],
+            "weight_read_limit": [dict(dtype=n, bytes_per_token=b, limit=lim, decesc=o)
+                                  for n, b, lim, o in limits]}))
+        return 0
+    if trees:
+        print("\n| benchmark | dtype | tree | turn | ratio |\n|---|---|---|---|---|")
+        for what, name, tree, turn in trees:
+            print(f"| {what} | {name} | {tree:.2f} | {turn:.2f} | {tree / turn:.2f}x |")
+    if not rows:
+        return 0
     print("\n| benchmark | dtype | decesc | transformers | ratio |\n|---|---|---|---|---|")
     for what, name, ours, theirs in rows:
         print(f"| {what} | {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")

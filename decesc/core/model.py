@@ -233,6 +233,37 @@ def tree_attention(q, k, v, tree: TreeMask, gqa: bool) -> torch.Tensor:
     return torch.cat([y, branch], dim=2)
 
 
+class SharedPrefix(NamedTuple):
+    """Decoding rows that share one cached prefix (the prompts of a tree, laid out once): each
+    row sees the prefix keys ``visible`` allows (its own path) and then its own cached keys.
+    One copy of the prefix serves every row (:func:`shared_prefix_attention`)."""
+
+    k: list[torch.Tensor]  # per layer (nkv, S, hd)
+    v: list[torch.Tensor]  # per layer (nkv, S, hd)
+    visible: torch.Tensor  # (R, S) bool, True = on the row's path
+
+
+def shared_prefix_attention(q, k, v, prefix: SharedPrefix, layer: int) -> torch.Tensor:
+    """One new token per row over [its path of the shared prefix | its own keys k, v], one
+    softmax over both parts. The prefix is read as one (nkv, S, hd) matrix for all rows: the
+    rows' queries are stacked into its other operand, never the prefix copied per row.
+    q (R, nh, 1, hd), k / v (R, nkv, n, hd) -> (R, nh, 1, hd)."""
+    R, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv  # query head h reads key/value head h // g
+    ks, vs = prefix.k[layer], prefix.v[layer]  # (nkv, S, hd)
+    S = ks.shape[1]
+    qg = q.reshape(R, nkv, g, hd) * hd ** -0.5  # (R, nkv, g, hd)
+    shared = qg.transpose(0, 1).reshape(nkv, R * g, hd) @ ks.transpose(1, 2)  # (nkv, R g, S)
+    shared = shared.view(nkv, R, g, S).transpose(0, 1)  # (R, nkv, g, S)
+    shared = shared.masked_fill(~prefix.visible[:, None, None, :], float("-inf"))
+    own = qg @ k.transpose(2, 3)  # (R, nkv, g, n)
+    p = torch.cat([shared, own], -1).float().softmax(-1).to(q.dtype)  # (R, nkv, g, S + n)
+    p_shared = p[..., :S].transpose(0, 1).reshape(nkv, R * g, S)
+    y = (p_shared @ vs).view(nkv, R, g, hd).transpose(0, 1) + p[..., S:] @ v  # (R, nkv, g, hd)
+    return y.reshape(R, nh, 1, hd)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: nh query heads share nkv key/value heads (nh % nkv == 0)."""
 
@@ -256,6 +287,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, start)  # (B, nkv, S, hd), S = start + T
         if isinstance(mask, TreeMask):
             y = tree_attention(q, k, v, mask, self.nkv != self.nh)  # (B, nh, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        if isinstance(mask, SharedPrefix):
+            y = shared_prefix_attention(q, k, v, mask, self.layer_idx)  # (B, nh, 1, hd)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         # Without a mask: plain causal attention over T new tokens, or one new token per row
         # attending to every cached key (no padding), where "causal" means "everything".
@@ -345,7 +379,9 @@ class CausalLM(nn.Module):
     preference row) is used as it is, with the given ``position_ids`` (B, T); so is a
     :class:`TreeMask` (a row of :mod:`decesc.core.tree`: causal trunk, masked branches).
     With a :class:`decesc.core.kv_cache.KVCache`, the T new tokens are written at slots
-    ``start .. start+T-1`` and attend to all earlier slots.
+    ``start .. start+T-1`` and attend to all earlier slots; a tree forward may fill a cache
+    from slot 0. A :class:`SharedPrefix` as ``attention_mask`` decodes one token per row over
+    a shared prefix (a tree's cached prompts) and the row's own cache (given ``position_ids``).
     ``last_only`` returns logits of the last position only (B, 1, V) and ``logits_at`` (B, T)
     bool those of the selected positions only (N, V): the output head is the costliest matmul
     for small models, and training needs it only where a label is predicted.
@@ -378,7 +414,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | TreeMask | None = None,  # (B, S), (B, 1, T, T) bool, or a tree
+        attention_mask: torch.Tensor | TreeMask | SharedPrefix | None = None,  # (B, S), (B, 1, T, T) bool, ...
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache=None,
         start: int = 0,
@@ -387,16 +423,22 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         B, T = input_ids.shape
         tree = isinstance(attention_mask, TreeMask)
-        explicit = tree or (attention_mask is not None and attention_mask.dim() == 4)  # (B, 1, T, T)
-        if explicit and (position_ids is None or cache is not None):
-            raise ValueError("CausalLM: a 4-D or tree attention_mask needs position_ids and no cache")
+        prefix = isinstance(attention_mask, SharedPrefix)
+        explicit = tree or (not prefix and attention_mask is not None
+                            and attention_mask.dim() == 4)  # (B, 1, T, T)
+        if explicit and (position_ids is None or (cache is not None and not (tree and start == 0))):
+            raise ValueError("CausalLM: a 4-D or tree attention_mask needs position_ids and no cache "
+                             "(a tree may fill a cache from slot 0)")
+        if prefix and (position_ids is None or cache is None or T != 1):
+            raise ValueError("CausalLM: a SharedPrefix decodes one token per row, with position_ids "
+                             "and the rows' own cache")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -T:]
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         mask = None
-        if tree:
+        if tree or prefix:
             mask = attention_mask
         elif explicit:
             mask = attention_mask.bool()

@@ -216,6 +216,51 @@ def layout(tree: Tree) -> TreeLayout:
                       ancestors, targets)
 
 
+def _columns(lay: TreeLayout, Tt: int) -> list[int]:
+    """Layout index -> batch column in a batch whose trunks take Tt slots."""
+    return list(range(lay.trunk_len)) + list(range(Tt, Tt + len(lay.ids) - lay.trunk_len))
+
+
+def batch_trees(trees: list[Tree], max_tokens: int) -> list[list[Tree]]:
+    """Consecutive trees in batches whose padded size (:func:`collate_trees`: trees x (longest
+    trunk + longest branches)) is at most ``max_tokens``; a tree is never split."""
+    batches: list[list[Tree]] = []
+    Tt = Tb = 0
+    for tree in trees:
+        tl = sum(len(tree.nodes[i].ids) for i in tree.trunk())
+        tt, tb = max(Tt, tl), max(Tb, tree.num_tokens - tl)
+        if batches and (len(batches[-1]) + 1) * (tt + tb) <= max_tokens:
+            batches[-1].append(tree)
+            Tt, Tb = tt, tb
+        else:
+            batches.append([tree])
+            Tt, Tb = tl, tree.num_tokens - tl
+    return batches
+
+
+def sequence_columns(trees: list[Tree]) -> list[tuple[int, list[int]]]:
+    """Each sequence of a :func:`collate_trees` batch (batch order): its row and the columns of
+    its tokens, in path order (the last one predicts what follows the sequence)."""
+    lays = [layout(t) for t in trees]
+    Tt = max(lay.trunk_len for lay in lays)
+    out = []
+    for b, (tree, lay) in enumerate(zip(trees, lays)):
+        cols = _columns(lay, Tt)  # parents come first, so a path's slots are in path order
+        for path in tree.sequences:
+            on = set(path)
+            out.append((b, [c for c, n in zip(cols, lay.node_of_slot) if n in on]))
+    return out
+
+
+def batch_to(batch: dict, device) -> dict:
+    """A :func:`collate_trees` batch with its tensors (the TreeMask's too) on ``device``."""
+    def to(v):
+        if isinstance(v, TreeMask):
+            return TreeMask(v.trunk_len, v.branch_mask.to(device))
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+    return {k: to(v) for k, v in batch.items()}
+
+
 def collate_trees(trees: list[Tree], pad_token_id: int) -> dict:
     """A batch of trees, one row each: ``[trunk | pad | branches | pad]``.
 
@@ -239,7 +284,7 @@ def collate_trees(trees: list[Tree], pad_token_id: int) -> dict:
     g = 0
     for b, lay in enumerate(lays):
         L, tl = len(lay.ids), lay.trunk_len
-        slot = list(range(tl)) + list(range(Tt, Tt + L - tl))  # layout index -> batch column
+        slot = _columns(lay, Tt)
         input_ids[b, slot] = torch.tensor(lay.ids)
         position_ids[b, slot] = torch.tensor(lay.positions)
         if L > tl:

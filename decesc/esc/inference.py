@@ -20,7 +20,17 @@ encoding every prompt whole, up to float rounding. A batch whose common prefix e
 previous batch's reuses its encoding.
 
 Response Generator: a_t ~ LLM_RG(a | c_t, s_t): ordinary sampling from the RG prompt that names
-the (planned or gold) strategy.
+the (planned or gold) strategy. Item i of a call samples from its own generator, seeded
+:func:`item_seed` (seed, i), so its reply does not depend on its batch or on the packing.
+
+Packing (``packing``): "tree" (the default) works on dialogue trees
+(:mod:`decesc.core.tree`): the turns of a dialogue share their history, so scoring puts every
+turn's prompt and its eight candidates in one tree (each candidate a labelled branch) scored in
+one forward pass (:func:`score_trees`), and generation encodes the prompts of a dialogue's turns
+once and decodes all their replies as one batch over that shared cache
+(:func:`decesc.core.generate.generate_tree`). Trees are batched by ``Sampling.max_tokens``
+padded tokens. "turn" is the path above, one row per turn in batches of ``batch_size``, kept as
+the checked reference: scores agree to float rounding, greedy and seeded replies token for token.
 
 Vanilla (joint "[Strategy] reply" model), two rules (``tags``):
 
@@ -46,10 +56,20 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from decesc.core.generate import generate, left_pad, truncate_at_stop
+from decesc.core.generate import generate, generate_tree, left_pad, truncate_at_stop
 from decesc.core.kv_cache import KVCache
 from decesc.core.model import TORCH_DTYPES, CausalLM
 from decesc.core.tokenizer import Tokenizer, chat_messages
+from decesc.core.tree import (
+    Piece,
+    batch_to,
+    batch_trees,
+    collate_trees,
+    pack_trees,
+    prompt_pieces,
+    target_piece,
+    tree_logprobs,
+)
 from decesc.esc.prompts import (
     Example,
     format_vanilla_target,
@@ -73,20 +93,45 @@ class Sampling:
     top_k: int = 0
     max_new_tokens: int = 96
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # packing "turn": prompts per batch
     dtype: str = "fp32"  # "fp32" or "bf16": the models' dtype while they run (module docstring)
+    max_tokens: int = 4096  # packing "tree": padded prompt tokens per batch of trees
 
 
 VANILLA_TAGS = ("constrained", "free")
+PACKINGS = ("tree", "turn")
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The sampling seed of item ``index`` of a call seeded ``seed``: every item samples from its
+    own generator, so its reply depends neither on its batch nor on the packing."""
+    return seed * 1_000_003 + index
+
+
+def _check_packing(packing: str) -> None:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
 
 
 def _prompt_ids(tokenizer: Tokenizer, ex: Example) -> list[int]:
     return tokenizer.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True)
 
 
+def _prompt_pieces(tokenizer: Tokenizer, ex: Example) -> list[Piece]:
+    """The prompt of ``ex`` as tree pieces (its history lines are pieces other turns share)."""
+    return prompt_pieces(tokenizer.chat_pieces(chat_messages(ex.prompt, ex.system), True))
+
+
 def _batches(n: int, size: int, desc: str, progress: bool, shard: Shard = SINGLE):
     starts = shard.starts(n, size)  # this process's batches (all of them in a single process)
     return tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False) if progress else starts
+
+
+def _tree_batches(sequences: list[tuple[object, object, list[Piece]]], max_tokens: int) -> list[list]:
+    """Batches of trees of (group, key, pieces) sequences, each at most ``max_tokens`` padded
+    tokens, or the longest sequence's length if that is more (a batch holds one sequence at least)."""
+    budget = max([max_tokens] + [sum(len(ids) for ids, _ in pieces) for _, _, pieces in sequences])
+    return batch_trees(pack_trees(sequences, budget), budget)
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
@@ -158,13 +203,52 @@ def score_continuations(model: CausalLM, prompts: list[list[int]], candidates: l
     return out
 
 
+@torch.inference_mode()
+def score_trees(model: CausalLM, prompts: list[list[Piece]], groups: list, candidates: list[list[int]],
+                max_tokens: int = 4096, progress: bool = False, desc: str = "scoring",
+                pad_token_id: int = 0, shard: Shard = SINGLE) -> torch.Tensor:
+    """:func:`score_continuations` on dialogue trees, (N, C) fp32: every prompt (as pieces)
+    followed by every candidate (a labelled piece) is a sequence; the sequences of one group
+    (a dialogue) share their prompt pieces in trees of at most ``max_tokens`` tokens
+    (:func:`decesc.core.tree.pack_trees`), batched by padded size (``batch_trees``), each batch
+    one forward pass (:func:`decesc.core.tree.tree_logprobs`). ``shard``: this process's batches
+    of trees; every process gets all rows."""
+    device = model.lm_head.weight.device
+    sequences = [(g, (i, c), p + [target_piece(cand)]) for i, (g, p) in enumerate(zip(groups, prompts))
+                 for c, cand in enumerate(candidates)]
+    batches = _tree_batches(sequences, max_tokens)
+    found = {}
+    for j in _batches(len(batches), 1, desc, progress, shard):
+        logps = tree_logprobs(model, batch_to(collate_trees(batches[j], pad_token_id), device))  # (G,)
+        found.update(zip([k for tree in batches[j] for k in tree.keys], logps.tolist()))
+    out = torch.empty(len(prompts), len(candidates))
+    for (i, c), x in shard.merge(found).items():  # fp32 -> Python float -> fp32 is exact
+        out[i, c] = x
+    return out
+
+
+def _score(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], candidates: list[list[int]],
+           batch_size: int, progress: bool, desc: str, share_prefix: bool, shard: Shard, packing: str,
+           max_tokens: int) -> torch.Tensor:
+    """The candidates' log-probs after each example's prompt, in the given packing."""
+    _check_packing(packing)
+    if packing == "turn":
+        return score_continuations(model, [_prompt_ids(tokenizer, ex) for ex in examples], candidates,
+                                   batch_size, progress, desc, share_prefix, tokenizer.pad_token_id, shard)
+    return score_trees(model, [_prompt_pieces(tokenizer, ex) for ex in examples],
+                       [ex.dialogue for ex in examples], candidates, max_tokens, progress, desc,
+                       tokenizer.pad_token_id, shard)
+
+
 def score_strategies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
                      batch_size: int = 8, progress: bool = False, share_prefix: bool = True,
-                     shard: Shard = SINGLE) -> torch.Tensor:
-    """log LLM_SP(s | c) for each example and each of the 8 strategies: (N, 8), fp32."""
+                     shard: Shard = SINGLE, packing: str = "tree", max_tokens: int = 4096) -> torch.Tensor:
+    """log LLM_SP(s | c) for each example and each of the 8 strategies: (N, 8), fp32.
+    ``packing`` "tree": :func:`score_trees` (trees of ``max_tokens``); "turn":
+    :func:`score_continuations` (batches of ``batch_size`` prompts)."""
     names = [tokenizer.encode(s) + [tokenizer.end_of_turn_id] for s in STRATEGIES]
-    return score_continuations(model, [_prompt_ids(tokenizer, ex) for ex in examples], names,
-                               batch_size, progress, "planning", share_prefix, tokenizer.pad_token_id, shard)
+    return _score(model, tokenizer, examples, names, batch_size, progress, "planning", share_prefix,
+                  shard, packing, max_tokens)
 
 
 def tag_tokens(tokenizer: Tokenizer) -> list[list[int]]:
@@ -182,12 +266,12 @@ def tag_tokens(tokenizer: Tokenizer) -> list[list[int]]:
 
 
 def score_tags(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 8,
-               progress: bool = False, share_prefix: bool = True, shard: Shard = SINGLE) -> torch.Tensor:
+               progress: bool = False, share_prefix: bool = True, shard: Shard = SINGLE,
+               packing: str = "tree", max_tokens: int = 4096) -> torch.Tensor:
     """log p("[s]" | c) of the vanilla model for each example (its vanilla prompt) and each of
-    the 8 strategies' tags: (N, 8), fp32."""
-    prompts = [_prompt_ids(tokenizer, task_example(ex, "vanilla")) for ex in examples]
-    return score_continuations(model, prompts, tag_tokens(tokenizer), batch_size, progress, "tags",
-                               share_prefix, tokenizer.pad_token_id, shard)
+    the 8 strategies' tags: (N, 8), fp32. ``packing`` as in :func:`score_strategies`."""
+    return _score(model, tokenizer, [task_example(ex, "vanilla") for ex in examples], tag_tokens(tokenizer),
+                  batch_size, progress, "tags", share_prefix, shard, packing, max_tokens)
 
 
 def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> list[str]:
@@ -203,25 +287,46 @@ def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int 
 def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
                      sampling: Sampling, progress: bool = False, desc: str = "generating",
                      forced: list[list[int]] | None = None, limits: list[int] | None = None,
-                     shard: Shard = SINGLE) -> list[str]:
-    """One reply per example (its prompt as the user message), batched, stopped at turn end.
+                     shard: Shard = SINGLE, packing: str = "tree") -> list[str]:
+    """One reply per example (its prompt as the user message), stopped at turn end.
     ``forced[i]``: tokens appended to example i's prompt (its reply continues after them);
     ``limits[i]``: keep at most that many of its generated tokens (at most max_new_tokens).
+    Example i samples with seed ``item_seed(sampling.seed, i)`` in either ``packing``: "tree"
+    encodes each dialogue's prompts once as a tree (``forced`` tokens end a row's own branch)
+    and decodes its turns' replies as one batch over it (:func:`decesc.core.generate.generate_tree`;
+    trees batched by ``sampling.max_tokens``); "turn" generates batches of ``sampling.batch_size``
+    prompts (:func:`decesc.core.generate.generate`). Greedy replies are the same in both.
     ``shard``: this process's batches (:mod:`decesc.esc.sharding`); every process gets all replies."""
-    replies: list[str] = [""] * len(examples)
-    for b0 in _batches(len(examples), sampling.batch_size, desc, progress, shard):
-        batch = examples[b0:b0 + sampling.batch_size]
-        extra = forced[b0:b0 + sampling.batch_size] if forced is not None else [[]] * len(batch)
-        outs = generate(model, [_prompt_ids(tokenizer, ex) + f for ex, f in zip(batch, extra)],
-                        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                        top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed + b0,
-                        stop_token_ids=tokenizer.stop_token_ids, stop_strings=TURN_STOPS,
-                        decode=tokenizer.decode, pad_token_id=tokenizer.pad_token_id)
-        if limits is not None:
-            outs = [o[:n] for o, n in zip(outs, limits[b0:b0 + sampling.batch_size])]
-        replies[b0:b0 + len(batch)] = [truncate_at_stop(tokenizer.decode(o), TURN_STOPS).strip()
-                                       for o in outs]
-    return shard.collect(replies, sampling.batch_size)
+    _check_packing(packing)
+    forced = forced if forced is not None else [[]] * len(examples)
+    prompts = [_prompt_pieces(tokenizer, ex) + (prompt_pieces([f]) if f else [])
+               for ex, f in zip(examples, forced)]
+    settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=tokenizer.stop_token_ids,
+                    stop_strings=TURN_STOPS, decode=tokenizer.decode, pad_token_id=tokenizer.pad_token_id)
+
+    def text(i: int, out: list[int]) -> str:
+        out = out[:limits[i]] if limits is not None else out
+        return truncate_at_stop(tokenizer.decode(out), TURN_STOPS).strip()
+
+    if packing == "turn":
+        replies: list[str] = [""] * len(examples)
+        size = sampling.batch_size
+        for b0 in _batches(len(examples), size, desc, progress, shard):
+            rows = range(b0, min(b0 + size, len(examples)))
+            outs = generate(model, [[t for ids, _ in prompts[i] for t in ids] for i in rows],
+                            seeds=[item_seed(sampling.seed, i) for i in rows], **settings)
+            replies[b0:b0 + len(outs)] = [text(i, o) for i, o in zip(rows, outs)]
+        return shard.collect(replies, size)
+    sequences = [(ex.dialogue, i, p) for i, (ex, p) in enumerate(zip(examples, prompts))]
+    batches = _tree_batches(sequences, sampling.max_tokens)
+    found = {}
+    for j in _batches(len(batches), 1, desc, progress, shard):
+        keys = [k for tree in batches[j] for k in tree.keys]
+        outs = generate_tree(model, batches[j], seeds=[item_seed(sampling.seed, i) for i in keys], **settings)
+        found.update((i, text(i, o)) for i, o in zip(keys, outs))
+    found = shard.merge(found)
+    return [found[i] for i in range(len(examples))]
 
 
 ModelLike = CausalLM | Callable[[], CausalLM]
@@ -255,7 +360,8 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
               examples: list[Example], sampling: Sampling, *, plan_temperature: float = 0.0,
               strategies: list[str] | None = None, rounds: Sequence[int] = (0,),
               progress: bool = False, desc: str = "replies",
-              reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE) -> list[Round]:
+              reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE,
+              packing: str = "tree") -> list[Round]:
     """Decoupled inference: plan a strategy per context, then generate a reply
     that uses it. One :class:`Round` per entry of ``rounds``.
 
@@ -270,6 +376,8 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
     A model may be given as a function that loads it: it is called when needed and dropped
     right after, so the planner and the generator are never in memory together.
     ``shard``: this process's share of the batches (:mod:`decesc.esc.sharding`).
+    ``packing``: "tree" (dialogue trees, the default) or "turn" (one row per turn, the checked
+    reference), for the scores (:func:`score_strategies`) and the replies (:func:`generate_replies`).
     """
     if (planner is None) == (strategies is None):
         raise ValueError("decoupled: give either a planner or the strategies")
@@ -277,7 +385,8 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
     if planner is not None:
         model = _use(planner, sampling.dtype)
         scores = score_strategies(model, tokenizer, [task_example(ex, "sp") for ex in examples],
-                                  sampling.batch_size, progress, shard=shard)
+                                  sampling.batch_size, progress, shard=shard, packing=packing,
+                                  max_tokens=sampling.max_tokens)
         del model
         planned = [choose_strategies(scores, plan_temperature, sampling.seed + r) for r in range(n_rounds)]
     else:
@@ -292,7 +401,7 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
         rg = [rg_example(ex, s) for ex, s in zip(chosen, _pick(planned[r], reply_indices))]
         replies = generate_replies(model, tokenizer, rg, replace(sampling, seed=sampling.seed + offset),
                                    progress, desc=f"{desc} {r + 1}/{n_rounds}" if n_rounds > 1 else desc,
-                                   shard=shard)
+                                   shard=shard, packing=packing)
         out.append(Round(planned[r], replies, replies))
     return out
 
@@ -300,7 +409,8 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
 def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sampling: Sampling, *,
             rounds: Sequence[int] = (0,), progress: bool = False, desc: str = "vanilla",
             tags: str = "constrained", tag_temperature: float = 0.0,
-            reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE) -> list[Round]:
+            reply_indices: Sequence[int] | None = None, shard: Shard = SINGLE,
+            packing: str = "tree") -> list[Round]:
     """Joint inference: "[Strategy] reply" per context; one :class:`Round` per entry of
     ``rounds`` (round r samples replies with seed ``sampling.seed + rounds[r]``). ``examples``
     may be of any task (their vanilla prompt is used). ``model`` may be a function that loads it
@@ -312,7 +422,8 @@ def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sam
     whole output and parses it (a strategy is None when the tag cannot be read).
     ``reply_indices``: as in :func:`decoupled`. Free decoding reads the strategy off the
     generated text, so it generates for every example and keeps the replies of those.
-    A round's ``outputs`` are the raw "[Strategy] reply" texts. ``shard`` as in :func:`decoupled`.
+    A round's ``outputs`` are the raw "[Strategy] reply" texts. ``shard`` and ``packing`` as in
+    :func:`decoupled`.
     """
     if tags not in VANILLA_TAGS:
         raise ValueError(f"vanilla: tags must be one of {', '.join(VANILLA_TAGS)}, got {tags!r}")
@@ -323,12 +434,13 @@ def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sam
     if tags == "free":
         for r, offset in enumerate(rounds):
             outs = generate_replies(model, tokenizer, prompts, replace(sampling, seed=sampling.seed + offset),
-                                    progress, desc=label(r), shard=shard)
+                                    progress, desc=label(r), shard=shard, packing=packing)
             parsed = [split_vanilla_output(o) for o in outs]
             out.append(Round([p[0] for p in parsed], _pick([p[1] for p in parsed], reply_indices),
                              _pick(outs, reply_indices)))
         return out
-    scores = score_tags(model, tokenizer, examples, sampling.batch_size, progress, shard=shard)
+    scores = score_tags(model, tokenizer, examples, sampling.batch_size, progress, shard=shard,
+                        packing=packing, max_tokens=sampling.max_tokens)
     tag_ids = dict(zip(STRATEGIES, tag_tokens(tokenizer)))
     room = {s: max(1, sampling.max_new_tokens - len(t)) for s, t in tag_ids.items()}  # reply tokens after the tag
     budget = replace(sampling, max_new_tokens=max(room.values()))
@@ -338,7 +450,7 @@ def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sam
         picked = _pick(strategies, reply_indices)
         replies = (generate_replies(model, tokenizer, chosen, replace(budget, seed=sampling.seed + offset),
                                     progress, desc=label(r), forced=[tag_ids[s] for s in picked],
-                                    limits=[room[s] for s in picked], shard=shard)
+                                    limits=[room[s] for s in picked], shard=shard, packing=packing)
                    if chosen else [])
         out.append(Round(strategies, replies, [format_vanilla_target(s, a) for s, a in zip(picked, replies)]))
     return out

@@ -1,18 +1,18 @@
 """Batched inference split over several processes, with the outputs of one process.
 
-The unit of work is a batch of the single-process batch list: with ``size`` prompts per batch,
-batch j holds examples ``[j size, (j + 1) size)``. Process ``rank`` of ``world`` computes
-batches ``rank, rank + world, rank + 2 world, ...`` exactly as a single process computes them:
-the same rows, so the same left padding and tensor shapes, and the same seed (a generation
-batch is sampled with ``seed + start``, :func:`decesc.esc.inference.generate_replies`). Then
-every process receives every batch's results (``gather``) and puts them in place.
+The unit of work is a batch of the single-process batch list. With packing "turn" and ``size``
+prompts per batch, batch j holds examples ``[j size, (j + 1) size)``; with packing "tree", batch
+j is the j-th batch of dialogue trees (:mod:`decesc.esc.inference`). Process ``rank`` of
+``world`` computes batches ``rank, rank + world, rank + 2 world, ...`` exactly as a single
+process computes them: the same rows, so the same padding and tensor shapes. Then every process
+receives every batch's results (``gather``) and puts them in place.
 
-Why whole batches and not per-item seeds: a row's numbers depend on its batch-mates through the
-left padding (a longer batch-mate shifts it right; the softmax and matmul reductions then run
-over other shapes and may round differently) and, when sampling, through the batch's one
-random generator. Keeping every batch as it is keeps every greedy argmax and every sampled token
-of a single process, so the outputs are identical byte for byte (on the same device type and
-threads per process) and runs made before sharding existed stay reproducible.
+Why whole batches: a row's numbers depend on its batch-mates through the padding and the tree
+layout (other shapes make the softmax and matmul reductions round differently). Sampling draws
+every item's tokens from its own generator, seeded from the seed and the item's index
+(:func:`decesc.esc.inference.item_seed`), so no draw depends on the batch. Keeping every batch
+as it is keeps every greedy argmax and every sampled token of a single process, so the outputs
+are identical byte for byte (on the same device type and threads per process).
 """
 
 from __future__ import annotations
@@ -58,6 +58,17 @@ class Shard:
         for part in self.gather(mine):
             for b0, chunk in part.items():
                 out[b0:b0 + len(chunk)] = chunk
+        return out
+
+    def merge(self, found: dict) -> dict:
+        """``found`` (this process's results, by key) together with every other process's
+        (a collective when world > 1): for units of work that are not runs of examples, e.g.
+        the tree batches of :func:`decesc.esc.inference.score_trees` (unit j on rank j mod world)."""
+        if self.world == 1:
+            return found
+        out: dict = {}
+        for part in self.gather(found):
+            out.update(part)
         return out
 
     def from_main(self, compute: Callable[[], Any]) -> Any:

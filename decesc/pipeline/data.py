@@ -78,10 +78,12 @@ def subset(items: list, n: int | None, seed: int) -> list:
 
 
 def sampling(config: PipelineConfig) -> Sampling:
-    """The run's decoding settings; the seed is the run's seed (rounds add their offsets)."""
+    """The run's decoding settings; the seed is the run's seed (rounds add their offsets). A
+    batch of trees holds as many tokens as a batch of ``gen_batch_size`` longest sequences."""
     return Sampling(temperature=config.temperature, top_p=config.top_p,
                     max_new_tokens=config.max_new_tokens, seed=config.seed,
-                    batch_size=config.gen_batch_size, dtype=config.inference_dtype)
+                    batch_size=config.gen_batch_size, dtype=config.inference_dtype,
+                    max_tokens=config.gen_batch_size * config.max_seq_len)
 
 
 # ----------------------------------------------------------------------------- fingerprints

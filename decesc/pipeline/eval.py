@@ -119,17 +119,19 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
     chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
     base, replied = sampling(c), reply_turns(run, len(tests))
+    packing = getattr(c, "packing", "tree")  # TEMPORARY shim until PipelineConfig.packing is merged
     systems = {}
     for kind, chain in chains.items():
         (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,
                         rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}",
-                        tags=c.vanilla_tags, tag_temperature=0.0, reply_indices=replied, shard=shard)
+                        tags=c.vanilla_tags, tag_temperature=0.0, reply_indices=replied, shard=shard,
+                        packing=packing)
         systems[f"Vanilla {kind}"] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
     for kind, chain in chains.items():
         (rd,) = decoupled(lambda chain=chain: models.merged(*chain("sp")),
                           lambda chain=chain: models.merged(*chain("rg")), tok,
                           tests, base, plan_temperature=0.0, rounds=(REPLY_SEED_OFFSET,), progress=progress,
-                          desc=f"Decoupled {kind}", reply_indices=replied, shard=shard)
+                          desc=f"Decoupled {kind}", reply_indices=replied, shard=shard, packing=packing)
         systems[f"Decoupled {kind}"] = {"strategies": rd.strategies, "replies": rd.replies}
     systems = {k: systems[k] for k in SYSTEMS}
     if shard.is_main:

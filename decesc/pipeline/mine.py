@@ -70,6 +70,7 @@ def run_mine(run, name: str, models) -> dict:
     ctx = contexts(run, tok)
     k, seeds = c.mine_samples, reply_seed_offsets(c.mine_samples)
     sft = {task: lambda task=task: models.merged(run.adapter(f"sft-{task}")) for task in TASKS}
+    packing = getattr(c, "packing", "tree")  # TEMPORARY shim until PipelineConfig.packing is merged
 
     def judged(rows: list[dict]) -> list[dict]:
         if judge is None:  # another rank's copy of the rows: rank 0 judges and writes them
@@ -82,13 +83,14 @@ def run_mine(run, name: str, models) -> dict:
 
     def planner_rows():
         rounds = decoupled(sft["sp"], None, tok, ctx, sampling(c), plan_temperature=c.temperature,
-                           rounds=seeds, progress=shard.is_main, shard=shard)
+                           rounds=seeds, progress=shard.is_main, shard=shard, packing=packing)
         return [{"index": i, "round": r, "strategy": s} for r, rd in enumerate(rounds)
                 for i, s in enumerate(rd.strategies)]
 
     def generator_rows():
         rounds = decoupled(None, sft["rg"], tok, ctx, sampling(c), strategies=[e.strategy for e in ctx],
-                           rounds=seeds, progress=shard.is_main, desc="rg samples", shard=shard)
+                           rounds=seeds, progress=shard.is_main, desc="rg samples", shard=shard,
+                           packing=packing)
         return judged([{"index": i, "round": r, "output": o, "strategy": s, "response": a}
                        for r, rd in enumerate(rounds)
                        for i, (s, a, o) in enumerate(zip(rd.strategies, rd.replies, rd.outputs))])
@@ -96,7 +98,7 @@ def run_mine(run, name: str, models) -> dict:
     def vanilla_rows():
         rounds = vanilla(sft["vanilla"], tok, ctx, sampling(c), rounds=seeds, progress=shard.is_main,
                          desc="vanilla samples", tags=c.vanilla_tags, tag_temperature=c.temperature,
-                         shard=shard)
+                         shard=shard, packing=packing)
         return judged([{"index": i, "round": r, "output": o, "strategy": s, "response": a}
                        for r, rd in enumerate(rounds)
                        for i, (s, a, o) in enumerate(zip(rd.strategies, rd.replies, rd.outputs))])
