@@ -38,6 +38,28 @@ def one_line(excinfo) -> str:
      "config.json: field(s) hidden_size, head_dim must be positive integers"),
     (tiny_hf_config("llama", num_key_value_heads=3),
      "config.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (tiny_hf_config("llama", num_hidden_layers=1e7),
+     "config.json: field(s) num_hidden_layers must be positive integers"),
+    (tiny_hf_config("llama", head_dim=5), "config.json: field head_dim = 5 is odd"),
+    (tiny_hf_config("llama", hidden_size=2, head_dim=None),
+     "config.json: field hidden_size = 2 is smaller than num_attention_heads = 4"),
+    (tiny_hf_config("llama", rms_norm_eps="tiny"),
+     "config.json: field rms_norm_eps = 'tiny' is not a positive finite number"),
+    (tiny_hf_config("llama", rope_theta=float("nan")),
+     "config.json: field rope_theta = nan is not a positive finite number"),
+    (tiny_hf_config("llama", max_position_embeddings=-1),
+     "config.json: field max_position_embeddings = -1 is not a positive integer"),
+    (tiny_hf_config("llama", tie_word_embeddings="false"),
+     "config.json: field tie_word_embeddings = 'false' is not true or false"),
+    (tiny_hf_config("llama", eos_token_id="</s>"),
+     "config.json: field eos_token_id = '</s>' is not a token id"),
+    (tiny_hf_config("llama", rope_scaling=[8.0]),
+     "config.json: field rope_scaling = [8.0] is not an object"),
+    (tiny_hf_config("llama", rope_scaling={"rope_type": "linear", "factor": float("inf")}),
+     "config.json: field rope_scaling.factor = inf is not a positive finite number"),
+    (tiny_hf_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                           "high_freq_factor": 4.0}),
+     "config.json: field rope_scaling.high_freq_factor = 4.0 is not above low_freq_factor = 4.0"),
 ])
 def test_bad_config_json(tmp_path, config, expected):
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -45,6 +67,35 @@ def test_bad_config_json(tmp_path, config, expected):
     with pytest.raises(ConfigError) as e:
         load_pretrained(tmp_path)
     assert expected in one_line(e)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"num_hidden_layers": 10_000_000},
+     "config.json: num_hidden_layers = 10000000 but the checkpoint holds tensors of 2 blocks"),
+    ({"vocab_size": 10**9}, "tensor model.embed_tokens.weight has shape (1024, 64), the config implies "
+                            "(1000000000, 64)"),
+])
+def test_config_is_checked_against_the_checkpoint_header_before_building(tmp_path, monkeypatch, change,
+                                                                          expected):
+    """A config.json that disagrees with the weights fails from the safetensors header, before the
+    module tree is built or a tensor is read (10 million blocks used to build for minutes and take
+    gigabytes; the checkpoint here has 2)."""
+    from decesc.formats import loading
+    from decesc.formats.zoo import load_tiny
+
+    model, tokenizer = load_tiny()
+    loading.save_pretrained(model, tokenizer, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    built = []
+    real = loading.CausalLM
+    monkeypatch.setattr(loading, "CausalLM", lambda cfg: built.append(cfg) or real(cfg))
+    monkeypatch.setattr(loading, "read_safetensors_dir", lambda *a: pytest.fail("the tensors were read"))
+    with pytest.raises(ValueError) as e:
+        load_pretrained(tmp_path)
+    message = one_line(e)
+    assert str(tmp_path) in message and expected in message
+    assert all(cfg.num_hidden_layers <= 2 for cfg in built)
 
 
 @pytest.mark.parametrize("index,expected", [
@@ -78,6 +129,15 @@ def test_tokenizer_config_not_an_object(tmp_path):
     ({"lora_alpha": [16]}, "field lora_alpha = [16] is not a number"),
     ({"lora_dropout": 1.5}, "field lora_dropout = 1.5 is not in [0, 1)"),
     ({"target_modules": 5}, "target_modules = 5 is not a list of module names"),
+    ({"target_modules": []}, "target_modules = [] is not a list of module names"),
+    ({"r": float("inf")}, "field r = inf is not a positive integer"),
+    ({"r": float("nan")}, "field r = nan is not a positive integer"),
+    ({"lora_alpha": float("nan")}, "field lora_alpha = nan is not a positive finite number"),
+    ({"lora_alpha": -8}, "field lora_alpha = -8 is not a positive finite number"),
+    ({"lora_alpha": 1e30}, "field lora_alpha = 1e+30 makes the scale lora_alpha / r = 2.5e+29 "
+                           "(above 1000)"),
+    ({"lora_dropout": float("nan")}, "field lora_dropout = nan is not in [0, 1)"),
+    ({"r": 100_000}, "has shape (4, 32), but adapter_config.json says r = 100000"),
 ])
 def test_bad_adapter_config(tmp_path, change, expected):
     model = CausalLM(ModelConfig.from_hf(tiny_hf_config("llama"))).init_weights(seed=0)
@@ -96,6 +156,24 @@ def test_bad_adapter_config(tmp_path, change, expected):
     with pytest.raises(ValueError) as e:
         load_adapter(fresh, tmp_path)
     assert "adapter_config.json: not a JSON object" in one_line(e)
+
+
+def test_non_finite_adapter_weights_are_refused(tmp_path):
+    """NaN in an adapter tensor would make every logit NaN: the load names the file and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model = CausalLM(ModelConfig.from_hf(tiny_hf_config("llama"))).init_weights(seed=0)
+    apply_lora(model, 4, 8, 0.0, ("q_proj", "v_proj"))
+    save_adapter(model, tmp_path, LoRAConfig(4, 8, 0.0, ("q_proj", "v_proj")), "tiny")
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(ValueError) as e:
+        load_adapter(CausalLM(ModelConfig.from_hf(tiny_hf_config("llama"))), tmp_path)
+    assert (f"{weights}: tensor model.layers.1.self_attn.v_proj.lora_B.weight has non-finite values"
+            in one_line(e))
 
 
 def corrupt_sources(tmp_path: Path) -> dict[str, tuple[Path, str]]:

@@ -429,6 +429,24 @@ def test_tiny_model_round_trip_matches_transformers(tmp_path, model_type):
     assert meta["chat_template"] == "{{ messages }}" and meta["add_bos_token"] is False
 
 
+def test_block_count_is_checked_against_the_tensors_before_the_shapes(tmp_path, monkeypatch):
+    """A block_count that disagrees with the file's blk.N tensors fails from the header in one
+    line; 10 million blocks used to build a table of 90 million expected shapes first."""
+    from decesc.formats.gguf import convert
+
+    model = tiny_model("qwen2")
+    model.config.num_hidden_layers = 10_000_000  # written as qwen2.block_count; the tensors have 2
+    path = write_tiny_model(tmp_path / "deep.gguf", model)
+    real = convert._expected_shapes
+    monkeypatch.setattr(convert, "_expected_shapes",
+                        lambda config: real(config) if config["num_hidden_layers"] <= 2
+                        else pytest.fail("expected shapes of 10 million blocks"))
+    with pytest.raises(GGUFError) as e:
+        gguf_to_hf(path)
+    assert (f"{path}: metadata key 'qwen2.block_count' = 10000000 but the file holds tensors of "
+            "2 blocks") in one_line_error(e)
+
+
 TINY_TEXTS = ["the and in", " the  and\n\nin 12 x", "<|im_start|>user\nthe<|im_end|>\n",
               "Hello, wörld! 😊 It's 3.14", "  leading   spaces\t\ttabs\r\n", "x = [1, 22, 333]"]
 

@@ -10,6 +10,7 @@ from conftest import tiny_hf_config, write_hf_model
 from decesc import load_pretrained
 from decesc.core.lora import (
     DEFAULT_TARGETS,
+    MAX_SCALE,
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -55,6 +56,15 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the update rule
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0.0, -1.0, 1e30])
+def test_lora_linear_refuses_a_scale_that_is_not_a_setting(alpha):
+    """alpha must be a positive finite number with alpha / r <= MAX_SCALE (NaN or 1e30 gave NaN
+    logits)."""
+    with pytest.raises(ValueError, match="LoRA alpha must be"):
+        LoRALinear(torch.nn.Linear(4, 4), r=2, alpha=alpha)
+    assert LoRALinear(torch.nn.Linear(4, 4), r=2, alpha=2 * MAX_SCALE).scale == MAX_SCALE
 
 
 def test_lora_linear_update_and_merge_by_hand():

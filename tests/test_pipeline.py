@@ -1,14 +1,18 @@
 """The whole method end to end on the tiny model, through the CLIs: tools.train, tools.evaluate,
 tools.chat. Checks the run directory's contents and the stage skip / rerun rules."""
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tools import chat as chat_cli
 from tools import evaluate as evaluate_cli
 from tools import train as train_cli
 
@@ -215,6 +219,49 @@ def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     assert f"[eval] outputs do not read back: {outputs}: not valid JSON (" in capsys.readouterr().out
     assert json.loads(outputs.read_text())["systems"] == before
     assert [r["Q"] for r in json.loads((run_dir / "eval" / "report.json").read_text())["systems"]] == [r["Q"] for r in report]
+
+
+def test_a_moved_run_directory_chats_and_evaluates_as_before(tmp_path, monkeypatch, capsys):
+    """A DPO adapter's merge_first.json names its SFT adapter relative to itself: chat with the DPO
+    adapters alone merges the SFT ones first (it used to leave them out, silently), the same as
+    --run; and after moving the run directory chat and evaluate give what they gave before."""
+    def chat(*args):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("I have been so stressed about my exams.\n"))
+        assert chat_cli.main([*args, "--max-new-tokens", "8"]) == 0
+        return capsys.readouterr().out
+
+    def outputs(run):
+        planner, generator, tok = chat_cli.build_models("tiny", [run / "dpo-sp"], [run / "dpo-rg"], "cpu")
+        ids = torch.tensor([tok.encode("I have been so stressed about my exams.")])
+        with torch.no_grad():
+            return planner(ids), generator(ids)
+
+    def evaluate(run, out):  # other settings than the eval stage's: the systems run again
+        assert evaluate_cli.main([str(run), "--out", str(out), "--no-progress", "--eval-turns", "3"]) == 0
+        capsys.readouterr()
+        return json.loads((out / "report.json").read_text())["systems"]
+
+    run = tmp_path / "old" / "run"
+    assert train(run) == 0
+    capsys.readouterr()
+    chained = chat_cli.build_models("tiny", [run / "sft-sp", run / "dpo-sp"], [run / "sft-rg", run / "dpo-rg"],
+                                    "cpu")
+    before = outputs(run)
+    with torch.no_grad():
+        ids = torch.tensor([chained[2].encode("I have been so stressed about my exams.")])
+        assert torch.equal(before[0], chained[0](ids)) and torch.equal(before[1], chained[1](ids))
+    said = chat("--model", "tiny", "--sp", str(run / "dpo-sp"), "--rg", str(run / "dpo-rg"))
+    assert said == chat("--run", str(run))
+    report = evaluate(run, tmp_path / "report-before")
+
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = tmp_path / "new" / "run"
+    after = outputs(moved)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert chat("--model", "tiny", "--sp", str(moved / "dpo-sp"), "--rg", str(moved / "dpo-rg")) == said
+    assert chat("--run", str(moved)) == said
+    shutil.rmtree(moved / "evaluate")  # its stored outputs
+    assert evaluate(moved, tmp_path / "report-after") == report
 
 
 @pytest.mark.slow

@@ -130,6 +130,35 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "config.json" in err
 
 
+def test_plan_refuses_to_calibrate_on_a_shape_larger_than_this_machine(tmp_path, capsys):
+    """vocab_size 10^9 x hidden 4096: a calibration model would need 16 TB (it used to try and end
+    in a traceback); the plan refuses in one line before allocating, and --plan-costs still plans."""
+    model, costs = _config_only(tmp_path, {**QWEN25_7B, "vocab_size": 10**9})
+    base = ["--model", str(model), "--run-dir", str(tmp_path / "r"), "--plan", "--stages", "sft-sp"]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model / 'config.json'}: calibrating --plan on this shape needs ")
+    assert err.count("\n") == 1 and "GiB of RAM" in err and "--plan-costs" in err
+    assert main(base + ["--plan-costs", str(costs)]) == 0
+    assert "(over!)" in capsys.readouterr().out
+
+
+def test_plan_checks_the_config_against_the_weights(tmp_path, capsys):
+    """A directory with weights: its config.json is checked against the safetensors header."""
+    from decesc.formats.loading import save_pretrained
+    from decesc.formats.zoo import load_tiny
+
+    model, costs = _config_only(tmp_path, {})
+    save_pretrained(*load_tiny(), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10_000_000}))
+    assert main(["--model", str(model), "--run-dir", str(tmp_path / "r"), "--plan", "--plan-costs",
+                 str(costs), "--stages", "sft-sp"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {model / 'config.json'}: num_hidden_layers = 10000000 but the checkpoint "
+                   "holds tensors of 2 blocks (model.layers.0-1)\n")
+
+
 @pytest.mark.slow
 def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
     assert main(["--model", "tiny", "--run-dir", str(tmp_path / "r"), "--plan"]) == 0

@@ -136,6 +136,7 @@ def test_dpo_with_the_new_settings(workdir, tmp_path, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--lr", "inf"], "error: TrainConfig: lr must be a finite number, got inf"),
     (["--lora-alpha", "nan"], "error: TrainConfig: lora_alpha must be a finite number, got nan"),
+    (["--lora-alpha", "1e30"], "error: TrainConfig: lora_alpha / lora_r must be <= 1000"),
     (["--beta", "nan"], "error: PreferenceConfig: beta must be a finite number, got nan"),
     pytest.param(["--device", "cuda"], "error: device cuda requested but CUDA is not available; "
                  "use --device cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),

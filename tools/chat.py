@@ -6,7 +6,10 @@
 
 Type as the help-seeker. Commands: /reset starts a new conversation, /quit (or end of input) leaves.
 For every message the Strategy Planner picks one of the eight strategies (argmax over their
-log-probabilities), then the Response Generator writes a reply using it.
+log-probabilities), then the Response Generator writes a reply using it. The oldest turns are
+dropped to fit --max-context-tokens; a message that does not fit alone, or is not valid UTF-8, is
+not sent (one error line) and the conversation goes on. A DPO adapter given alone brings the SFT
+adapter it was trained on (its merge_first.json).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter) or the SFT modules")
     p.add_argument("--model", default=None, help="base model source (default: the run's model)")
     p.add_argument("--sp", nargs="+", default=None, metavar="ADAPTER",
-                   help="Strategy Planner adapters, merged in order (e.g. the SFT then the DPO adapter)")
+                   help="Strategy Planner adapters, merged in order (e.g. the SFT then the DPO adapter; "
+                        "a DPO adapter alone brings its SFT adapter)")
     p.add_argument("--rg", nargs="+", default=None, metavar="ADAPTER",
                    help="Response Generator adapters, merged in order")
     p.add_argument("--temperature", type=float, default=0.7, help="reply sampling temperature (default 0.7)")
@@ -71,22 +75,33 @@ def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None
 
 
 def fit_context(turns, tokenizer, budget: int, style: str = "full") -> str:
-    """The history block of the most recent turns whose RG prompt fits ``budget`` tokens."""
+    """The history block of the most recent turns whose RG prompt fits ``budget`` tokens;
+    ValueError when the latest turn alone does not fit (it is checked first, so an oversized
+    message is tokenized once)."""
     from decesc.esc.esconv import Dialogue
     from decesc.esc.prompts import make_example, render_context
 
     dialogue = Dialogue(turns=turns, emotion_type="", problem_type="", situation="", source="chat", index=0)
-    start = 0
-    while True:
+
+    def fitting(start: int) -> tuple[str, int]:
         context = render_context(dialogue, len(turns), start)
         ex = make_example("rg", context, "Question", style=style)
-        if start >= len(turns) - 1 or tokenizer.count_tokens(ex.system + ex.prompt) <= budget:
+        return context, tokenizer.count_tokens(ex.system + ex.prompt)
+
+    latest, tokens = fitting(len(turns) - 1)
+    if tokens > budget:
+        raise ValueError(f"your message is too long: with the prompt it is {tokens:,} tokens, over "
+                         f"--max-context-tokens {budget}")
+    for start in range(len(turns) - 1):
+        context, tokens = fitting(start)
+        if tokens <= budget:
             return context
-        start += 1
+    return latest
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from decesc.core.tokenizer import check_utf8
     from decesc.esc.esconv import Turn
     from decesc.esc.inference import Sampling, decoupled
     from decesc.esc.prompts import make_example
@@ -99,6 +114,8 @@ def main(argv=None) -> int:
         return 1
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=1)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become lone surrogates, refused below
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     print("Talk to the supporter. /reset starts over, /quit leaves.", flush=True)
     turns: list = []
@@ -117,8 +134,13 @@ def main(argv=None) -> int:
             turns = []
             print("(new conversation)", flush=True)
             continue
+        try:
+            context = fit_context(turns + [Turn("seeker", check_utf8(text, "your message"), None)],
+                                  tokenizer, args.max_context_tokens, style)
+        except ValueError as e:
+            print(f"error: {e}; not sent", file=sys.stderr, flush=True)
+            continue
         turns.append(Turn("seeker", text, None))
-        context = fit_context(turns, tokenizer, args.max_context_tokens, style)
         sampling.seed += 1
         (rd,) = decoupled(planner, generator, tokenizer, [make_example("sp", context, None, style=style)], sampling)
         strategy, reply = rd.strategies[0], rd.replies[0]

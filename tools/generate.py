@@ -12,7 +12,7 @@ import time
 from decesc import load_pretrained
 from decesc.core.generate import generate, truncate_at_stop
 from decesc.core.model import TORCH_DTYPES
-
+from decesc.core.tokenizer import check_utf8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     from decesc.pipeline.models import resolve_device
 
     try:
+        for flag, text in [("--prompt", args.prompt), ("--system", args.system or "")] + [
+                ("--stop", stop) for stop in args.stop]:
+            check_utf8(text, flag)  # bytes that are not UTF-8 reach argv as lone surrogates
         model, tok = load_pretrained(args.model, dtype=TORCH_DTYPES[args.dtype], device=resolve_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

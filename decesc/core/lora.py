@@ -35,6 +35,9 @@ from torch import nn
 from decesc.core.model import CheckpointError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The largest scale alpha / r accepted. Adapters use 0.25 to 4 (the paper: 16 / 16 = 1); a
+# scale far above that is a corrupt setting, not a choice (lora_alpha 1e30 made every logit NaN).
+MAX_SCALE = 1000.0
 
 
 @dataclass
@@ -75,6 +78,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if not (math.isfinite(alpha) and 0 < alpha <= MAX_SCALE * r):
+            raise ValueError(f"LoRA alpha must be positive with alpha / r <= {MAX_SCALE:g}, got "
+                             f"alpha {alpha!r} for r {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in), shared with the replaced layer
         self.bias = base.bias  # (out,) or None

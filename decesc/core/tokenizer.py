@@ -36,6 +36,19 @@ _END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>"}
 _NEWLINE_RUN = re.compile(r"(?<!\n)(?=\n)")  # before each run of newlines
 
 
+def check_utf8(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode, else ValueError naming ``what`` and the first bad
+    character: a lone surrogate, which is how Python passes on bytes that were not UTF-8 (argv,
+    stdin read with ``errors="surrogateescape"``) and which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 ({bad} at character {e.start + 1})") from None
+    return text
+
+
 def detect_chat_format(template: str | None) -> str | None:
     if not template:
         return None

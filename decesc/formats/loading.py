@@ -28,17 +28,26 @@ from decesc.formats.atomic import atomic_path, atomic_write_text
 from decesc.formats.zoo import SMOLLM2_NAME, TINY_NAME, load_tiny, smollm2_gguf_path
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: str,
-                dtype: torch.dtype | None = None, device=None) -> CausalLM:
-    """Create a CausalLM from a full HF-named state dict, checking names and shapes."""
+def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str,
+                 config_source: str | None = None) -> None:
+    """The tensor names and shapes of a checkpoint (from its header) against those ``cfg``
+    implies; CheckpointError naming the first difference. The blocks are counted first, so a
+    config that asks for millions of them fails before a model of that depth is described (the
+    model here is built on the meta device: no memory). ``config_source`` names the config."""
+    blocks = sorted({int(name.split(".")[2]) for name in shapes
+                     if name.startswith("model.layers.") and name.split(".")[2].isdigit()})
+    if len(blocks) != cfg.num_hidden_layers:
+        held = f" (model.layers.{blocks[0]}-{blocks[-1]})" if blocks else ""
+        raise CheckpointError(f"{config_source or source}: num_hidden_layers = {cfg.num_hidden_layers} "
+                              f"but the checkpoint holds tensors of {len(blocks)} blocks{held}")
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(k for k in set(state_dict) - set(expected) if "rotary_emb" not in k)
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(k for k in set(shapes) - set(expected) if "rotary_emb" not in k)
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -46,9 +55,20 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: s
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}"
                               + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
     for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
+        if tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, "
                                   f"the config implies {tuple(shape)}")
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: str,
+                dtype: torch.dtype | None = None, device=None) -> CausalLM:
+    """Create a CausalLM from a full HF-named state dict, checking names and shapes."""
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
     target_dtype = dtype or next(iter(state_dict.values())).dtype
     state = {k: state_dict[k].to(device=device or "cpu", dtype=target_dtype) for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
@@ -57,8 +77,22 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: s
     return model.eval()
 
 
-def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded safetensors checkpoint."""
+def read_safetensors(files: list[Path], shapes_only: bool = False) -> dict:
+    """Every tensor of the given safetensors files by name, or only its shape (from the files'
+    headers: no tensor is read); a corrupt or truncated file is a CheckpointError naming it."""
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = tuple(f.get_slice(key).get_shape()) if shapes_only else f.get_tensor(key)
+        except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt files
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def _read_checkpoint(path: Path, shapes_only: bool) -> dict:
+    """:func:`read_safetensors` over a single-file or sharded checkpoint directory."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -73,24 +107,26 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
         files, weight_map = ["model.safetensors"], None
     else:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
     for name in files:
-        file = path / name
-        if not file.is_file():
+        if not (path / name).is_file():
             raise CheckpointError(f"{index}: shard {name} listed but not found")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt files
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    tensors = read_safetensors([path / name for name in files], shapes_only)
     if weight_map is not None:
         for key, shard in weight_map.items():
             if key not in tensors:
                 raise CheckpointError(f"{path / shard}: tensor {key} listed in the index is missing")
     return tensors
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded safetensors checkpoint."""
+    return _read_checkpoint(path, shapes_only=False)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a single-file or sharded safetensors checkpoint, from the
+    files' headers only (no tensor is read)."""
+    return _read_checkpoint(path, shapes_only=True)
 
 
 def load_hf_dir(path: Path, dtype=None, device=None) -> tuple[CausalLM, Tokenizer]:
@@ -104,6 +140,7 @@ def load_hf_dir(path: Path, dtype=None, device=None) -> tuple[CausalLM, Tokenize
     if not isinstance(cfg_json, dict):
         raise ConfigError(f"{cfg_file}: not a JSON object (expected a Hugging Face config.json)")
     cfg = ModelConfig.from_hf(cfg_json, source=str(cfg_file))
+    check_shapes(cfg, safetensors_shapes(path), str(path), str(cfg_file))  # before any tensor is read
     tokenizer = Tokenizer.from_dir(path)
     model = build_model(cfg, read_safetensors_dir(path), str(path), dtype, device)
     return model, tokenizer

@@ -4,6 +4,10 @@ The tensors are keyed ``base_model.model.<hf name>.lora_A.weight`` (r, in) and `
 (out, r), so ``peft.PeftModel.from_pretrained`` reads what we write and vice versa. The layer and
 its math live in :mod:`decesc.core.lora`; this module only reads and writes files. Also: a merged
 export (base + adapters folded in) as a full Hugging Face checkpoint.
+
+A DPO adapter is a delta on the SFT model (base + SFT adapter merged), which PEFT's files cannot
+say: ``merge_first.json`` next to it names the adapters to merge first, by paths relative to its
+own directory (so a moved run directory keeps working). :func:`merge_adapters` follows it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from decesc.core.lora import (
     DEFAULT_TARGETS,
+    MAX_SCALE,
     LoRAConfig,
     _matches,
     _require_lora,
@@ -28,13 +32,15 @@ from decesc.core.lora import (
     lora_modules,
     lora_state_dict,
     merged_state_dict,
+    remove_lora,
 )
 from decesc.core.model import CausalLM, CheckpointError
 from decesc.formats.atomic import atomic_path, atomic_write_text
-from decesc.formats.loading import save_pretrained
+from decesc.formats.loading import read_safetensors, save_pretrained
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MERGE_FIRST = "merge_first.json"  # next to a DPO adapter: the adapter(s) it applies on top of
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the HF parameter names on disk
 
 
@@ -89,18 +95,24 @@ def lora_config_from_peft(d: dict, source: str = ADAPTER_CONFIG) -> LoRAConfig:
     elif isinstance(targets, str):
         raise ValueError(f"{source}: target_modules is a regular expression ({targets!r}); "
                          "decesc supports a list of module names")
-    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+    elif (not isinstance(targets, list) or not targets
+          or not all(isinstance(t, str) and t for t in targets)):
         raise ValueError(f"{source}: target_modules = {targets!r} is not a list of module names")
     numbers = {"r": d["r"], "lora_alpha": d["lora_alpha"], "lora_dropout": d.get("lora_dropout", 0.0)}
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{source}: field {key} = {value!r} is not a number")
-    if numbers["r"] <= 0 or numbers["r"] != int(numbers["r"]):
-        raise ValueError(f"{source}: field r = {numbers['r']!r} is not a positive integer")
-    if not 0 <= numbers["lora_dropout"] < 1:
-        raise ValueError(f"{source}: field lora_dropout = {numbers['lora_dropout']!r} is not in [0, 1)")
-    return LoRAConfig(r=int(d["r"]), alpha=d["lora_alpha"], dropout=float(d.get("lora_dropout", 0.0)),
-               targets=tuple(targets))
+    r, alpha, dropout = numbers.values()
+    if not (math.isfinite(r) and r > 0 and r == int(r)):
+        raise ValueError(f"{source}: field r = {r!r} is not a positive integer")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{source}: field lora_alpha = {alpha!r} is not a positive finite number")
+    if alpha > MAX_SCALE * r:
+        raise ValueError(f"{source}: field lora_alpha = {alpha!r} makes the scale lora_alpha / r = "
+                         f"{alpha / r:g} (above {MAX_SCALE:g})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{source}: field lora_dropout = {dropout!r} is not in [0, 1)")
+    return LoRAConfig(r=int(r), alpha=alpha, dropout=float(dropout), targets=tuple(targets))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoRAConfig,
@@ -141,30 +153,31 @@ def write_adapter(state: dict[str, torch.Tensor], path: str | os.PathLike, confi
                       json.dumps(peft_config_dict(config, base_model_name_or_path), indent=2))
 
 
-def read_adapter_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of an adapter directory, HF names (PEFT prefix removed); errors name
-    the file and the offending tensor."""
+def read_adapter_state(path: str | os.PathLike, shapes_only: bool = False) -> dict:
+    """The LoRA tensors of an adapter directory, HF names (PEFT prefix removed), or only their
+    shapes (from the file's header); errors name the file and the offending tensor, non-finite
+    values included."""
     weights_file = Path(path) / ADAPTER_WEIGHTS
     state = {}
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(PEFT_PREFIX):
-                    raise CheckpointError(f"{weights_file}: tensor {key} does not start with "
-                                          f"{PEFT_PREFIX!r} (not a PEFT causal-LM adapter)")
-                state[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as e:  # SafetensorError on truncated / corrupt files
-        raise CheckpointError(f"{weights_file}: corrupt or truncated safetensors file ({e})") from None
+    for key, value in read_safetensors([weights_file], shapes_only).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{weights_file}: tensor {key} does not start with "
+                                  f"{PEFT_PREFIX!r} (not a PEFT causal-LM adapter)")
+        name = key.removeprefix(PEFT_PREFIX)
+        if not shapes_only and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{weights_file}: tensor {name} has non-finite values")
+        state[name] = value
     return state
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
     """Read an adapter written by :func:`save_adapter` or by PEFT's ``save_pretrained``.
 
-    Applies LoRA with the saved config if the model has none yet (otherwise the existing layers'
-    r and alpha must agree), loads the weights strictly, and returns the config.
+    Every setting of ``adapter_config.json`` is checked (:func:`lora_config_from_peft`), and its r
+    against the tensor shapes in the weights' header, before any layer is made. Applies LoRA with
+    the saved config if the model has none yet (otherwise the existing layers' r and alpha must
+    agree), loads the weights strictly, and returns the config. It loads this one adapter only:
+    :func:`merge_adapters` also merges the adapters its ``merge_first.json`` names.
     """
     path = Path(path)
     cfg_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
@@ -178,6 +191,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
         config = lora_config_from_peft(json.loads(cfg_file.read_text()), str(cfg_file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+    for name, shape in read_adapter_state(path, shapes_only=True).items():
+        side = 0 if name.endswith(".lora_A.weight") else 1 if name.endswith(".lora_B.weight") else None
+        if side is not None and (len(shape) != 2 or shape[side] != config.r):  # (r, in), (out, r)
+            raise CheckpointError(f"{weights_file}: tensor {name} has shape {shape}, but "
+                                  f"{ADAPTER_CONFIG} says r = {config.r}")
 
     modules = lora_modules(model)
     if not modules:
@@ -191,6 +209,77 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
     load_lora_state_dict(model, state, source=str(weights_file))
     return config
 
+
+def write_merge_first(path: str | os.PathLike, adapters: list, base_model_name_or_path: str) -> None:
+    """Write ``path/merge_first.json``: the adapters to merge into the base model, in order,
+    before the adapter in ``path`` applies, each stored relative to ``path``."""
+    path = Path(path)
+    relative = [os.path.relpath(Path(a).resolve(), path.resolve()) for a in adapters]
+    atomic_write_text(path / MERGE_FIRST, json.dumps({
+        "base_model_name_or_path": base_model_name_or_path,
+        "merge_first": relative,
+        "note": "apply this adapter to the base model with these adapters (paths relative to this "
+                "directory) merged in, in order: decesc.formats.peft.merge_adapters"}, indent=2))
+
+
+def merge_first(path: str | os.PathLike) -> list[Path]:
+    """The adapters ``path/merge_first.json`` names (none without the file), resolved: relative
+    to ``path``, or absolute as written before (accepted while they exist)."""
+    path = Path(path)
+    file = path / MERGE_FIRST
+    if not file.is_file():
+        return []
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+    entries = record.get("merge_first") if isinstance(record, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise ValueError(f"{file}: 'merge_first' is not a list of adapter directories")
+    adapters = []
+    for entry in entries:
+        adapter = (path / entry).resolve()  # an absolute entry stays itself
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            hint = f"relative to {path}"
+            if Path(entry).is_absolute():  # written before paths were relative; a moved run?
+                sibling = path.parent / adapter.name
+                hint = f"moved? write its path relative to {path}" + (
+                    f", e.g. ../{adapter.name}" if (sibling / ADAPTER_CONFIG).is_file() else "")
+            raise FileNotFoundError(f"{file}: adapter {entry} not found ({hint})")
+        adapters.append(adapter)
+    return adapters
+
+
+def adapter_chain(path: str | os.PathLike, _within: tuple[Path, ...] = ()) -> list[Path]:
+    """Every adapter to merge, in order, to use the adapter in ``path``: those its
+    ``merge_first.json`` names, each after its own chain, then ``path`` itself (resolved)."""
+    path = Path(path).resolve()
+    chain: list[Path] = []
+    for first in merge_first(path):
+        if first == path or first in _within:
+            raise ValueError(f"{path / MERGE_FIRST}: the adapters to merge first form a cycle "
+                             f"(through {first})")
+        chain += [a for a in adapter_chain(first, (*_within, path)) if a not in chain]
+    return chain + [path]
+
+
+def merge_adapters(model: nn.Module, *adapters: str | os.PathLike) -> nn.Module:
+    """Merge PEFT adapters into ``model`` in order (:func:`load_adapter`, then ``remove_lora``),
+    each on the adapters its ``merge_first.json`` names (:func:`adapter_chain`): a DPO adapter
+    alone gets its SFT adapter merged first; after exactly those adapters it is merged as it is;
+    after any other it is refused. The model keeps no LoRA layers."""
+    merged: list[Path] = []
+    for given in adapters:
+        *first, adapter = adapter_chain(given)
+        if first and merged and merged != first:
+            raise ValueError(f"{adapter / MERGE_FIRST}: this adapter applies on top of "
+                             f"{', '.join(map(str, first))}, but {', '.join(map(str, merged))} "
+                             f"{'was' if len(merged) == 1 else 'were'} merged before it")
+        for each in ([] if merged else first) + [adapter]:
+            load_adapter(model, each)
+            remove_lora(model)
+            merged.append(each)
+    return model
 
 
 def export_merged(model: CausalLM, tokenizer, path: str | os.PathLike,

@@ -59,25 +59,33 @@ GiB = 1024 ** 3
 
 def read_model_config(source: str) -> tuple[ModelConfig, str]:
     """The model's config from ``config.json`` (a directory may hold nothing else), a GGUF
-    header, or a named model; returns ``(config, where it was read)``. Never reads weights."""
+    header, or a named model; returns ``(config, where it was read)``. Never reads weights: where
+    there are some, the config is checked against their headers' tensor shapes."""
+    from decesc.formats.loading import check_shapes, safetensors_shapes
     from decesc.formats.zoo import SMOLLM2_NAME, TINY_NAME, smollm2_gguf_path, tiny_config, tiny_tokenizer
 
     if source == TINY_NAME:
         return tiny_config(tiny_tokenizer().vocab_size), "the built-in tiny model"
     path = smollm2_gguf_path() if source == SMOLLM2_NAME else Path(source).expanduser()
     if path.suffix == ".gguf":
-        from decesc.formats.gguf import hf_config, read_gguf
+        from decesc.formats.gguf import hf_config, read_gguf, tensor_names
 
         with read_gguf(path) as gf:
-            return ModelConfig.from_hf(hf_config(gf), str(path)), f"{path} (GGUF header)"
+            config = hf_config(gf)
+            tensor_names(gf, config)
+            return ModelConfig.from_hf(config, str(path)), f"{path} (GGUF header)"
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{source}: --plan needs a local model directory with config.json, "
                                 "a .gguf file, or a named model (Hub ids are not downloaded)")
     try:
-        return ModelConfig.from_hf(json.loads(file.read_text()), str(file)), str(file)
+        config = ModelConfig.from_hf(json.loads(file.read_text()), str(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
+    weights = file.parent
+    if (weights / "model.safetensors").is_file() or (weights / "model.safetensors.index.json").is_file():
+        check_shapes(config, safetensors_shapes(weights), str(weights), str(file))
+    return config, str(file)
 
 
 def block_params(c: ModelConfig) -> int:
@@ -192,6 +200,12 @@ def _step_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast
     _train_step(model, ids, keep, autocast)
     grown = [peak_growth(lambda: _train_step(model, ids, keep, autocast)) for _ in range(repeats)]
     return _saved_bytes(model, ids, keep, autocast) if None in grown else max(grown)
+
+
+def calibration_bytes(c: ModelConfig, blocks: tuple[int, int]) -> int:
+    """The fp32 weights of the deeper calibration model alone: a lower bound of what
+    :func:`calibrate` allocates."""
+    return model_params(replace(c, num_hidden_layers=max(blocks))) * 4
 
 
 def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, micro_batch: int,

@@ -4,7 +4,8 @@ A :class:`Models` is created per pipeline call (or per tool run) and dropped at 
 nothing outlives the call. It keeps at most one base model on the CPU (fp32) and hands out
 
 - :meth:`Models.fresh`: a model on the run's device, to train (the trainer modifies it in place);
-- :meth:`Models.merged`: a copy with PEFT adapters merged in order (SFT, then DPO on top), for
+- :meth:`Models.merged`: a copy with PEFT adapters merged in order (SFT, then DPO on top; a DPO
+  adapter alone brings its SFT adapter, :func:`decesc.formats.peft.merge_adapters`), for
   inference.
 
 Each model handed out belongs to its caller: when the caller drops it, it is freed. With
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from decesc.core.lora import remove_lora
 from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 from decesc.formats.loading import load_pretrained
-from decesc.formats.peft import load_adapter
+from decesc.formats.peft import merge_adapters
 from decesc.pipeline.memory import release
 
 
@@ -89,13 +89,10 @@ class Models:
 
     def merged(self, *adapters: Path | None) -> CausalLM:
         """A copy of the base model with each given PEFT adapter merged in order (None: skipped),
-        in eval mode."""
+        each on the adapters its ``merge_first.json`` names (:func:`merge_adapters`), in eval
+        mode."""
         model = copy.deepcopy(self._load()).to(self.device)
-        for adapter in adapters:
-            if adapter is not None:
-                load_adapter(model, adapter)
-                remove_lora(model)
-        return model.eval()
+        return merge_adapters(model, *(a for a in adapters if a is not None)).eval()
 
     def close(self) -> None:
         """Drop the base model and free its memory."""

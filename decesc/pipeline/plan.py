@@ -31,8 +31,9 @@ from pathlib import Path
 from decesc.core.model import ModelConfig
 from decesc.core.tokenizer import chat_messages
 from decesc.pipeline.config import PipelineConfig
-from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, calibrate, generate_estimate,
-                                  gpu_train_estimate, load_memory, model_params, read_model_config,
+from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, calibrate, calibration_bytes,
+                                  generate_estimate, gpu_train_estimate, load_memory, model_params,
+                                  read_model_config,
                                   train_estimate)
 
 # English BPE vocabularies of 32k-150k tokens average about 4 characters per token on ESConv-like
@@ -235,6 +236,13 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
     cfg: ModelConfig = shape.base_config
     if costs is None:
         sizes = _calibration_shape(run, shape)
+        need, ram = calibration_bytes(cfg, sizes["blocks"]), ram_bytes()
+        if need > ram:
+            raise ValueError(f"{shape.where}: calibrating --plan on this shape needs more than "
+                             f"{need / GiB:,.1f} GiB ({max(sizes['blocks'])} blocks of hidden_size "
+                             f"{cfg.hidden_size}, intermediate_size {cfg.intermediate_size}, vocab_size "
+                             f"{cfg.vocab_size}) but this machine has {ram / GiB:,.1f} GiB of RAM; check "
+                             "the config, or give unit costs measured elsewhere with --plan-costs FILE")
         log("calibrating on {}- and {}-block random models of this shape ...".format(*sizes["blocks"]))
         costs = calibrate(cfg, s, **sizes)
     ckpt = config.activation_checkpointing == "on"
@@ -267,13 +275,18 @@ def _on_host(device: str | None) -> bool:
     return not (device or default_device()).startswith("cuda")
 
 
+def ram_bytes() -> int:
+    """This machine's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def device_memory(device: str | None) -> int:
     """Bytes of memory of one device: the GPU's, or this machine's RAM."""
     import torch
 
     if not _on_host(device):
         return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram_bytes()
 
 
 def suggestion(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitCosts,

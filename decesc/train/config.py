@@ -16,7 +16,7 @@ import math
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
-from decesc.core.lora import LoRAConfig
+from decesc.core.lora import MAX_SCALE, LoRAConfig
 from decesc.core.model import TORCH_DTYPES
 from decesc.train.losses import PREFERENCE_LOSSES
 
@@ -147,6 +147,7 @@ class TrainConfig:
              "base_dtype bf16 needs dtype bf16 (bf16 weights are computed under bf16 autocast)"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.lora_alpha > 0, "lora_alpha must be > 0"),
+            (self.lora_alpha <= MAX_SCALE * self.lora_r, f"lora_alpha / lora_r must be <= {MAX_SCALE:g}"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.save_every >= 0, "save_every must be >= 0"),
             (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),

@@ -20,7 +20,6 @@ pairs are tokenised and batched by :mod:`decesc.train.pairs`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from torch import nn
 
 from decesc.core.lora import apply_lora, lora_modules, remove_lora
 from decesc.core.tokenizer import Tokenizer
-from decesc.formats.atomic import atomic_write_text
-from decesc.formats.peft import load_adapter
+from decesc.formats.peft import merge_adapters, write_merge_first
 from decesc.formats.records import PreferencePair
 from decesc.train.config import PreferenceConfig, TrainConfig
 from decesc.train.losses import dpo_loss, preference_losses  # noqa: F401  (dpo.dpo_loss: alias)
@@ -49,8 +47,6 @@ PAPER_DPO = {
     "qwen2.5-7b": {"vanilla": (7e-7, 0.2), "sp": (5e-8, 0.5), "rg": (7e-7, 0.2)},
     "llama3.1-8b": {"vanilla": (5e-7, 0.2), "sp": (8e-8, 0.5), "rg": (3e-7, 0.2)},
 }
-
-MERGE_FIRST = "merge_first.json"  # next to a DPO adapter: the SFT adapter(s) it sits on
 
 
 def paper_dpo_config(backbone: str = "qwen2.5-7b", module: str = "rg",
@@ -99,17 +95,18 @@ def prepare_dpo_model(model: nn.Module, config: TrainConfig,
                       sft_adapter: str | Path | None = None) -> nn.Module:
     """Policy/reference model for DPO: base + SFT adapter merged, plus a fresh DPO adapter.
 
-    ``sft_adapter``: a PEFT adapter directory to merge. Without it, LoRA layers already on the
-    model (an SFT adapter trained in this process) are merged; a model with no adapter is taken
-    as the SFT model itself (e.g. an exported merged checkpoint). Merging computes W + s B A in
-    fp32 and rounds once to the weight's dtype; :func:`train_dpo` then stores the merged base in
-    ``config``'s base dtype before the reference pass.
+    ``sft_adapter``: a PEFT adapter directory to merge (after the adapters its own
+    ``merge_first.json`` names: :func:`decesc.formats.peft.merge_adapters`). Without it, LoRA
+    layers already on the model (an SFT adapter trained in this process) are merged; a model with
+    no adapter is taken as the SFT model itself (e.g. an exported merged checkpoint). Merging
+    computes W + s B A in fp32 and rounds once to the weight's dtype; :func:`train_dpo` then
+    stores the merged base in ``config``'s base dtype before the reference pass.
     """
     if sft_adapter is not None:
         if lora_modules(model):
             raise ValueError("prepare_dpo_model: the model already has LoRA layers and an "
                              "sft_adapter was given too")
-        load_adapter(model, sft_adapter)
+        merge_adapters(model, sft_adapter)
     if lora_modules(model):
         remove_lora(model)  # merge SFT into the weights: this is the reference
     lora = config.lora_config()
@@ -153,9 +150,5 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
     if info.is_main and sft_adapter is not None:
         # The DPO adapter is a delta on top of base + SFT; PEFT cannot know that from
         # adapter_config.json alone, so say it next to the adapter.
-        atomic_write_text(Path(out_dir) / MERGE_FIRST, json.dumps({
-            "base_model_name_or_path": base_model_name_or_path,
-            "merge_first": [str(Path(sft_adapter).resolve())],
-            "note": "apply this adapter to the base model with these adapters merged in, in order "
-                    "(decesc.core.lora.load_adapter + remove_lora per adapter, or export_merged)"}, indent=2))
+        write_merge_first(out_dir, [sft_adapter], base_model_name_or_path)
     return result

@@ -16,6 +16,7 @@ from decesc.formats.gguf.convert import (
     hf_parameter_name,
     hf_state_dict,
     llama3_rope_scaling,
+    tensor_names,
     unpermute_rope_rows,
 )
 from decesc.formats.gguf.quants import (
@@ -46,5 +47,5 @@ __all__ = [
     "SUPPORTED_VERSIONS", "TOKEN_CONTROL", "TOKEN_NORMAL", "TOKEN_USER_DEFINED", "GGUFError",
     "GGUFFile", "TensorInfo", "build_tokenizer", "ggml_type_name", "gguf_to_hf", "hf_config",
     "hf_parameter_name", "hf_state_dict", "llama3_rope_scaling", "read_gguf",
-    "supported_ggml_types", "tokenizer_meta", "unpermute_rope_rows",
+    "supported_ggml_types", "tensor_names", "tokenizer_meta", "unpermute_rope_rows",
 ]

@@ -261,10 +261,17 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_state_dict(gf: GGUFFile, config: dict,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Dequantise every parameter tensor, rename it to HF, and undo llama.cpp's q/k row
-    permutation for the families it applies to (:attr:`Family.gguf_permuted_qk`)."""
+def tensor_names(gf: GGUFFile, config: dict) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, every tensor checked against ``config`` (the
+    metadata's, :func:`hf_config`) from the header alone: the number of blocks first (a
+    block_count of millions fails before their shapes are listed), then names, shapes and
+    ggml types. No tensor is read."""
+    blocks = {m.group(1) for name in gf.tensors
+              if (m := re.match(r"blk\.(\d+)\.", name)) and not _IGNORED.match(name)}
+    if len(blocks) != config["num_hidden_layers"]:
+        key = FAMILIES[config["model_type"]].gguf_key("block_count")
+        raise GGUFError(f"{gf.path}: metadata key '{key}' = {config['num_hidden_layers']} but the "
+                        f"file holds tensors of {len(blocks)} blocks")
     expected = _expected_shapes(config)
     names: dict[str, str] = {}  # HF name -> GGUF name
     for gguf_name, info in gf.tensors.items():
@@ -287,12 +294,19 @@ def hf_state_dict(gf: GGUFFile, config: dict,
     if missing:
         raise GGUFError(f"{gf.path}: missing {len(missing)} tensor(s), e.g. the one for "
                         f"{missing[0]!r}")
+    return {hf_name: names[hf_name] for hf_name in expected}  # HF order
 
+
+def hf_state_dict(gf: GGUFFile, config: dict,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dequantise every parameter tensor, rename it to HF, and undo llama.cpp's q/k row
+    permutation for the families it applies to (:attr:`Family.gguf_permuted_qk`)."""
+    names = tensor_names(gf, config)
     permute = FAMILIES[config["model_type"]].gguf_permuted_qk
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     state_dict = {}
-    for hf_name in expected:  # HF order: embeddings, then layer by layer
-        t = gf.load_tensor(names[hf_name], torch.float32)
+    for hf_name, gguf_name in names.items():  # HF order: embeddings, then layer by layer
+        t = gf.load_tensor(gguf_name, torch.float32)
         proj = hf_name.split(".")[-2]
         if permute and proj in heads:
             t = unpermute_rope_rows(t, heads[proj])
