@@ -52,6 +52,7 @@ from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES
     TORCH_DTYPES,
     TrainConfig,
 )
+from decesc.train.data import to_device
 from decesc.train.resume import (
     check_resumable,
     restore_rng,
@@ -114,16 +115,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def micro_batches(indices: list[int], lengths: list[int], rank: int, world: int,
-                  micro: int) -> list[list[int]]:
+                  micro: int, max_tokens: int = 0) -> list[list[int]]:
     """This rank's micro-batches of one effective batch.
 
-    Rank r takes ``indices[r::world]``, sorted by length (less padding), cut into
-    ceil(len(indices) / (micro * world)) micro-batches - the same count on every rank, which
-    FSDP's collectives need. A rank may get an empty micro-batch at the tail of a short batch.
+    Rank r takes ``indices[r::world]``, sorted by length (less padding), and cuts it into
+    micro-batches of ``micro`` items or, with ``max_tokens`` > 0, greedily into micro-batches
+    whose padded size (items x longest item) stays within ``max_tokens`` (an item longer than
+    that alone). Every rank gets as many micro-batches as the rank with the most (each rank
+    cuts every rank's share, so no communication is needed), which FSDP's collectives need: a
+    rank may get empty micro-batches at the tail.
     """
-    n_micro = math.ceil(len(indices) / (micro * world))
-    mine = sorted(indices[rank::world], key=lambda i: (lengths[i], i))
-    return [mine[k * micro:(k + 1) * micro] for k in range(n_micro)]
+    def cut(r: int) -> list[list[int]]:
+        mine = sorted(indices[r::world], key=lambda i: (lengths[i], i))
+        if max_tokens <= 0:
+            return [mine[k:k + micro] for k in range(0, len(mine), micro)]
+        chunks: list[list[int]] = []
+        for i in mine:  # ascending length: the newest item is the longest of its chunk
+            if chunks and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    n_micro = max(len(cut(r)) for r in range(world))
+    mine = cut(rank)
+    return mine + [[] for _ in range(n_micro - len(mine))]
 
 
 def data_fingerprint(items: list[dict]) -> str:
@@ -132,11 +148,6 @@ def data_fingerprint(items: list[dict]) -> str:
     for item in items:
         h.update(json.dumps(item, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -267,7 +278,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
                 order, order_epoch = epoch_order(len(items), config.seed, epoch), epoch
             batch_idx = order[position * config.batch_size:(position + 1) * config.batch_size]
             chunks = micro_batches(batch_idx, lengths, info.rank, info.world_size,
-                                   config.micro_batch_size)
+                                   config.micro_batch_size, config.micro_batch_tokens)
             # An empty micro-batch (short last batch, many ranks) still runs a forward/backward
             # (FSDP collectives) on a stand-in item with weight 0.
             batches = [(objective.collate([items[i] for i in (c or batch_idx[:1])]), bool(c))
@@ -324,7 +335,7 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for batch, real in batches:
-        batch = _to_device(batch, info.device)
+        batch = to_device(batch, info.device)
         with autocast:
             loss_sum, metric_sums = objective.loss(model, batch)
         # d(mean over the effective batch); FSDP averages gradients over ranks, hence * world
