@@ -3,6 +3,12 @@ per-turn SFT losses and LoRA gradients, a short SFT run, DPO policy and referenc
 token-budget micro-batches; SmolLM2 on real ESConv dialogues."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +226,66 @@ def test_dpo_trees_train_like_two_rows_and_cache_reference_per_pair(tmp_path):
     assert (ca - cb).abs().max() <= 1e-5
 
 
+# ----------------------------------------------------------------------------- torchrun
+
+
+def run_tree_stages(out: Path, sft_adapter: Path | None = None) -> None:
+    """Tree SFT (dialogue groups, 3 trees of at most 160 tokens, batch 2 trees: the second
+    batch of an epoch has one tree, so with 2 processes rank 1 idles; micro-batches by a token
+    budget) and tree DPO (pairs grouped by dialogue, 2 trees per batch) from ``sft_adapter``
+    (default: this run's SFT)."""
+    tok = toy_tokenizer()
+    examples, groups = _examples()
+    cfg = dict(lr=1e-2, epochs=2, batch_size=2, micro_batch_size=1, micro_batch_tokens=320,
+               max_seq_len=160, lora_r=4, lora_alpha=8, lora_dropout=0.0, warmup_steps=1,
+               progress=False, seed=7, packing="tree")
+    train_sft(tiny_model(), tok, examples, TrainConfig(**cfg), out / "sft", groups=groups)
+    pairs, pair_groups = dialogue_pairs()
+    dpo.train_dpo(tiny_model(), tok, pairs, TrainConfig(**{**cfg, "max_seq_len": 200}), out / "dpo",
+                  groups=pair_groups, preference=PreferenceConfig(beta=0.5),
+                  sft_adapter=sft_adapter or out / "sft")
+
+
+@pytest.mark.slow
+def test_tree_training_under_torchrun_matches_one_process(tmp_path):
+    """2 processes (gloo) give the same per-step losses, adapters (<= 1e-5) and reference
+    cache as 1 process, for tree SFT and tree DPO (both DPO runs start from the 1-process SFT
+    adapter, as in tests/test_fsdp.py)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not found")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_tree_stages(single)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", __file__, str(multi),
+                             str(single / "sft")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("world_size=2") == 2
+    for stage in ("sft", "dpo"):
+        a, b = (_rows(d / stage) for d in (single, multi))
+        assert len(a) == len(b) == 4 and a[0]["loss"] != a[-1]["loss"]
+        assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5, stage
+        wa, wb = (load_file(d / stage / "adapter_model.safetensors") for d in (single, multi))
+        assert wa.keys() == wb.keys()
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5, stage
+    ca, cb = (load_file(next((d / "ref_cache").glob("*.safetensors")))["logps"]
+              for d in (single, multi))
+    assert (ca - cb).abs().max().item() <= 1e-5
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
 # ----------------------------------------------------------------------------- SmolLM2, ESConv
 
 
@@ -254,3 +320,14 @@ def test_smollm2_tree_sft_loss_equals_turn_level_on_esconv(smollm2):
     assert int(tree_batch["target_counts"].sum()) == turn_tokens
     assert abs(tree_nll.item() - turn_loss) <= 1e-4 * turn_loss
     assert sum(t["length"] for t in trees) < 0.7 * sum(t["length"] for t in turns)  # shared history
+
+
+if __name__ == "__main__":  # torchrun worker: python test_tree_training.py OUT SFT_ADAPTER
+    import torch.distributed as dist
+
+    from decesc.train.fsdp import setup_distributed
+
+    info = setup_distributed("cpu")
+    print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
+    run_tree_stages(Path(sys.argv[1]), Path(sys.argv[2]))
+    dist.destroy_process_group()
