@@ -46,8 +46,9 @@ def dialogues():
     pieces), its target the next line."""
     out = []
     for d, lines in enumerate(LINES):
-        out.append([SFTExample("\n".join(["conversation:"] + lines[:t + 1]), lines[t + 1].split(": ")[1],
-                               "be kind" if d == 0 else None, source=f"dialogue {d}, turn {t + 1}")
+        out.append([SFTExample("\n".join(["conversation:"] + lines[:t + 1]),
+                               lines[t + 1].split(": ")[1], "be kind" if d == 0 else None,
+                               source=f"dialogue {d}, turn {t + 1}")
                     for t in range(0, len(lines) - 1, 2)])
     return out
 
@@ -65,6 +66,10 @@ def _policy(seed=1):
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
     return model
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("max_seq_len", [1000, 160])
@@ -91,13 +96,15 @@ def test_sft_tree_losses_and_gradients_equal_turn_level(max_seq_len):
         units = objective.count(batch)
         grads = torch.autograd.grad(loss / units, params)
         out[packing] = batch, units, grads
-    (tree_batch, tree_units, tree_grads), (turn_batch, turn_units, turn_grads) = out["tree"], out["turn"]
+    tree_batch, tree_units, tree_grads = out["tree"]
+    turn_batch, turn_units, turn_grads = out["turn"]
     assert tree_units == turn_units == sum(len(e.target) + 1 for e in examples)
     with torch.no_grad():
         per_turn_tree = tree_logprobs(model, tree_batch)  # sequences tree by tree, in key order
         keys = [k for t in trees for k in t["keys"]]
         per_turn_tree = per_turn_tree[torch.tensor(keys).argsort()]
-        per_turn_rows = model_sequence_logprobs(model, turn_batch["input_ids"], turn_batch["labels"])
+        per_turn_rows = model_sequence_logprobs(model, turn_batch["input_ids"],
+                                                turn_batch["labels"])
     assert (per_turn_tree - per_turn_rows).abs().max() <= 1e-5
     # per-turn losses as the trainer normalises an example: summed NLL / its target tokens
     per_token = -per_turn_rows / target_counts(turn_batch["labels"])
@@ -137,8 +144,8 @@ def test_sft_run_in_tree_mode_equals_turn_mode_on_the_same_batches(tmp_path):
                           lora_dropout=0.0, warmup_steps=0, progress=False, seed=3,
                           packing=packing)
         train_sft(tiny_model(), tok, examples, cfg, tmp_path / name, groups=groups)
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        results[name] = rows, load_file(tmp_path / name / "adapter_model.safetensors")
+        results[name] = (_rows(tmp_path / name),
+                         load_file(tmp_path / name / "adapter_model.safetensors"))
     turn_rows, turn_adapter = results["turn"]
     assert len(turn_rows) == 3 and turn_rows[0]["loss"] > turn_rows[-1]["loss"]
     for name in ("tree", "tree-tokens"):
@@ -213,7 +220,7 @@ def test_dpo_trees_train_like_two_rows_and_cache_reference_per_pair(tmp_path):
         result = dpo.train_dpo(tiny_model(), tok, pairs, cfg, tmp_path / name, groups=groups,
                                preference=PreferenceConfig(beta=0.5))
         passes[name] = result.reference_forward_passes
-        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = _rows(tmp_path / name)
     assert passes == {"turn": 5, "tree": 1, "tree-again": 0}  # 10 pairs / 2; 2 trees / 2
     a, b = rows["turn"], rows["tree"]
     assert len(a) == len(b) == 2 and a[0]["loss"] != a[1]["loss"]
@@ -281,9 +288,6 @@ def test_tree_training_under_torchrun_matches_one_process(tmp_path):
               for d in (single, multi))
     assert (ca - cb).abs().max().item() <= 1e-5
 
-
-def _rows(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- SmolLM2, ESConv

@@ -96,7 +96,8 @@ def collate_sft(items: list[dict], pad_token_id: int) -> dict:
 
 def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     """Objective hook: summed NLL of the batch's target tokens (the trainer normalises), from a
-    turn batch (:func:`collate_sft`) or a tree batch (:func:`decesc.train.data.collate_tree_items`)."""
+    turn batch (:func:`collate_sft`) or a tree batch
+    (:func:`decesc.train.data.collate_tree_items`)."""
     if "labels" in batch:
         logp = model_sequence_logprobs(model, batch["input_ids"], batch["labels"])  # (B,)
     else:

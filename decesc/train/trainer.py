@@ -9,11 +9,14 @@ those units - plus its own settings (:mod:`decesc.train.config`). :func:`train` 
   then cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast, the
   frozen base stored in fp32 or bf16 (:func:`store_frozen_weights`), optional activation
   checkpointing;
-- an effective batch of ``batch_size`` examples per optimizer step, split over data-parallel ranks
-  and micro-batches (gradient accumulation). Each micro-batch's summed loss is divided by the
-  number of units in the *whole effective batch* (all micro-batches, all ranks), so the gradient
-  is that of the batch mean however the batch is split (single process == FSDP, up to rounding);
-- a seeded data order: epoch e visits the examples in ``randperm(N, seed*100003 + e)`` order,
+- an effective batch of ``batch_size`` items per optimizer step (examples or pairs, or with
+  tree packing token trees of several: ``TrainConfig.packing``), split over data-parallel ranks
+  and micro-batches (gradient accumulation) of ``micro_batch_size`` items or
+  ``micro_batch_tokens`` padded tokens (:func:`micro_batches`). Each micro-batch's summed loss
+  is divided by the number of units in the *whole effective batch* (all micro-batches, all
+  ranks), so the gradient is that of the batch mean however the batch is split (single process
+  == FSDP, up to rounding);
+- a seeded data order: epoch e visits the items in ``randperm(N, seed*100003 + e)`` order,
   so the data position is just the step number; torch's global RNG (LoRA dropout) is seeded
   from (seed, rank) at the start, and its state is saved in checkpoints;
 - tqdm progress (rank 0), one JSON line per step in ``out_dir/metrics.jsonl``;
@@ -202,8 +205,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
     """Train the model's trainable (LoRA) parameters on ``items`` with ``objective``.
 
     ``model`` must already be prepared (:func:`prepare_model`). ``items`` are tokenised examples
-    (dicts of plain Python values, the same list on every rank). ``lengths`` (token length of
-    each item) is used to group similar lengths in micro-batches. ``resume``: True = continue
+    or trees (dicts of plain Python values, the same list on every rank): the units of the data
+    order. ``lengths`` (token length of each item's row) groups similar lengths in micro-batches
+    and sizes them against ``micro_batch_tokens``. ``resume``: True = continue
     from the newest checkpoint in ``out_dir/checkpoints`` if there is one, or a checkpoint path.
     Returns the number of steps done and the last step's metrics.
     """
