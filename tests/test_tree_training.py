@@ -126,6 +126,36 @@ def test_too_long_example_is_named_in_tree_packing():
         pack_units([(0, [("pair 3", [([1, 2], [-100, -100]), ([3, 4, 5], [3, 4, 5])])])], 4)
 
 
+def test_pack_units_keeps_a_pair_in_one_tree_by_hand():
+    """Pairs of one group as units (X = unlabelled):
+
+        A: [1 2]X | chosen [3] | rejected [4 5]          alone 2 + 1 + 2 = 5 tokens
+        B: [1 2]X [6]X | chosen [7] | rejected [8]       adds [6] [7] [8] = 3 -> 8 <= 8
+        C: [1 2]X | chosen [9] | rejected [10 11]        adds 3 -> 11 > 8: a new tree, which
+                                                          holds [1 2] again (5 tokens)
+
+    The shared prompt counts once within a unit and is not counted again where the tree has it.
+    With budget 4 every sequence fits (at most 4 tokens) but pair A (5) does not: it gets a tree
+    of its own; with budget 3 its rejected sequence (4 tokens) is an error naming its key.
+    """
+    X = -100
+
+    def pair(key, prompt, chosen, rejected):
+        head = [(ids, [X] * len(ids)) for ids in prompt]
+        return [(f"{key}c", head + [(chosen, chosen)]), (f"{key}r", head + [(rejected, rejected)])]
+
+    a = pair("A", [[1, 2]], [3], [4, 5])
+    b = pair("B", [[1, 2], [6]], [7], [8])
+    c = pair("C", [[1, 2]], [9], [10, 11])
+    trees = pack_units([("g", a), ("g", b), ("g", c)], max_tokens=8)
+    assert [t.keys for t in trees] == [["Ac", "Ar", "Bc", "Br"], ["Cc", "Cr"]]
+    assert [t.num_tokens for t in trees] == [8, 5]
+    assert [t.keys for t in pack_units([("g", a), ("g", b)], max_tokens=4)] == [["Ac", "Ar"],
+                                                                                ["Bc", "Br"]]
+    with pytest.raises(TreeTooLongError, match="Ar: 4 tokens exceed the budget of 3"):
+        pack_units([("g", a)], max_tokens=3)
+
+
 def test_sft_run_in_tree_mode_equals_turn_mode_on_the_same_batches(tmp_path):
     """What is exactly comparable: the data order differs (trees vs examples), so each step
     takes the WHOLE data set (batch_size >= trees, resp. examples); dropout 0. Then every step's
