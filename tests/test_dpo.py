@@ -106,10 +106,10 @@ def test_reference_cache_reused_across_runs_and_sweeps(tmp_path):
     pairs = preference_pairs()
 
     def run(name, beta=0.1, data=pairs):
-        cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=2,
+        cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=2, packing="turn",
                           lora_r=4, lora_alpha=8, progress=False, seed=5)
         result = dpo.train_dpo(tiny_model(), tok, data, cfg, tmp_path / name,
-                               preference=PreferenceConfig(beta=beta, packing="two-row"),
+                               preference=PreferenceConfig(beta=beta),
                                sft_adapter=sft_path)
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return result.reference_forward_passes, rows

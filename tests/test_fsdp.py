@@ -7,9 +7,9 @@ stop an SFT run inside step 3 and resume it from its checkpoint (gathered adapte
 state, per-rank RNG): the result must equal their uninterrupted run bit for bit.
 Dropout is 0 (its random masks depend on how the batch is split). The DPO data (6 pairs,
 batch 4) ends each epoch with a short batch of 2 pairs, so two ranks run an idle micro-batch.
-DPO uses the default shared-prefix packing (one row per pair, a block attention mask) for the
-policy and the reference pass; the workers also turn on activation checkpointing (inside each
-block's FSDP unit), which must not change a number.
+SFT and DPO use the default tree packing (one tree row per example or pair: no groups are
+given) for the policy and the reference pass; the workers also turn on activation
+checkpointing (inside each block's FSDP unit), which must not change a number.
 """
 
 import json

@@ -11,7 +11,7 @@ from decesc.core.lora import apply_lora
 from decesc.train import dpo, sft
 from decesc.train.checkpoint import latest_checkpoint, load_checkpoint
 from decesc.train.config import PreferenceConfig
-from decesc.train.pairs import collate, tokenize_pairs
+from decesc.train.pairs import collate, tree_pairs
 from decesc.train.trainer import TrainConfig, prepare_model
 
 
@@ -27,7 +27,7 @@ def test_base_dtype_follows_the_compute_dtype():
         TrainConfig(dtype="fp32", base_dtype="bf16").validate()
 
 
-@pytest.mark.parametrize("packing", ["shared-prefix", "two-row"])
+@pytest.mark.parametrize("packing", ["tree", "turn"])
 def test_bf16_base_dpo_starts_at_log_2_with_reference_equal_to_policy(tmp_path, packing):
     """bf16 compute, base stored in bf16 (the default): the reference is computed with exactly
     the weights the policy starts from (SFT adapter merged in fp32, then cast), so at step 0
@@ -39,10 +39,10 @@ def test_bf16_base_dpo_starts_at_log_2_with_reference_equal_to_policy(tmp_path, 
 
     sft_path = _sft_adapter(tmp_path)
     cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=6, micro_batch_size=6, dtype="bf16",
-                      lora_r=4, lora_alpha=8, progress=False, seed=5, save_every=1)
+                      lora_r=4, lora_alpha=8, progress=False, seed=5, save_every=1, packing=packing)
     model = tiny_model()
     result = dpo.train_dpo(model, toy_tokenizer(), preference_pairs(), cfg, tmp_path / "dpo",
-                           preference=PreferenceConfig(packing=packing), sft_adapter=sft_path)
+                           sft_adapter=sft_path)
     assert result.reference_forward_passes == 1
     first = _rows(tmp_path / "dpo")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6
@@ -79,7 +79,7 @@ def _grads(model, loss_fn, seed):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo-shared-prefix"])
+@pytest.mark.parametrize("task", ["sft", "dpo-tree"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(task):
     """With LoRA dropout 0.3 ON: the recomputation restores the RNG state, so it draws the same
     dropout masks and the loss and every LoRA gradient are equal (<= 1e-6; bitwise in practice)."""
@@ -88,11 +88,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(task):
         objective = sft.sft_objective(tok)
         batch = objective.collate(sft.tokenize_sft(sft_examples(), tok, 500))
     else:
-        objective = dpo.dpo_objective(tok.pad_token_id, PreferenceConfig(packing="shared-prefix"))
-        items = tokenize_pairs(preference_pairs(), tok, 500)
+        objective = dpo.dpo_objective(tok.pad_token_id, PreferenceConfig(), "tree")
+        items = tree_pairs(preference_pairs(), tok, 500)
         for it in items:
-            it["ref_chosen"], it["ref_rejected"] = -70.0, -60.0
-        batch = collate(items, tok.pad_token_id, "shared-prefix")
+            it["ref_chosen"], it["ref_rejected"] = [-70.0], [-60.0]
+        batch = collate(items, tok.pad_token_id, "tree")
     out = []
     for checkpointing in (False, True):
         model = apply_lora(tiny_model(), r=4, alpha=8, dropout=0.3, seed=0, dtype=torch.float32)

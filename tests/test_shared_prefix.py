@@ -1,4 +1,5 @@
-"""Shared-prefix preference rows [prompt | chosen | rejected] == two rows, for policy and reference."""
+"""Preference pairs as trees ([prompt | chosen | rejected], or several pairs of a dialogue in one
+tree) == two rows per pair (turn packing), for policy and reference."""
 
 import json
 
@@ -9,7 +10,14 @@ from toy import preference_pairs, tiny_model, toy_tokenizer
 from decesc.core.lora import apply_lora, lora_disabled
 from decesc.train import dpo
 from decesc.train.config import PreferenceConfig
-from decesc.train.pairs import collate, collate_shared_prefix, pair_logprobs, tokenize_pairs
+from decesc.train.pairs import (
+    collate,
+    collate_pair_trees,
+    item_pairs,
+    pair_logprobs,
+    tokenize_pairs,
+    tree_pairs,
+)
 from decesc.train.trainer import TrainConfig
 
 
@@ -38,12 +46,13 @@ def test_layout_by_hand():
     Row 1: 40 and 50 are both predicted by slot 0. Predicting slots row 0 {2, 3, 4, 6}, row 1
     {0} -> logits rows 0..4; target rows (chosen, rejected, ...) [0, 3, 0, 1, 2, 4, 4].
     """
-    item = {"chosen_ids": [10, 11, 12, 20, 21], "chosen_labels": [-100, -100, -100, 20, 21],
-            "rejected_ids": [10, 11, 12, 30, 31, 32],
-            "rejected_labels": [-100, -100, -100, 30, 31, 32], "length": 6}
-    short = {"chosen_ids": [10, 40], "chosen_labels": [-100, 40],
-             "rejected_ids": [10, 50], "rejected_labels": [-100, 50], "length": 2}
-    b = collate_shared_prefix([item, short], pad_token_id=0)
+    def pair(prompt, chosen, rejected):
+        p = [prompt, [-100] * len(prompt)]
+        return {"keys": [0, 1], "sequences": [[p, [chosen, chosen]], [p, [rejected, rejected]]],
+                "length": len(prompt) + len(chosen) + len(rejected)}
+
+    item, short = pair([10, 11, 12], [20, 21], [30, 31, 32]), pair([10], [40], [50])
+    b = collate_pair_trees([item, short], pad_token_id=0)
     assert b["input_ids"].tolist() == [[10, 11, 12, 30, 31, 32, 20, 21], [10, 40, 0, 0, 0, 0, 50, 0]]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
     assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 1, 7]
@@ -59,11 +68,19 @@ def test_layout_by_hand():
     assert b["target_ids"].tolist() == [20, 21, 30, 31, 32, 40, 50]
     assert b["target_groups"].tolist() == [0, 0, 1, 1, 1, 2, 3]
     assert b["chosen_tokens"].tolist() == [2, 1]
-    assert b["num_tokens"] == 5 + 6 + 2 + 2  # counted as two rows, like the two-row packing
+    assert b["num_tokens"] == 5 + 6 + 2 + 2  # counted as two rows, like the turn packing
 
 
-def _batches(items, pad):
-    return collate(items, pad, "two-row"), collate(items, pad, "shared-prefix")
+def _items(packing, groups=None):
+    """The toy pairs as training items of ``packing`` (groups: tree packing's)."""
+    tok = toy_tokenizer()
+    if packing == "tree":
+        return tree_pairs(preference_pairs(), tok, 500, groups)
+    return tokenize_pairs(preference_pairs(), tok, 500)
+
+
+def _batches(pad):
+    return collate(_items("turn"), pad, "turn"), collate(_items("tree"), pad, "tree")
 
 
 def test_logprobs_equal_two_rows_for_policy_and_reference():
@@ -72,7 +89,7 @@ def test_logprobs_equal_two_rows_for_policy_and_reference():
     items = tokenize_pairs(preference_pairs(), tok, 500)
     assert len({len(it["chosen_ids"]) for it in items}) > 3  # really different lengths
     model = _policy()
-    two, shared = _batches(items, tok.pad_token_id)
+    two, shared = _batches(tok.pad_token_id)
     assert shared["input_ids"].shape[0] == 6 and two["input_ids"].shape[0] == 12
     with torch.no_grad():
         for context in (torch.enable_grad, lambda: lora_disabled(model)):  # policy, reference
@@ -84,21 +101,22 @@ def test_logprobs_equal_two_rows_for_policy_and_reference():
 
 def test_dpo_loss_and_lora_gradients_agree():
     tok = toy_tokenizer()
-    items = tokenize_pairs(preference_pairs(), tok, 500)
-    for i, it in enumerate(items):  # some reference values
-        it["ref_chosen"], it["ref_rejected"] = -60.0 - i, -50.0 + i
     model = _policy()
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
-    for packing in ("two-row", "shared-prefix"):
-        objective = dpo.dpo_objective(tok.pad_token_id, PreferenceConfig(packing=packing,
-                                                                           sft_weight=0.3))
+    for packing in ("turn", "tree"):
+        items = _items(packing, groups=[0, 0, 1, 0, 1, 1] if packing == "tree" else None)
+        for i, it in enumerate(items):  # some reference values, per pair
+            ref = [(-60.0 - j, -50.0 + j) for j in item_pairs(it, i)]
+            it["ref_chosen"] = [c for c, _ in ref] if packing == "tree" else ref[0][0]
+            it["ref_rejected"] = [r for _, r in ref] if packing == "tree" else ref[0][1]
+        objective = dpo.dpo_objective(tok.pad_token_id, PreferenceConfig(sft_weight=0.3), packing)
         batch = objective.collate(items)
         loss, metrics = objective.loss(model, batch)
         assert objective.count(batch) == 6
         grads = torch.autograd.grad(loss, params)
         out[packing] = loss, metrics, grads
-    (la, ma, ga), (lb, mb, gb) = out["two-row"], out["shared-prefix"]
+    (la, ma, ga), (lb, mb, gb) = out["turn"], out["tree"]
     assert abs(la.item() - lb.item()) <= 1e-5
     assert all(abs(ma[k].item() - mb[k].item()) <= 1e-5 for k in ma)
     assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-5
@@ -106,21 +124,21 @@ def test_dpo_loss_and_lora_gradients_agree():
 
 
 def test_training_and_reference_cache_per_packing(tmp_path):
-    """Both packings train to the same losses (<= 1e-5) and cache equal reference log-probs in
-    separate files (the fingerprint includes the packing)."""
+    """Both packings (one pair per tree: the same data order) train to the same losses (<= 1e-5)
+    and cache equal reference log-probs in separate files (the fingerprint includes the
+    packing)."""
     from safetensors.torch import load_file
 
     tok = toy_tokenizer()
     rows = {}
-    for packing in ("two-row", "shared-prefix"):
+    for packing in ("turn", "tree"):
         cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=2, lora_r=4,
-                          lora_alpha=8, lora_dropout=0.0, progress=False, seed=5)
-        result = dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / packing,
-                               preference=PreferenceConfig(packing=packing))
+                          lora_alpha=8, lora_dropout=0.0, progress=False, seed=5, packing=packing)
+        result = dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / packing)
         assert result.reference_forward_passes == 3
         lines = (tmp_path / packing / "metrics.jsonl").read_text().splitlines()
         rows[packing] = [json.loads(x) for x in lines]
-    a, b = rows["two-row"], rows["shared-prefix"]
+    a, b = rows["turn"], rows["tree"]
     assert len(a) == len(b) == 4 and a[0]["loss"] != a[-1]["loss"]
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5
     assert [x["tokens"] for x in a] == [y["tokens"] for y in b]

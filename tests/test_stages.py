@@ -35,12 +35,16 @@ _JUDGE = ("judge", "judge_model")
 # settings added since the hand table: the base weights' dtype (training stages) and the
 # preference loss, its SFT term and pair packing (DPO stages)
 _SFT += ("base_dtype",)
-_DPO += ("base_dtype", "dpo_loss", "dpo_sft_weight", "dpo_packing")
+_DPO += ("base_dtype", "dpo_loss", "dpo_sft_weight")
 # and the real-data settings of issue 11: the prompt style (every stage), the vanilla tag rule and
 # the inference dtype (generating stages), the reply subset and the bootstrap (eval)
 _SFT += ("prompt_style",)
 _DPO += ("prompt_style",)
 _GEN += ("prompt_style", "vanilla_tags", "inference_dtype")
+# and issue 16's packing (tree | turn), read by every stage (it folds in DPO's pair packing)
+_COMMON += ("packing",)
+_SFT += ("packing",)
+_DPO += ("packing",)
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),

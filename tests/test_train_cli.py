@@ -79,7 +79,8 @@ def test_every_flag_has_help(capsys):
         for flag in ("--lr", "--epochs", "--batch-size", "--micro-batch-size", "--grad-accum",
                      "--max-seq-len", "--warmup-ratio", "--schedule", "--clip", "--dtype",
                      "--seed", "--save-every", "--resume", "--lora-r", "--lora-alpha",
-                     "--lora-dropout", "--lora-targets", "--device"):
+                     "--lora-dropout", "--lora-targets", "--device", "--packing",
+                     "--micro-batch-tokens"):
             assert flag in text
     assert "--beta" in text and "--sft-adapter" in text and "--ref-cache" in text  # dpo
     for flag in ("--loss", "--sft-weight", "--packing", "--base-dtype", "--activation-checkpointing"):
@@ -120,13 +121,13 @@ def test_dpo_with_the_new_settings(workdir, tmp_path, capsys):
     out = tmp_path / "dpo"
     assert main(["dpo", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
                  "--out", str(out), "--loss", "ipo", "--beta", "0.5", "--sft-weight", "0.1",
-                 "--packing", "two-row", "--dtype", "bf16", "--base-dtype", "fp32",
+                 "--packing", "turn", "--dtype", "bf16", "--base-dtype", "fp32",
                  "--activation-checkpointing", "--batch-size", "3", "--micro-batch-size", "3",
                  "--lora-r", "4", "--lr", "1e-2", "--no-progress", "--warmup-steps", "0"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert {k: saved[k] for k in ("loss", "beta", "sft_weight", "packing", "dtype", "base_dtype",
                                   "activation_checkpointing")} == {
-        "loss": "ipo", "beta": 0.5, "sft_weight": 0.1, "packing": "two-row", "dtype": "bf16",
+        "loss": "ipo", "beta": 0.5, "sft_weight": 0.1, "packing": "turn", "dtype": "bf16",
         "base_dtype": "fp32", "activation_checkpointing": True}
     rows = _rows(out)
     assert len(rows) == 2 and rows[0]["loss"] > 1.0  # (1 / (2 * 0.5))^2 = 1, plus the NLL term

@@ -153,8 +153,9 @@ def test_trajectory_settings_are_derived_from_field_metadata():
     from decesc.train.config import PreferenceConfig, trajectory_fields
 
     free = {f.name for f in dataclasses.fields(TrainConfig)} - set(trajectory_fields(TrainConfig))
-    assert free == {"micro_batch_size", "activation_checkpointing", "save_every", "keep_checkpoints",
-                    "progress", "device"}
+    assert free == {"micro_batch_size", "micro_batch_tokens", "activation_checkpointing",
+                    "save_every", "keep_checkpoints", "progress", "device"}
+    assert "packing" in trajectory_fields(TrainConfig)  # a tree is the unit of the data order
     assert set(trajectory_fields(PreferenceConfig)) == {"beta", "loss", "sft_weight"}
 
 

@@ -11,8 +11,9 @@ and rejected of the target length; reference log-probs precomputed and not timed
 
 Implementations, same model, weights, dtype, LoRA (r 16 / alpha 16 / dropout 0.05, 7
 projections), AdamW, clipping 1.0: ``decesc`` (its real trainer, ``decesc.train.trainer.train``;
-DPO with shared-prefix rows; frozen base stored in the compute dtype), ``decesc two-row`` (DPO
-with two rows per pair: the layout the others use), ``transformers+peft`` (a plain loop: forward,
+DPO with tree packing, one tree row [prompt | chosen | rejected] per pair; frozen base stored in
+the compute dtype), ``decesc two-row`` (DPO with turn packing, two rows per pair: the layout
+the others use), ``transformers+peft`` (a plain loop: forward,
 backward, clip, AdamW) and TRL's ``DPOTrainer`` (``precompute_ref_log_probs=True``; skipped with a
 message when TRL is not importable - a benchmark-only dependency, e.g. ``pip install --no-deps
 --target DIR trl datasets`` and ``PYTHONPATH=DIR``).
@@ -52,6 +53,7 @@ from decesc.formats.records import read_jsonl
 from decesc.train.config import PreferenceConfig, TrainConfig
 from decesc.train.dpo import dpo_objective, prepare_dpo_model
 from decesc.train.fsdp import DistInfo
+from decesc.train.data import tree_items
 from decesc.train.pairs import collate_pairs
 from decesc.train.reference import compute_reference_logps
 from decesc.train.sft import collate_sft, sft_objective
@@ -138,6 +140,17 @@ def pair_items(n: int, prompt: int, target: int, vocab: int, seed: int = 1) -> l
     return out
 
 
+def pair_trees(items: list[dict], prompt: int) -> list[dict]:
+    """:func:`pair_items` as tree-packing items: one tree per pair (keys 2i chosen, 2i+1
+    rejected), the prompt shared."""
+    def sequence(item, side):
+        ids, labels = item[f"{side}_ids"], item[f"{side}_labels"]
+        return [[ids[:prompt], labels[:prompt]], [ids[prompt:], labels[prompt:]]]
+
+    return tree_items([(i, [(2 * i, sequence(it, "chosen")), (2 * i + 1, sequence(it, "rejected"))])
+                       for i, it in enumerate(items)], max_tokens=2 ** 31)
+
+
 WORDS = ("i feel so tired and alone since my job ended last month nobody calls me anymore "
          "it is hard to sleep at night because i keep thinking about money and my family "
          "that sounds really painful you have been carrying a lot what helps you relax").split()
@@ -156,9 +169,10 @@ def text_pairs(n: int, prompt: int, target: int, seed: int = 2) -> list[dict]:
 # ----------------------------------------------------------------------------- implementations
 
 
-def _config(dtype: str, batch: int, steps: int) -> TrainConfig:
+def _config(dtype: str, batch: int, steps: int, packing: str) -> TrainConfig:
     return TrainConfig(lr=1e-5, epochs=1, batch_size=batch, micro_batch_size=batch,
-                       max_steps=steps, warmup_steps=0, dtype=dtype, progress=False, seed=0)
+                       max_steps=steps, warmup_steps=0, dtype=dtype, progress=False, seed=0,
+                       packing=packing)
 
 
 def _ours_rate(out_dir: Path, warmup: int) -> float:
@@ -168,21 +182,22 @@ def _ours_rate(out_dir: Path, warmup: int) -> float:
 
 def ours(task, packing, base, tok, dtype, a, target, tmp) -> tuple[float, int]:
     steps, B, P = a.steps + a.warmup, a.batch, a.prompt_len
-    cfg, vocab, out = _config(dtype, B, steps), base.config.vocab_size, Path(tempfile.mkdtemp(dir=tmp))
+    cfg = _config(dtype, B, steps, packing)
+    vocab, out = base.config.vocab_size, Path(tempfile.mkdtemp(dir=tmp))
     if task == "SFT":
         model = apply_lora(copy.deepcopy(base), seed=0, dtype=torch.float32)
         items, objective = sft_items(B * steps, P, target, vocab), sft_objective(tok)
         model, _ = prepare_model(model, cfg, DistInfo())
     else:
-        pref = PreferenceConfig(packing=packing)
         model = store_frozen_weights(prepare_dpo_model(copy.deepcopy(base), cfg), cfg)
         items = pair_items(B * steps, P, target, vocab)
+        items = pair_trees(items, P) if packing == "tree" else items
         model, _ = prepare_model(model, cfg, DistInfo())
         ref, _ = compute_reference_logps(model, items, tok.pad_token_id, B, dtype, DistInfo(),
                                          packing)
-        for item, (c, r) in zip(items, ref.tolist()):
-            item["ref_chosen"], item["ref_rejected"] = c, r
-        objective = dpo_objective(tok.pad_token_id, pref)
+        for item, (c, r) in zip(items, ref.tolist()):  # one pair per item
+            item["ref_chosen"], item["ref_rejected"] = ([c], [r]) if packing == "tree" else (c, r)
+        objective = dpo_objective(tok.pad_token_id, PreferenceConfig(), packing)
     with PeakRSS() as mem:
         train(model, items, objective, cfg, out, base_model_name_or_path="bench", info=DistInfo())
     return _ours_rate(out, a.warmup), mem.mb
@@ -513,8 +528,8 @@ def main(argv=None) -> int:
                                 skipped[impl] = "skipped (--no-trl)"
                                 continue
                             if impl.startswith("decesc"):
-                                r = ours(task, "two-row" if "two-row" in impl else "shared-prefix",
-                                         base, tok, dtype, a, target, tmp)
+                                packing = "turn" if task == "SFT" or "two-row" in impl else "tree"
+                                r = ours(task, packing, base, tok, dtype, a, target, tmp)
                             elif impl == "transformers+peft":
                                 r = hf(task, hf_dir, base.config.vocab_size, dtype, a, target)
                             else:

@@ -45,13 +45,26 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     opt.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    unit = ("trees (--packing tree) or examples (turn)" if stage == "sft" else
+            "trees (--packing tree) or pairs (turn)")
+    opt.add_argument("--packing", choices=PACKINGS, default=d.packing,
+                     help="tree = the examples of a group packed into token trees of at most "
+                          "--max-seq-len tokens, one row each (a JSONL file has no dialogues, so "
+                          "each " + ("example" if stage == "sft" else "pair: [prompt | chosen | "
+                                     "rejected], the prompt once,") + " is its own tree); turn = "
+                          + ("one row per example" if stage == "sft" else
+                             "chosen and rejected as two rows") + "; the same per-example losses "
+                          "up to rounding. A tree is the unit of the data order and of the batch "
+                          f"sizes with tree packing (default {d.packing})")
     opt.add_argument("--batch-size", type=int, default=None,
-                     help=f"effective batch: {'examples' if stage == 'sft' else 'pairs'} per "
-                          f"optimizer step over all processes (default {d.batch_size})")
-    unit = ("examples" if stage == "sft" else
-            "preference pairs (one row each with shared-prefix packing, two with two-row)")
+                     help=f"effective batch: {unit} per optimizer step over all processes "
+                          f"(default {d.batch_size})")
     opt.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
                      help=f"{unit} per forward pass per process (default {d.micro_batch_size})")
+    opt.add_argument("--micro-batch-tokens", type=int, default=d.micro_batch_tokens,
+                     help="> 0: cut micro-batches by padded tokens instead (units x longest row "
+                          "at most this many; a longer unit alone); same results "
+                          f"(default {d.micro_batch_tokens}: use --micro-batch-size)")
     opt.add_argument("--grad-accum", type=int, default=None,
                      help="gradient accumulation steps; sets the batch size to micro-batch x "
                           "grad-accum x processes (instead of --batch-size)")
@@ -92,11 +105,6 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         pref.add_argument("--sft-weight", type=float, default=pd.sft_weight,
                           help="weight of an SFT term added to the loss: the chosen reply's mean "
                                f"token NLL, RPO-style; 0 = off (default {pd.sft_weight:g})")
-        pref.add_argument("--packing", choices=PACKINGS, default=pd.packing,
-                          help="how a pair is fed to the model: shared-prefix = one row [prompt | "
-                               "chosen | rejected], the prompt computed once (block attention "
-                               "mask); two-row = chosen and rejected as two rows (the reference "
-                               f"layout); same log-probs up to rounding (default {pd.packing})")
         pref.add_argument("--ref-cache", default=None,
                           help="directory of cached reference log-probs (default: "
                                "<out>/../ref_cache, shared by sibling runs of a sweep)")
@@ -143,7 +151,8 @@ def configs_from_args(args: argparse.Namespace,
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     config = TrainConfig(
         lr=args.lr, epochs=args.epochs, batch_size=batch_size,
-        micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
+        micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens,
+        packing=args.packing, max_steps=args.max_steps,
         max_seq_len=args.max_seq_len, warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.clip or None, dtype=args.dtype, base_dtype=args.base_dtype,
@@ -156,7 +165,7 @@ def configs_from_args(args: argparse.Namespace,
     if stage == "sft":
         return config, None
     preference = PreferenceConfig(beta=args.beta, loss=args.loss, sft_weight=args.sft_weight,
-                                  packing=args.packing, ref_cache_dir=args.ref_cache).validate()
+                                  ref_cache_dir=args.ref_cache).validate()
     return config, preference
 
 

@@ -159,19 +159,48 @@ def pack_trees(sequences: list[tuple[object, object, list[Piece]]], max_tokens: 
 
     Raises :class:`TreeTooLongError` naming the key of a sequence longer than ``max_tokens``.
     """
+    return pack_units([(group, [(key, pieces)]) for group, key, pieces in sequences], max_tokens)
+
+
+def pack_units(units: list[tuple[object, list[tuple[object, list[Piece]]]]],
+               max_tokens: int) -> list[Tree]:
+    """:func:`pack_trees` for *units* = [(group, [(key, pieces), ...]), ...]: the sequences of a
+    unit (e.g. the chosen and the rejected reply of a preference pair) always go in one tree,
+    inserted in order. A unit that alone takes more than ``max_tokens`` gets a tree of its own;
+    a single sequence longer than ``max_tokens`` raises :class:`TreeTooLongError`."""
     trees: list[Tree] = []
     open_tree: dict = {}  # (group, root piece) -> the tree that group's sequences go into now
-    for group, key, pieces in sequences:
-        length = sum(len(ids) for ids, _ in pieces)
-        if length > max_tokens:
-            raise TreeTooLongError(f"{key}: {length} tokens exceed the budget of {max_tokens}")
-        slot = (group, tuple(pieces[0][0]))
+    for group, unit in units:
+        for key, pieces in unit:
+            length = sum(len(ids) for ids, _ in pieces)
+            if length > max_tokens:
+                raise TreeTooLongError(f"{key}: {length} tokens exceed the budget of {max_tokens}")
+        slot = (group, tuple(unit[0][1][0][0]))
         tree = open_tree.get(slot)
-        if tree is None or tree.num_tokens + tree.new_tokens(pieces) > max_tokens:
+        if tree is None or tree.num_tokens + _new_tokens(tree, unit) > max_tokens:
             tree = open_tree[slot] = Tree()
             trees.append(tree)
-        tree.add(pieces, key)
+        for key, pieces in unit:
+            tree.add(pieces, key)
     return trees
+
+
+def _new_tokens(tree: Tree, unit: list[tuple[object, list[Piece]]]) -> int:
+    """Tokens that inserting the unit's sequences into ``tree`` would add: the unit's own tree,
+    less its nodes ``tree`` already holds (unlabelled nodes on a path ``tree`` has)."""
+    if len(unit) == 1:
+        return tree.new_tokens(unit[0][1])
+    own = Tree()
+    for key, pieces in unit:
+        own.add(pieces, key)
+    found: dict[int, int | None] = {}  # own node -> the same node in ``tree`` (None: absent)
+    shared = 0
+    for i, n in enumerate(own.nodes):  # parents before children
+        parent = found.get(n.parent) if n.parent >= 0 else None
+        here = None if n.parent >= 0 and parent is None else tree._find(parent, n.ids, n.labels)
+        found[i] = here
+        shared += len(n.ids) if here is not None else 0
+    return own.num_tokens - shared
 
 
 @dataclass

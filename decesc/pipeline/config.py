@@ -89,18 +89,24 @@ class PipelineConfig:
                           "max_seq_len - max_new_tokens (so a generated reply fits too); older "
                           "turns are dropped to fit, the reply is never cut", read_by=("common",),
                           minimum=1)
+    packing: str = _f("tree", "how every stage feeds examples to the model: tree = the turns of a "
+                      "dialogue packed into token trees of at most max_seq_len tokens (each "
+                      "history once, every turn a branch; a tree is the unit of the training data "
+                      "order and batch sizes), turn = one row per turn (a DPO pair as two rows), "
+                      "the checked reference; the same per-turn losses and scores up to rounding",
+                      choices=PACKINGS, read_by=("common",))
     # ------------------------------------------------------------------ LoRA / SFT (eqs. 3, 4)
     lora_r: int = _f(16, "LoRA rank", read_by=("train",), minimum=1)
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)", read_by=("train",), above=0)
     lora_dropout: float = _f(0.05, "LoRA dropout", read_by=("train",), minimum=0, below=1)
     sft_epochs: int = _f(3, "SFT epochs", read_by=("sft",), minimum=1)
     sft_lr: float = _f(1e-5, "SFT peak learning rate", read_by=("sft",), above=0)
-    sft_batch_size: int = _f(32, "SFT effective batch (examples per optimizer step)",
+    sft_batch_size: int = _f(32, "SFT effective batch (trees with --packing tree, else examples, "
+                             "per optimizer step)",
                              read_by=("sft",), minimum=1)
-    micro_batch_size: int = _f(4, "sequences per forward pass per process (with --dpo-packing "
-                               "two-row a DPO micro-batch holds half as many pairs: chosen and "
-                               "rejected are two sequences; shared-prefix packs a pair in one)",
-                               read_by=("train",), minimum=1)
+    micro_batch_size: int = _f(4, "rows per forward pass per process: trees with --packing tree; "
+                               "with turn, SFT examples, and half as many DPO pairs (chosen and "
+                               "rejected are two rows)", read_by=("train",), minimum=1)
     max_train_examples: int | None = _f(None, "use at most this many SFT examples per module "
                                         "(seeded subset; default all)", read_by=("sft",), minimum=1)
     save_every: int = _f(25, "write a training checkpoint every N optimizer steps (0: never); an "
@@ -115,8 +121,8 @@ class PipelineConfig:
     dpo_preset: str = _f("qwen2.5-7b", "paper lr/beta preset: qwen2.5-7b or llama3.1-8b",
                          choices=("qwen2.5-7b", "llama3.1-8b"), read_by=("dpo",))
     dpo_epochs: int = _f(1, "DPO epochs", read_by=("dpo",), minimum=1)
-    dpo_batch_size: int = _f(32, "DPO effective batch (pairs per optimizer step)", read_by=("dpo",),
-                             minimum=1)
+    dpo_batch_size: int = _f(32, "DPO effective batch (trees of pairs with --packing tree, else "
+                             "pairs, per optimizer step)", read_by=("dpo",), minimum=1)
     dpo_lr_sp: float | None = _f(None, "DPO lr of the Strategy Planner (default: preset)",
                                  read_by=("dpo-sp",), above=0)
     dpo_lr_rg: float | None = _f(None, "DPO lr of the Response Generator (default: preset)",
@@ -136,9 +142,6 @@ class PipelineConfig:
                        choices=tuple(PREFERENCE_LOSSES), read_by=("dpo",))
     dpo_sft_weight: float = _f(0.0, "weight of an SFT term on the chosen reply added to the "
                                "preference loss (RPO; 0 = off)", read_by=("dpo",), minimum=0)
-    dpo_packing: str = _f("shared-prefix", "how a preference pair is scored: shared-prefix (one "
-                          "row [prompt | chosen | rejected]) or two-row (the prompt twice)",
-                          choices=PACKINGS, read_by=("dpo",))  # equal up to rounding
     # ------------------------------------------------------------------ generation
     temperature: float = _f(0.7, "sampling temperature of replies (and of mined strategies)",
                             read_by=("generate",), minimum=0)
@@ -222,7 +225,7 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
 # (the machine was shared, so wall times were ~2x inflated; CPU seconds are not), on real
 # examples of this budget:
 #   SFT (bf16 autocast, frozen base bf16, micro-batch 4): 1.6-1.8 CPU-s per example (~200 tokens)
-#   DPO (shared-prefix rows, reference pass included):    2.4 CPU-s per pair
+#   DPO (one tree row per pair, reference pass included): 2.4 CPU-s per pair
 #   planner / tag scoring (bf16, batch 16):               3.1-3.3 turns per CPU-s (fp32: 1.3)
 #   reply generation (bf16, batch 16, <= 48 tokens):      ~1.0 replies per CPU-s (fp32: ~0.6)
 # Idle 2-core wall time is taken as CPU-s / 1.7 for training and prompt encoding (large matrix

@@ -145,7 +145,7 @@ def dpo_work(run, shape: ShapeOnly, module: str, world: int) -> TrainWork:
     c, tok = run.config, shape.tokenizer
     ctx = contexts(run, tok)
     n = min(len(ctx) * c.mine_samples, c.max_pairs or math.inf)
-    rows = 1 if c.dpo_packing == "shared-prefix" else 2
+    rows = 1 if c.packing == "tree" else 2
     lengths = []
     for e in ctx:
         ex = task_example(e, module)

@@ -36,7 +36,8 @@ def check(run, models, task: str) -> None:
 
 def run_sft(run, name: str, models, task: str) -> dict:
     data = training_examples(run, models.tokenizer, task)
-    result = training.sft(models.fresh(), models.tokenizer, data, run.config, run.stage_dir(name))
+    result = training.sft(models.fresh(), models.tokenizer, data, run.config, run.stage_dir(name),
+                          groups=[e.dialogue for e in data])
     return {"module": MODULES[task], "examples": len(data), "steps": result.steps,
             "final_loss": result.last_metrics.get("loss")}
 

@@ -6,8 +6,9 @@ checkpoint must use the same value, because the optimisation would otherwise con
 different path (learning rate, data order, loss, precision...). :func:`trajectory_fields` lists
 them and the trainer's resume check iterates over that list, so a field added later is checked
 on resume unless it is explicitly marked free. Free settings change where or how fast a run goes,
-not what it computes (up to rounding): micro-batch size, packing, activation checkpointing,
-checkpoint cadence, progress bar, device, cache location.
+not what it computes (up to rounding): micro-batch size (in units or tokens), activation
+checkpointing, checkpoint cadence, progress bar, device, cache location. ``packing`` is a
+trajectory setting: it changes what a batch is (trees of several examples, or examples).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from decesc.train.losses import PREFERENCE_LOSSES
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = tuple(TORCH_DTYPES)
+PACKINGS = ("tree", "turn")  # TrainConfig.packing
 
 
 def free(default):
@@ -77,9 +79,19 @@ class TrainConfig:
     Warmup, schedule, clipping and weight decay are not given in the paper; ours are common
     choices. For DPO see :func:`decesc.train.dpo.paper_dpo_config`.
 
-    ``micro_batch_size`` counts *examples* per forward pass and process: SFT examples, or
-    preference pairs for DPO (one row per pair with shared-prefix packing, two with two-row:
-    :attr:`PreferenceConfig.rows_per_pair`).
+    ``packing`` (:data:`PACKINGS`): how examples become model input. ``"tree"`` (the default):
+    the examples of a group (the pipeline's: one dialogue) are packed into token trees of at
+    most ``max_seq_len`` tokens (:mod:`decesc.core.tree`; a preference pair's two replies always
+    share one tree), each scored in one row; ``"turn"``: one example per row (a preference pair
+    as two rows), the checked reference. Every example's log-probs, and so the per-example
+    losses, are the same in both up to rounding. The unit of the data order, of ``batch_size``
+    and of ``micro_batch_size`` is a *tree* with tree packing and an *example* (SFT example,
+    preference pair) with turn packing; the loss is normalised per target token (SFT) or per
+    pair (DPO) either way.
+
+    ``micro_batch_size`` counts units per forward pass and process; ``micro_batch_tokens`` > 0
+    cuts micro-batches by padded tokens instead (units x longest row within the budget; a unit
+    longer than it runs alone).
 
     Precision: ``dtype`` is the compute dtype (fp32, or bf16 autocast); ``base_dtype`` the stored
     dtype of the frozen base weights (every non-LoRA parameter). ``None`` follows ``dtype``:
@@ -92,8 +104,10 @@ class TrainConfig:
 
     lr: float = 1e-5
     epochs: int = 3
-    batch_size: int = 32  # effective (global) batch: examples or pairs per optimizer step
-    micro_batch_size: int = free(4)  # examples (SFT) or pairs (DPO) per forward pass, per process
+    batch_size: int = 32  # effective (global) batch: trees, or examples / pairs, per optimizer step
+    micro_batch_size: int = free(4)  # trees, or examples / pairs, per forward pass, per process
+    micro_batch_tokens: int = free(0)  # > 0: micro-batches of at most this many padded tokens
+    packing: str = "tree"  # tree | turn (PACKINGS)
     max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
     max_seq_len: int = 2048
     warmup_ratio: float = 0.1  # fraction of the steps with linear warmup ...
@@ -131,6 +145,8 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
+            (self.packing in PACKINGS, f"packing must be one of {', '.join(PACKINGS)}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
@@ -158,9 +174,6 @@ class TrainConfig:
         return settings_json(self)
 
 
-PACKINGS = ("shared-prefix", "two-row")
-
-
 @dataclass(frozen=True)
 class PreferenceConfig:
     """Settings of preference optimisation (eqs. 5, 6 and the other losses of
@@ -169,22 +182,14 @@ class PreferenceConfig:
     ``loss``: a table entry; ``beta`` its temperature; ``sft_weight``: weight of the chosen
     reply's mean token NLL added to the loss (RPO-style; 0 = off). ``ref_cache_dir``: where the
     reference log-probs are cached (default ``<out_dir>/../ref_cache``, shared by sibling runs of
-    a sweep). ``packing``: how a pair becomes model input (:mod:`decesc.train.pairs`):
-    ``"shared-prefix"`` scores chosen and rejected in ONE row ``[prompt | chosen | rejected]``,
-    the prompt processed once; ``"two-row"`` as two right-padded rows, the checked reference
-    layout. Both give the same log-probs up to rounding, so packing is free on resume.
+    a sweep). How a pair becomes model input is ``TrainConfig.packing``
+    (:mod:`decesc.train.pairs`).
     """
 
     beta: float = 0.1
     loss: str = "sigmoid"
     sft_weight: float = 0.0
-    packing: str = free("shared-prefix")
     ref_cache_dir: str | None = free(None)
-
-    @property
-    def rows_per_pair(self) -> int:
-        """Rows one pair takes in a forward pass (1 with shared-prefix packing, 2 with two-row)."""
-        return 1 if self.packing == "shared-prefix" else 2
 
     @property
     def needs_reference(self) -> bool:
@@ -197,7 +202,6 @@ class PreferenceConfig:
             (self.loss in PREFERENCE_LOSSES,
              f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}"),
             (self.sft_weight >= 0, "sft_weight must be >= 0"),
-            (self.packing in PACKINGS, f"packing must be one of {', '.join(PACKINGS)}"),
         ])
         return self
 

@@ -1,8 +1,13 @@
-"""What every training stage's data handling shares: right padding and the too-long error."""
+"""What every training stage's data handling shares: right padding, the too-long error, and
+training items that are token trees (``packing="tree"``, :mod:`decesc.core.tree`)."""
 
 from __future__ import annotations
 
 import torch
+
+from decesc.core.model import TreeMask
+from decesc.core.tokenizer import Tokenizer
+from decesc.core.tree import Piece, Tree, collate_trees, pack_units, prompt_pieces, target_piece
 
 
 class SequenceTooLongError(ValueError):
@@ -16,3 +21,60 @@ def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors (and a tree batch's :class:`TreeMask`) on ``device``."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, TreeMask):
+            v = TreeMask(v.trunk_len, v.branch_mask.to(device, non_blocking=True))
+        elif isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+        out[k] = v
+    return out
+
+
+def chat_sequence(tokenizer: Tokenizer, messages: list[dict], target: str) -> list[Piece]:
+    """A chat prompt and the assistant reply to learn as tree pieces: the prompt piece by piece
+    (:meth:`decesc.core.tokenizer.Tokenizer.chat_pieces`, shared between the turns of a
+    dialogue), then the target. Its tokens and labels, concatenated, are exactly
+    :meth:`decesc.core.tokenizer.Tokenizer.encode_prompt_target`'s."""
+    return (prompt_pieces(tokenizer.chat_pieces(messages, add_generation_prompt=True))
+            + [target_piece(tokenizer.target_ids(target))])
+
+
+def sequence_length(pieces: list[Piece]) -> int:
+    return sum(len(ids) for ids, _ in pieces)
+
+
+def tree_items(units: list[tuple[object, list[tuple[object, list[Piece]]]]],
+               max_tokens: int) -> list[dict]:
+    """Training items that are token trees: :func:`decesc.core.tree.pack_units` over ``units``
+    = [(group, [(key, pieces), ...]), ...] within ``max_tokens`` tokens per tree (a unit larger
+    than that gets a tree of its own). An item is ``{"keys", "sequences", "length"}`` in plain
+    lists: its sequences' keys and pieces in insertion order, and the tree's token count (its
+    row length); :func:`item_tree` rebuilds the tree."""
+    pieces = {key: seq for _, unit in units for key, seq in unit}
+    if len(pieces) != sum(len(unit) for _, unit in units):
+        raise ValueError("tree_items: sequence keys must be unique")
+    return [{"keys": list(t.keys), "sequences": [[[list(i), list(y)] for i, y in pieces[k]]
+                                                 for k in t.keys],
+             "length": t.num_tokens} for t in pack_units(units, max_tokens)]
+
+
+def item_tree(item: dict) -> Tree:
+    """The tree of a :func:`tree_items` item (its sequences inserted again, in order)."""
+    tree = Tree()
+    for key, seq in zip(item["keys"], item["sequences"]):
+        tree.add(seq, key)
+    return tree
+
+
+def collate_tree_items(items: list[dict], pad_token_id: int) -> dict:
+    """:func:`decesc.core.tree.collate_trees` of :func:`tree_items` items; ``num_tokens`` counts
+    every sequence as its own row (the tokens the turn-level layout would process), so tokens/s
+    compares packings fairly."""
+    batch = collate_trees([item_tree(it) for it in items], pad_token_id)
+    batch["num_tokens"] = sum(sequence_length(s) for it in items for s in it["sequences"])
+    return batch

@@ -14,8 +14,11 @@ LoRA adapter for DPO: the policy is merged-SFT + DPO adapter, and the reference 
 with the DPO adapter disabled (``lora_disabled``) - exactly the SFT model. As the DPO adapter's B
 starts at zero, policy == reference at step 0 and the first loss is log 2.
 
-Reference log-probs are computed once before training and cached (:mod:`decesc.train.reference`);
-pairs are tokenised and batched by :mod:`decesc.train.pairs`.
+Reference log-probs are computed once before training and cached per pair
+(:mod:`decesc.train.reference`); pairs are tokenised and batched by :mod:`decesc.train.pairs`:
+with tree packing (``TrainConfig.packing``) the pairs of a group (the pipeline's: one dialogue)
+share token trees, in the policy and the reference pass alike, and a tree is the unit of the
+data order; each tree yields every pair's (chosen, rejected) log-probs for the same loss.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from decesc.formats.peft import merge_adapters, write_merge_first
 from decesc.formats.records import PreferencePair
 from decesc.train.config import PreferenceConfig, TrainConfig
 from decesc.train.losses import dpo_loss, preference_losses  # noqa: F401  (dpo.dpo_loss: alias)
-from decesc.train.pairs import collate, collate_pairs, pair_logprobs, tokenize_pairs  # noqa: F401
+from decesc.train.pairs import (  # noqa: F401  (collate_pairs, pair_logprobs: public here too)
+    collate,
+    collate_pairs,
+    item_pairs,
+    pair_logprobs,
+    tokenize_pairs,
+    tree_pairs,
+)
 from decesc.train.reference import reference_fingerprint, reference_logps
 from decesc.train.trainer import (
     Objective,
@@ -69,8 +79,10 @@ def paper_dpo_config(backbone: str = "qwen2.5-7b", module: str = "rg",
             PreferenceConfig(**{"beta": beta, **pref_kw}))
 
 
-def dpo_objective(pad_token_id: int, preference: PreferenceConfig) -> Objective:
-    """Objective hook for the trainer: loss and metric SUMS over the pairs of a batch."""
+def dpo_objective(pad_token_id: int, preference: PreferenceConfig,
+                  packing: str = "turn") -> Objective:
+    """Objective hook for the trainer: loss and metric SUMS over the pairs of a batch of items
+    in ``packing`` (pairs, or trees of pairs); the unit count is the batch's pairs."""
 
     def loss(model, batch):
         chosen, rejected = pair_logprobs(model, batch)
@@ -86,7 +98,7 @@ def dpo_objective(pad_token_id: int, preference: PreferenceConfig) -> Objective:
                    "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
         return losses.sum(), metrics
 
-    return Objective(collate=lambda items: collate(items, pad_token_id, preference.packing),
+    return Objective(collate=lambda items: collate(items, pad_token_id, packing),
                      count=lambda batch: batch["chosen_tokens"].shape[0],
                      loss=loss, settings=preference)
 
@@ -118,34 +130,43 @@ def prepare_dpo_model(model: nn.Module, config: TrainConfig,
 def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair],
               config: TrainConfig, out_dir: str | Path, *,
               preference: PreferenceConfig = PreferenceConfig(),  # noqa: B008 (frozen)
-              sft_adapter: str | Path | None = None, base_model_name_or_path: str = "",
-              resume: bool | str | Path = False) -> TrainResult:
+              sft_adapter: str | Path | None = None, groups: list | None = None,
+              base_model_name_or_path: str = "", resume: bool | str | Path = False) -> TrainResult:
     """DPO stage (eqs. 5, 6): merge the SFT adapter, cache reference log-probs, train a fresh
-    DPO adapter. ``config.micro_batch_size`` counts pairs per forward pass. Writes the adapter
-    (PEFT format, relative to the merged SFT model, which ``merge_first.json`` records), metrics
-    and checkpoints to ``out_dir``; reference log-probs go to ``preference.ref_cache_dir``
-    (default ``<out_dir>/../ref_cache``, shared by sibling runs of a sweep). The result counts
-    the reference forward passes made (0 when the cache had them)."""
+    DPO adapter. ``config.batch_size`` / ``micro_batch_size`` count pairs (turn packing) or
+    trees (tree packing: ``groups[i]`` names the group, e.g. the dialogue, of pair i whose
+    pairs share trees of at most ``config.max_seq_len`` tokens; default: one pair per tree).
+    Writes the adapter (PEFT format, relative to the merged SFT model, which
+    ``merge_first.json`` records), metrics and checkpoints to ``out_dir``; reference log-probs
+    go to ``preference.ref_cache_dir`` (default ``<out_dir>/../ref_cache``, shared by sibling
+    runs of a sweep). The result counts the reference forward passes made (0 when the cache had
+    them)."""
     config.validate()
     preference.validate()
-    items = tokenize_pairs(pairs, tokenizer, config.max_seq_len)
+    tokenized = tokenize_pairs(pairs, tokenizer, config.max_seq_len)  # checks every length
+    tree = config.packing == "tree"
+    items = (tree_pairs(pairs, tokenizer, config.max_seq_len, groups) if tree else tokenized)
     prepare_dpo_model(model, config, sft_adapter)
     store_frozen_weights(model, config)  # the reference = exactly the weights the policy starts from
     passes = 0
     if preference.needs_reference:
-        fingerprint = reference_fingerprint(model, items, config.max_seq_len, config.dtype,
-                                            preference.packing)
+        fingerprint = reference_fingerprint(model, tokenized, config.max_seq_len, config.dtype,
+                                            config.packing, groups)
     model, info = prepare_model(model, config)
     if preference.needs_reference:
         cache_dir = preference.ref_cache_dir or Path(out_dir).resolve().parent / "ref_cache"
         ref, passes = reference_logps(model, items, fingerprint, cache_dir,
                                       tokenizer.pad_token_id, config.micro_batch_size,
-                                      config.dtype, info, preference.packing)
-        for item, (chosen, rejected) in zip(items, ref.tolist()):
-            item["ref_chosen"], item["ref_rejected"] = chosen, rejected
-    result = train(model, items, dpo_objective(tokenizer.pad_token_id, preference), config,
-                   out_dir, base_model_name_or_path=base_model_name_or_path, info=info,
-                   resume=resume, lengths=[it["length"] for it in items], name="dpo")
+                                      config.dtype, info, config.packing)
+        ref = ref.tolist()
+        for i, item in enumerate(items):  # a float per pair item, a list per tree item
+            chosen, rejected = zip(*(ref[j] for j in item_pairs(item, i)))
+            item["ref_chosen"], item["ref_rejected"] = ((list(chosen), list(rejected)) if tree
+                                                        else (chosen[0], rejected[0]))
+    objective = dpo_objective(tokenizer.pad_token_id, preference, config.packing)
+    result = train(model, items, objective, config, out_dir,
+                   base_model_name_or_path=base_model_name_or_path, info=info, resume=resume,
+                   lengths=[it["length"] for it in items], name="dpo")
     result.reference_forward_passes = passes
     if info.is_main and sft_adapter is not None:
         # The DPO adapter is a delta on top of base + SFT; PEFT cannot know that from

@@ -2,14 +2,15 @@
 
 The reference pi_ref is the SFT model (:func:`decesc.train.dpo.prepare_dpo_model`): the policy
 with its DPO adapter disabled. Its log-probs of the pairs are computed once before training (no
-grad, fixed order, the same tokenisation and collation as training) and stored in
-``<cache_dir>/<fingerprint>.safetensors`` as an (N, 2) fp32 tensor ``logps`` (columns chosen,
-rejected). The fingerprint hashes the reference weights (every non-LoRA parameter, with its
-dtype: an fp32 and a bf16 base never share a file), the model config, the tokenised pairs,
-max_seq_len, the compute dtype and the packing, so a beta / lr sweep on the same data and SFT
-model reuses one file and performs zero reference forward passes (the functions here return how
-many they made). Packings agree to rounding, but their caches are kept apart all the same; the
-two-row packing adds nothing to the hash, so caches written before packings existed stay valid.
+grad, fixed order, the same items and collation as training: pairs, or trees of pairs) and
+stored per pair in ``<cache_dir>/<fingerprint>.safetensors`` as an (N, 2) fp32 tensor ``logps``
+(row i = pair i, columns chosen, rejected). The fingerprint hashes the reference weights (every
+non-LoRA parameter, with its dtype: an fp32 and a bf16 base never share a file), the model
+config, the tokenised pairs, max_seq_len, the compute dtype and the packing (with tree packing,
+the pairs' groups too), so a beta / lr sweep on the same data and SFT model reuses one file and
+performs zero reference forward passes (the functions here return how many they made).
+Packings agree to rounding, but their caches are kept apart all the same; the turn packing adds
+nothing to the hash, so caches written before packings existed stay valid.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from torch import nn
 from decesc.core.lora import lora_disabled
 from decesc.formats.atomic import atomic_path
 from decesc.train import fsdp
-from decesc.train.pairs import collate, pair_logprobs
+from decesc.train.data import to_device
+from decesc.train.pairs import collate, item_pairs, pair_logprobs
 
 
 def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int, dtype: str,
-                          packing: str = "two-row") -> str:
+                          packing: str = "turn", groups: list | None = None) -> str:
     """sha256 over the reference weights (non-LoRA parameters, unsharded), the model config,
-    the tokenised pairs, max_seq_len, the compute dtype and the packing."""
+    the tokenised pairs (:func:`decesc.train.pairs.tokenize_pairs` items), max_seq_len, the
+    compute dtype, the packing and, with tree packing, the pairs' groups."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(json.dumps(config.to_hf() if hasattr(config, "to_hf") else None,
@@ -44,8 +47,8 @@ def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int,
         h.update(f"{name}:{t.dtype}:{tuple(p.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().data)
     h.update(json.dumps({"max_seq_len": max_seq_len, "dtype": dtype}).encode())
-    if packing != "two-row":
-        h.update(json.dumps({"packing": packing}).encode())
+    if packing != "turn":
+        h.update(json.dumps({"packing": packing, "groups": groups}, default=str).encode())
     for item in items:
         h.update(json.dumps([item["chosen_ids"], item["chosen_labels"], item["rejected_ids"],
                              item["rejected_labels"]], separators=(",", ":")).encode())
@@ -55,15 +58,17 @@ def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int,
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, items: list[dict], pad_token_id: int,
                             micro_batch_size: int, dtype: str, info: fsdp.DistInfo,
-                            packing: str = "shared-prefix") -> tuple[torch.Tensor, int]:
-    """(N, 2) fp32 [chosen, rejected] log-probs of the reference (DPO adapter disabled), and the
-    number of forward passes this process made.
+                            packing: str = "tree") -> tuple[torch.Tensor, int]:
+    """(N, 2) fp32 [chosen, rejected] log-probs of the reference (DPO adapter disabled) per pair,
+    and the number of forward passes this process made.
 
-    Pairs are scored in index order, ``micro_batch_size`` per forward; under FSDP each rank scores
-    its share and the results are summed across ranks (each row is written by exactly one rank).
+    ``items`` are the training items in ``packing`` (pairs, or trees of pairs): scored in index
+    order, ``micro_batch_size`` items per forward; under FSDP each rank scores its share and the
+    results are summed across ranks (each row is written by exactly one rank).
     """
     n = len(items)
-    out = torch.zeros(n, 2, dtype=torch.float32, device=info.device)
+    pairs = [item_pairs(it, i) for i, it in enumerate(items)]
+    out = torch.zeros(sum(len(p) for p in pairs), 2, dtype=torch.float32, device=info.device)
     was_training = model.training
     model.eval()
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -75,11 +80,11 @@ def compute_reference_logps(model: nn.Module, items: list[dict], pad_token_id: i
             mine = chunk[info.rank * micro_batch_size:(info.rank + 1) * micro_batch_size]
             idx = mine or chunk[:1]  # an idle rank still joins FSDP's collectives
             batch = collate([items[i] for i in idx], pad_token_id, packing)
-            chosen, rejected = pair_logprobs(model, {k: v.to(info.device) if isinstance(v, torch.Tensor) else v
-                                                     for k, v in batch.items()})
+            chosen, rejected = pair_logprobs(model, to_device(batch, info.device))
             passes += 1
             if mine:
-                out[torch.tensor(mine, device=info.device)] = torch.stack([chosen, rejected], -1)
+                rows = torch.tensor([j for i in mine for j in pairs[i]], device=info.device)
+                out[rows] = torch.stack([chosen, rejected], -1)
     model.train(was_training)
     return fsdp.all_reduce_sum(out).cpu(), passes
 
@@ -98,11 +103,13 @@ def read_cached(file: Path, n: int) -> torch.Tensor | None:
 
 def reference_logps(model: nn.Module, items: list[dict], fingerprint: str, cache_dir: str | Path,
                     pad_token_id: int, micro_batch_size: int, dtype: str,
-                    info: fsdp.DistInfo, packing: str = "shared-prefix") -> tuple[torch.Tensor, int]:
-    """(N, 2) reference log-probs, read from the cache or computed once and cached (atomic), and
-    the number of reference forward passes made (0 when cached)."""
+                    info: fsdp.DistInfo, packing: str = "tree") -> tuple[torch.Tensor, int]:
+    """(N, 2) reference log-probs per pair of ``items`` (training items in ``packing``), read
+    from the cache or computed once and cached (atomic), and the number of reference forward
+    passes made (0 when cached)."""
     file = Path(cache_dir) / f"{fingerprint}.safetensors"
-    cached = read_cached(file, len(items))
+    n_pairs = sum(len(item_pairs(it, i)) for i, it in enumerate(items))
+    cached = read_cached(file, n_pairs)
     if cached is not None:
         return cached, 0
     logps, passes = compute_reference_logps(model, items, pad_token_id, micro_batch_size, dtype,
@@ -110,7 +117,7 @@ def reference_logps(model: nn.Module, items: list[dict], fingerprint: str, cache
     if info.is_main:
         with atomic_path(file) as tmp:
             save_file({"logps": logps.contiguous()}, str(tmp),
-                      metadata={"fingerprint": fingerprint, "pairs": str(len(items)),
+                      metadata={"fingerprint": fingerprint, "pairs": str(n_pairs),
                                 "columns": "chosen,rejected"})
     fsdp.barrier()
     return logps, passes

@@ -7,6 +7,14 @@ An example is a chat prompt ([system?, user]) and the assistant reply to learn. 
 the reply (and its end-of-turn token) is learned. The loss is the mean negative log-likelihood
 over target tokens: summed with :func:`decesc.core.logprobs.sequence_logprobs` and divided by the
 number of target tokens in the whole effective batch (see :mod:`decesc.train.trainer`).
+
+Packing (``TrainConfig.packing``): ``"turn"`` trains on the examples one row each (right-padded
+batches); ``"tree"`` packs the examples of a caller-given group (the pipeline's: one dialogue,
+whose turns share their history) into token trees of at most ``max_seq_len`` tokens
+(:mod:`decesc.core.tree`), each tree one row, and sums the NLL of every turn's target tokens.
+As every example keeps its exact tokens and positions, its loss is the same in both up to
+rounding, and the normalisation (target tokens of the effective batch) is the same; what
+differs is the data order, whose unit is a tree.
 """
 
 from __future__ import annotations
@@ -19,8 +27,15 @@ from torch import nn
 from decesc.core.logprobs import IGNORE_INDEX, model_sequence_logprobs, target_counts
 from decesc.core.lora import apply_lora
 from decesc.core.tokenizer import Tokenizer, chat_messages
+from decesc.core.tree import tree_logprobs
 from decesc.formats.records import SFTExample
-from decesc.train.data import SequenceTooLongError, pad_right  # (public here too)
+from decesc.train.data import (  # SequenceTooLongError: public here too
+    SequenceTooLongError,
+    chat_sequence,
+    collate_tree_items,
+    pad_right,
+    tree_items,
+)
 from decesc.train.trainer import (
     Objective,
     TrainConfig,
@@ -30,24 +45,44 @@ from decesc.train.trainer import (
 )
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: int) -> list[dict]:
-    """Tokenise examples into ``{"input_ids", "labels", "length"}`` items (plain lists).
+def _check_length(i: int, ex: SFTExample, labels: list[int], max_seq_len: int) -> None:
+    """Raise :class:`SequenceTooLongError` naming example ``i`` when it does not fit: the ESC
+    pipeline builds prompts within a context budget, so an overflow here is a bug upstream."""
+    if len(labels) > max_seq_len:
+        where = f" ({ex.source})" if ex.source else ""
+        prompt = labels.count(IGNORE_INDEX)
+        raise SequenceTooLongError(
+            f"SFT example {i}{where}: {len(labels)} tokens (prompt {prompt} + target "
+            f"{len(labels) - prompt}) exceed max_seq_len={max_seq_len}")
 
-    Raises :class:`SequenceTooLongError` naming the first example that does not fit: the ESC
-    pipeline builds prompts within a context budget, so an overflow here is a bug upstream.
-    """
+
+def tokenize_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: int) -> list[dict]:
+    """Tokenise examples into ``{"input_ids", "labels", "length"}`` items (plain lists), one
+    per example (turn packing). Raises :class:`SequenceTooLongError` naming the first example
+    that does not fit."""
     items = []
     for i, ex in enumerate(examples):
         input_ids, labels = tokenizer.encode_prompt_target(chat_messages(ex.prompt, ex.system),
                                                            ex.target)
-        if len(input_ids) > max_seq_len:
-            where = f" ({ex.source})" if ex.source else ""
-            raise SequenceTooLongError(
-                f"SFT example {i}{where}: {len(input_ids)} tokens (prompt {labels.count(IGNORE_INDEX)} + "
-                f"target {len(input_ids) - labels.count(IGNORE_INDEX)}) exceed "
-                f"max_seq_len={max_seq_len}")
+        _check_length(i, ex, labels, max_seq_len)
         items.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids)})
     return items
+
+
+def tree_sft(examples: list[SFTExample], tokenizer: Tokenizer, max_seq_len: int,
+             groups: list | None = None) -> list[dict]:
+    """Tree items (:func:`decesc.train.data.tree_items`; sequence key = example index): the
+    examples of one group (``groups[i]`` of example i; default: each example its own) packed
+    into trees of at most ``max_seq_len`` tokens, in order. Raises
+    :class:`SequenceTooLongError` naming the first example that does not fit."""
+    if groups is not None and len(groups) != len(examples):
+        raise ValueError(f"tree_sft: {len(groups)} groups for {len(examples)} examples")
+    units = []
+    for i, ex in enumerate(examples):
+        pieces = chat_sequence(tokenizer, chat_messages(ex.prompt, ex.system), ex.target)
+        _check_length(i, ex, [y for _, labels in pieces for y in labels], max_seq_len)
+        units.append((i if groups is None else groups[i], [(i, pieces)]))
+    return tree_items(units, max_seq_len)
 
 
 def collate_sft(items: list[dict], pad_token_id: int) -> dict:
@@ -60,13 +95,22 @@ def collate_sft(items: list[dict], pad_token_id: int) -> dict:
 
 
 def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Objective hook: summed NLL of the batch's target tokens (the trainer normalises)."""
-    logp = model_sequence_logprobs(model, batch["input_ids"], batch["labels"])  # (B,)
+    """Objective hook: summed NLL of the batch's target tokens (the trainer normalises), from a
+    turn batch (:func:`collate_sft`) or a tree batch
+    (:func:`decesc.train.data.collate_tree_items`)."""
+    if "labels" in batch:
+        logp = model_sequence_logprobs(model, batch["input_ids"], batch["labels"])  # (B,)
+    else:
+        logp = tree_logprobs(model, batch)  # (G,) one per example
     return -logp.sum(), {}
 
 
-def sft_objective(tokenizer: Tokenizer) -> Objective:
+def sft_objective(tokenizer: Tokenizer, packing: str = "turn") -> Objective:
+    """SFT's objective in ``packing``; its unit count is the batch's target tokens in both."""
     pad = tokenizer.pad_token_id
+    if packing == "tree":
+        return Objective(collate=lambda items: collate_tree_items(items, pad),
+                         count=lambda batch: int(batch["target_counts"].sum()), loss=sft_loss)
     return Objective(
         collate=lambda items: collate_sft(items, pad),
         count=lambda batch: int(target_counts(batch["labels"]).sum()),
@@ -75,20 +119,25 @@ def sft_objective(tokenizer: Tokenizer) -> Objective:
 
 
 def train_sft(model: nn.Module, tokenizer: Tokenizer, examples: list[SFTExample],
-              config: TrainConfig, out_dir: str | Path, *, base_model_name_or_path: str = "",
-              resume: bool | str | Path = False) -> TrainResult:
+              config: TrainConfig, out_dir: str | Path, *, groups: list | None = None,
+              base_model_name_or_path: str = "", resume: bool | str | Path = False) -> TrainResult:
     """SFT stage: apply a fresh LoRA adapter to ``model`` and train it on ``examples``.
+
+    With ``config.packing == "tree"``, ``groups[i]`` names the group (e.g. the dialogue) of
+    example i whose examples share trees (:func:`tree_sft`; default: one example per tree), and
+    ``config.batch_size`` / ``micro_batch_size`` count trees.
 
     Works in one process or under torchrun (FSDP2). Writes the adapter (PEFT format),
     metrics.jsonl, train_config.json and checkpoints to ``out_dir``. The model is modified in
     place (LoRA layers added, trained; sharded under FSDP).
     """
     config.validate()
-    items = tokenize_sft(examples, tokenizer, config.max_seq_len)
+    items = (tree_sft(examples, tokenizer, config.max_seq_len, groups) if config.packing == "tree"
+             else tokenize_sft(examples, tokenizer, config.max_seq_len))
     lora = config.lora_config()
     apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed,
                dtype=torch.float32)  # LoRA weights (and so their AdamW state) in fp32
     model, info = prepare_model(model, config)
-    return train(model, items, sft_objective(tokenizer), config, out_dir,
+    return train(model, items, sft_objective(tokenizer, config.packing), config, out_dir,
                  base_model_name_or_path=base_model_name_or_path, info=info, resume=resume,
                  lengths=[it["length"] for it in items], name="sft")

@@ -9,11 +9,14 @@ those units - plus its own settings (:mod:`decesc.train.config`). :func:`train` 
   then cosine / linear decay (:func:`lr_at`), gradient clipping, fp32 or bf16 autocast, the
   frozen base stored in fp32 or bf16 (:func:`store_frozen_weights`), optional activation
   checkpointing;
-- an effective batch of ``batch_size`` examples per optimizer step, split over data-parallel ranks
-  and micro-batches (gradient accumulation). Each micro-batch's summed loss is divided by the
-  number of units in the *whole effective batch* (all micro-batches, all ranks), so the gradient
-  is that of the batch mean however the batch is split (single process == FSDP, up to rounding);
-- a seeded data order: epoch e visits the examples in ``randperm(N, seed*100003 + e)`` order,
+- an effective batch of ``batch_size`` items per optimizer step (examples or pairs, or with
+  tree packing token trees of several: ``TrainConfig.packing``), split over data-parallel ranks
+  and micro-batches (gradient accumulation) of ``micro_batch_size`` items or
+  ``micro_batch_tokens`` padded tokens (:func:`micro_batches`). Each micro-batch's summed loss
+  is divided by the number of units in the *whole effective batch* (all micro-batches, all
+  ranks), so the gradient is that of the batch mean however the batch is split (single process
+  == FSDP, up to rounding);
+- a seeded data order: epoch e visits the items in ``randperm(N, seed*100003 + e)`` order,
   so the data position is just the step number; torch's global RNG (LoRA dropout) is seeded
   from (seed, rank) at the start, and its state is saved in checkpoints;
 - tqdm progress (rank 0), one JSON line per step in ``out_dir/metrics.jsonl``;
@@ -52,6 +55,7 @@ from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES
     TORCH_DTYPES,
     TrainConfig,
 )
+from decesc.train.data import to_device
 from decesc.train.resume import (
     check_resumable,
     restore_rng,
@@ -114,16 +118,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def micro_batches(indices: list[int], lengths: list[int], rank: int, world: int,
-                  micro: int) -> list[list[int]]:
+                  micro: int, max_tokens: int = 0) -> list[list[int]]:
     """This rank's micro-batches of one effective batch.
 
-    Rank r takes ``indices[r::world]``, sorted by length (less padding), cut into
-    ceil(len(indices) / (micro * world)) micro-batches - the same count on every rank, which
-    FSDP's collectives need. A rank may get an empty micro-batch at the tail of a short batch.
+    Rank r takes ``indices[r::world]``, sorted by length (less padding), and cuts it into
+    micro-batches of ``micro`` items or, with ``max_tokens`` > 0, greedily into micro-batches
+    whose padded size (items x longest item) stays within ``max_tokens`` (an item longer than
+    that alone). Every rank gets as many micro-batches as the rank with the most (each rank
+    cuts every rank's share, so no communication is needed), which FSDP's collectives need: a
+    rank may get empty micro-batches at the tail.
     """
-    n_micro = math.ceil(len(indices) / (micro * world))
-    mine = sorted(indices[rank::world], key=lambda i: (lengths[i], i))
-    return [mine[k * micro:(k + 1) * micro] for k in range(n_micro)]
+    def cut(r: int) -> list[list[int]]:
+        mine = sorted(indices[r::world], key=lambda i: (lengths[i], i))
+        if max_tokens <= 0:
+            return [mine[k:k + micro] for k in range(0, len(mine), micro)]
+        chunks: list[list[int]] = []
+        for i in mine:  # ascending length: the newest item is the longest of its chunk
+            if chunks and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    n_micro = max(len(cut(r)) for r in range(world))
+    mine = cut(rank)
+    return mine + [[] for _ in range(n_micro - len(mine))]
 
 
 def data_fingerprint(items: list[dict]) -> str:
@@ -132,11 +151,6 @@ def data_fingerprint(items: list[dict]) -> str:
     for item in items:
         h.update(json.dumps(item, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -191,8 +205,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
     """Train the model's trainable (LoRA) parameters on ``items`` with ``objective``.
 
     ``model`` must already be prepared (:func:`prepare_model`). ``items`` are tokenised examples
-    (dicts of plain Python values, the same list on every rank). ``lengths`` (token length of
-    each item) is used to group similar lengths in micro-batches. ``resume``: True = continue
+    or trees (dicts of plain Python values, the same list on every rank): the units of the data
+    order. ``lengths`` (token length of each item's row) groups similar lengths in micro-batches
+    and sizes them against ``micro_batch_tokens``. ``resume``: True = continue
     from the newest checkpoint in ``out_dir/checkpoints`` if there is one, or a checkpoint path.
     Returns the number of steps done and the last step's metrics.
     """
@@ -267,7 +282,7 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
                 order, order_epoch = epoch_order(len(items), config.seed, epoch), epoch
             batch_idx = order[position * config.batch_size:(position + 1) * config.batch_size]
             chunks = micro_batches(batch_idx, lengths, info.rank, info.world_size,
-                                   config.micro_batch_size)
+                                   config.micro_batch_size, config.micro_batch_tokens)
             # An empty micro-batch (short last batch, many ranks) still runs a forward/backward
             # (FSDP collectives) on a stand-in item with weight 0.
             batches = [(objective.collate([items[i] for i in (c or batch_idx[:1])]), bool(c))
@@ -324,7 +339,7 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for batch, real in batches:
-        batch = _to_device(batch, info.device)
+        batch = to_device(batch, info.device)
         with autocast:
             loss_sum, metric_sums = objective.loss(model, batch)
         # d(mean over the effective batch); FSDP averages gradients over ranks, hence * world
