@@ -282,11 +282,11 @@ def sequence_columns(trees: list[Tree]) -> list[tuple[int, list[int]]]:
 
 
 def batch_to(batch: dict, device) -> dict:
-    """A :func:`collate_trees` batch with its tensors (the TreeMask's too) on ``device``."""
+    """A batch with its tensors (a tree batch's :class:`TreeMask` too) on ``device``."""
     def to(v):
         if isinstance(v, TreeMask):
-            return TreeMask(v.trunk_len, v.branch_mask.to(device))
-        return v.to(device) if isinstance(v, torch.Tensor) else v
+            return TreeMask(v.trunk_len, v.branch_mask.to(device, non_blocking=True))
+        return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
     return {k: to(v) for k, v in batch.items()}
 
 

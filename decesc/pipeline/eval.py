@@ -119,7 +119,7 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
     chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
     base, replied = sampling(c), reply_turns(run, len(tests))
-    packing = getattr(c, "packing", "tree")  # TEMPORARY shim until PipelineConfig.packing is merged
+    packing = c.packing
     systems = {}
     for kind, chain in chains.items():
         (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,

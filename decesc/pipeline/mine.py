@@ -70,7 +70,7 @@ def run_mine(run, name: str, models) -> dict:
     ctx = contexts(run, tok)
     k, seeds = c.mine_samples, reply_seed_offsets(c.mine_samples)
     sft = {task: lambda task=task: models.merged(run.adapter(f"sft-{task}")) for task in TASKS}
-    packing = getattr(c, "packing", "tree")  # TEMPORARY shim until PipelineConfig.packing is merged
+    packing = c.packing
 
     def judged(rows: list[dict]) -> list[dict]:
         if judge is None:  # another rank's copy of the rows: rank 0 judges and writes them

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from decesc.core.model import TreeMask
 from decesc.core.tokenizer import Tokenizer
 from decesc.core.tree import Piece, Tree, collate_trees, pack_units, prompt_pieces, target_piece
 
@@ -20,18 +19,6 @@ def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A batch's tensors (and a tree batch's :class:`TreeMask`) on ``device``."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, TreeMask):
-            v = TreeMask(v.trunk_len, v.branch_mask.to(device, non_blocking=True))
-        elif isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-        out[k] = v
     return out
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from decesc.core.lora import lora_disabled
 from decesc.formats.atomic import atomic_path
 from decesc.train import fsdp
-from decesc.train.data import to_device
+from decesc.core.tree import batch_to
 from decesc.train.pairs import collate, item_pairs, pair_logprobs
 
 
@@ -80,7 +80,7 @@ def compute_reference_logps(model: nn.Module, items: list[dict], pad_token_id: i
             mine = chunk[info.rank * micro_batch_size:(info.rank + 1) * micro_batch_size]
             idx = mine or chunk[:1]  # an idle rank still joins FSDP's collectives
             batch = collate([items[i] for i in idx], pad_token_id, packing)
-            chosen, rejected = pair_logprobs(model, to_device(batch, info.device))
+            chosen, rejected = pair_logprobs(model, batch_to(batch, info.device))
             passes += 1
             if mine:
                 rows = torch.tensor([j for i in mine for j in pairs[i]], device=info.device)

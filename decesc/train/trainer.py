@@ -55,7 +55,7 @@ from decesc.train.config import (  # noqa: F401  (TrainConfig, DTYPES, SCHEDULES
     TORCH_DTYPES,
     TrainConfig,
 )
-from decesc.train.data import to_device
+from decesc.core.tree import batch_to
 from decesc.train.resume import (
     check_resumable,
     restore_rng,
@@ -339,7 +339,7 @@ def _forward_backward(model, objective: Objective, batches: list[tuple[dict, boo
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for batch, real in batches:
-        batch = to_device(batch, info.device)
+        batch = batch_to(batch, info.device)
         with autocast:
             loss_sum, metric_sums = objective.loss(model, batch)
         # d(mean over the effective batch); FSDP averages gradients over ranks, hence * world
