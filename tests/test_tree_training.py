@@ -158,17 +158,17 @@ def test_pack_units_keeps_a_pair_in_one_tree_by_hand():
 
 def test_sft_run_in_tree_mode_equals_turn_mode_on_the_same_batches(tmp_path):
     """What is exactly comparable: the data order differs (trees vs examples), so each step
-    takes the WHOLE data set (batch_size >= trees, resp. examples); dropout 0. Then every step's
+    takes the WHOLE data set (batch_size = all examples, which with trees is all trees:
+    trees_per_step(n, n, trees) = trees); dropout 0. Then every step's
     loss and gradient are the same sums in both packings, and 3 AdamW steps give the same
     per-step losses and adapter (<= 1e-5), with micro-batches of 2 trees / 2 examples, and
     with micro-batches cut by a token budget (a free setting: the same numbers)."""
     tok = toy_tokenizer()
     examples, groups = _examples()
-    n_trees = len(tree_sft(examples, tok, 160, groups))
+    n = len(examples)
     results = {}
-    for name, packing, batch, budget in (("turn", "turn", len(examples), 0),
-                                         ("tree", "tree", n_trees, 0),
-                                         ("tree-tokens", "tree", n_trees, 320)):
+    for name, packing, batch, budget in (("turn", "turn", n, 0), ("tree", "tree", n, 0),
+                                         ("tree-tokens", "tree", n, 320)):
         cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=batch, micro_batch_size=2,
                           micro_batch_tokens=budget, max_seq_len=160, lora_r=4, lora_alpha=8,
                           lora_dropout=0.0, warmup_steps=0, progress=False, seed=3,
@@ -243,9 +243,8 @@ def test_dpo_trees_train_like_two_rows_and_cache_reference_per_pair(tmp_path):
     tok = toy_tokenizer()
     pairs, groups = dialogue_pairs()
     rows, passes = {}, {}
-    for name, packing, batch in (("turn", "turn", len(pairs)), ("tree", "tree", 2),
-                                 ("tree-again", "tree", 2)):
-        cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=batch, micro_batch_size=2, lora_r=4,
+    for name, packing in (("turn", "turn"), ("tree", "tree"), ("tree-again", "tree")):
+        cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=len(pairs), micro_batch_size=2, lora_r=4,
                           lora_alpha=8, lora_dropout=0.0, progress=False, seed=5, packing=packing)
         result = dpo.train_dpo(tiny_model(), tok, pairs, cfg, tmp_path / name, groups=groups,
                                preference=PreferenceConfig(beta=0.5))
@@ -365,3 +364,14 @@ if __name__ == "__main__":  # torchrun worker: python test_tree_training.py OUT 
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
     run_tree_stages(Path(sys.argv[1]), Path(sys.argv[2]))
     dist.destroy_process_group()
+
+
+def test_trees_per_step_holds_the_batch_size_in_examples_on_average():
+    """The paper's batch of 32 examples over ESConv's 12,759 training turns in 912 dialogue
+    trees: 32 x 912 / 12,759 = 2.29 -> 2 trees a step; a tree per example gives the batch size
+    itself; never fewer than one tree."""
+    from decesc.train.data import trees_per_step
+
+    assert trees_per_step(32, 12_759, 912) == 2
+    assert trees_per_step(32, 100, 100) == 32
+    assert trees_per_step(4, 1000, 10) == 1

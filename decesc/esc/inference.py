@@ -127,7 +127,7 @@ def _batches(n: int, size: int, desc: str, progress: bool, shard: Shard = SINGLE
     return tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False) if progress else starts
 
 
-def _tree_batches(sequences: list[tuple[object, object, list[Piece]]], max_tokens: int) -> list[list]:
+def tree_batches(sequences: list[tuple[object, object, list[Piece]]], max_tokens: int) -> list[list]:
     """Batches of trees of (group, key, pieces) sequences, each at most ``max_tokens`` padded
     tokens, or the longest sequence's length if that is more (a batch holds one sequence at least)."""
     budget = max([max_tokens] + [sum(len(ids) for ids, _ in pieces) for _, _, pieces in sequences])
@@ -216,7 +216,7 @@ def score_trees(model: CausalLM, prompts: list[list[Piece]], groups: list, candi
     device = model.lm_head.weight.device
     sequences = [(g, (i, c), p + [target_piece(cand)]) for i, (g, p) in enumerate(zip(groups, prompts))
                  for c, cand in enumerate(candidates)]
-    batches = _tree_batches(sequences, max_tokens)
+    batches = tree_batches(sequences, max_tokens)
     found = {}
     for j in _batches(len(batches), 1, desc, progress, shard):
         logps = tree_logprobs(model, batch_to(collate_trees(batches[j], pad_token_id), device))  # (G,)
@@ -319,7 +319,7 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
             replies[b0:b0 + len(outs)] = [text(i, o) for i, o in zip(rows, outs)]
         return shard.collect(replies, size)
     sequences = [(ex.dialogue, i, p) for i, (ex, p) in enumerate(zip(examples, prompts))]
-    batches = _tree_batches(sequences, sampling.max_tokens)
+    batches = tree_batches(sequences, sampling.max_tokens)
     found = {}
     for j in _batches(len(batches), 1, desc, progress, shard):
         keys = [k for tree in batches[j] for k in tree.keys]

@@ -101,8 +101,8 @@ class PipelineConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout", read_by=("train",), minimum=0, below=1)
     sft_epochs: int = _f(3, "SFT epochs", read_by=("sft",), minimum=1)
     sft_lr: float = _f(1e-5, "SFT peak learning rate", read_by=("sft",), above=0)
-    sft_batch_size: int = _f(32, "SFT effective batch (trees with --packing tree, else examples, "
-                             "per optimizer step)",
+    sft_batch_size: int = _f(32, "SFT effective batch in examples per optimizer step (with "
+                             "--packing tree: whole trees, as many as hold that many examples on average)",
                              read_by=("sft",), minimum=1)
     micro_batch_size: int = _f(4, "rows per forward pass per process: trees with --packing tree; "
                                "with turn, SFT examples, and half as many DPO pairs (chosen and "
@@ -121,8 +121,9 @@ class PipelineConfig:
     dpo_preset: str = _f("qwen2.5-7b", "paper lr/beta preset: qwen2.5-7b or llama3.1-8b",
                          choices=("qwen2.5-7b", "llama3.1-8b"), read_by=("dpo",))
     dpo_epochs: int = _f(1, "DPO epochs", read_by=("dpo",), minimum=1)
-    dpo_batch_size: int = _f(32, "DPO effective batch (trees of pairs with --packing tree, else "
-                             "pairs, per optimizer step)", read_by=("dpo",), minimum=1)
+    dpo_batch_size: int = _f(32, "DPO effective batch in pairs per optimizer step (with --packing "
+                             "tree: whole trees, as many as hold that many pairs on average)",
+                             read_by=("dpo",), minimum=1)
     dpo_lr_sp: float | None = _f(None, "DPO lr of the Strategy Planner (default: preset)",
                                  read_by=("dpo-sp",), above=0)
     dpo_lr_rg: float | None = _f(None, "DPO lr of the Response Generator (default: preset)",

@@ -290,6 +290,16 @@ class GenerateWork:
 
 
 @dataclass(frozen=True)
+class StageWork:
+    """What one stage will do (a stage's ``cost`` declaration returns it): ``what`` in words
+    (e.g. "12,759 examples in 910 trees"), its training, and its generation work."""
+
+    what: str
+    train: TrainWork | None = None
+    generate: tuple[GenerateWork, ...] = ()
+
+
+@dataclass(frozen=True)
 class Estimate:
     seconds: float
     peak_bytes: int
@@ -342,7 +352,8 @@ def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Gene
     L = c.num_hidden_layers
     per_prompt_token = u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token
     batches = math.ceil(work.prompts / max(work.batch, 1))
-    step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at this batch size
+    step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at decode_batch rows
+    step *= max(1.0, work.batch / max(u.decode_batch, 1))  # larger batches: up to proportionally more
     seconds = ((work.prompt_tokens + work.scored_tokens) * per_prompt_token
                + batches * work.max_new_tokens * step) / world
     size = TORCH_DTYPES[setting.inference_dtype].itemsize

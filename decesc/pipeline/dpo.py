@@ -6,7 +6,8 @@ from __future__ import annotations
 from functools import partial
 
 from decesc.formats.records import read_pairs_jsonl
-from decesc.pipeline import training
+from decesc.pipeline import training, work
+from decesc.pipeline.cost import StageWork
 from decesc.pipeline.data import subset
 from decesc.pipeline.results import adapter_problem
 from decesc.pipeline.sft import MODULES
@@ -35,7 +36,23 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
     return adapter_problem(stage_dir)
 
 
+def cost(run, shape, world: int, module: str) -> StageWork:
+    """An upper bound: every mined context x sample a pair (:func:`decesc.pipeline.work.pair_items`)."""
+    from decesc.pipeline.mine import contexts
+
+    c = run.config
+    ctx = contexts(run, shape.tokenizer)
+    items = work.pair_items(shape.tokenizer, ctx, module, c.mine_samples, c.max_pairs, c.max_new_tokens,
+                            c.packing, c.max_seq_len)
+    pairs = min(len(ctx) * c.mine_samples, c.max_pairs or len(ctx) * c.mine_samples)
+    micro = c.micro_batch_size if c.packing == "tree" else max(1, c.micro_batch_size // 2)
+    return StageWork(f"{pairs:,} pairs at most", work.training_work(
+        items, examples=pairs, batch=c.dpo_batch_size, micro=micro, epochs=c.dpo_epochs, seed=c.seed,
+        world=world, reference=True))
+
+
 STAGES = tuple(
     Stage(f"dpo-{module}", after=(f"sft-{module}", "mine"), roles=("train", "dpo"),
-          run=partial(run_dpo, module=module), distributed=True, outputs_ok=outputs_ok)
+          run=partial(run_dpo, module=module), distributed=True, outputs_ok=outputs_ok,
+          cost=partial(cost, module=module))
     for module in MODULES)

@@ -32,6 +32,8 @@ from decesc.pipeline.judging import judge_items, make_judge
 from decesc.pipeline.results import json_problem, move_aside, read_json
 from decesc.pipeline.sft import MODULES
 from decesc.pipeline.shard import process_shard
+from decesc.pipeline import work
+from decesc.pipeline.cost import StageWork
 from decesc.pipeline.stage import Stage
 
 REPLY_SEED_OFFSET = 7
@@ -218,6 +220,18 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
     return json_problem(stage_dir / "report.json") or json_problem(stage_dir / "outputs.json")
 
 
+def cost(run, shape, world: int) -> StageWork:
+    """Per trained system (Vanilla and Decoupled, SFT and DPO): its strategies on every
+    evaluation turn (planner or tag scores), its replies on the ``reply_turns`` subset."""
+    c, tok = run.config, shape.tokenizer
+    tests = turns(run, tok)
+    replied = [tests[i] for i in reply_turns(run, len(tests))]
+    per_stage = (work.scoring_work(tok, tests, "sp", c), work.reply_work(tok, replied, "rg", c),
+                 *work.vanilla_work(tok, tests, replied, c))
+    return StageWork(f"{len(tests):,} turns x 4 systems", generate=per_stage * 2)  # SFT, DPO
+
+
 STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
               roles=("generate", "judge"), run=run_eval, distributed=True,
-              splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok)
+              splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok,
+              cost=cost)

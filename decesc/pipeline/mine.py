@@ -34,6 +34,8 @@ from decesc.pipeline.data import examples, sampling, subset
 from decesc.pipeline.judging import judge_items, make_judge
 from decesc.pipeline.results import json_problem, pairs_problem
 from decesc.pipeline.shard import process_shard, stored_or_generated
+from decesc.pipeline import work
+from decesc.pipeline.cost import StageWork
 from decesc.pipeline.stage import Stage
 
 TASKS = ("sp", "rg", "vanilla")
@@ -165,6 +167,17 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
     return json_problem(stage_dir / "stats.json")
 
 
+def cost(run, shape, world: int) -> StageWork:
+    """Planner scores on every context, ``mine_samples`` replies of the generator and of the
+    vanilla model per context (:mod:`decesc.pipeline.work`)."""
+    c, tok = run.config, shape.tokenizer
+    ctx = contexts(run, tok)
+    k = c.mine_samples
+    return StageWork(f"{len(ctx):,} contexts x {k}", generate=(
+        work.scoring_work(tok, ctx, "sp", c), work.reply_work(tok, ctx, "rg", c, rounds=k),
+        *work.vanilla_work(tok, ctx, ctx, c, rounds=k)))
+
+
 STAGE = Stage("mine", after=("sft-sp", "sft-rg", "sft-vanilla"), roles=("generate", "judge"),
               run=run_mine, distributed=True, splits=lambda c: ("train",), check=check,
-              outputs_ok=outputs_ok)
+              outputs_ok=outputs_ok, cost=cost)

@@ -25,15 +25,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from decesc.core.model import ModelConfig
 from decesc.core.tokenizer import chat_messages
 from decesc.pipeline.config import PipelineConfig
-from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, calibrate, calibration_bytes,
-                                  generate_estimate, gpu_train_estimate, load_memory, model_params,
-                                  read_model_config,
+from decesc.pipeline.cost import (Setting, UnitCosts, calibrate, calibration_bytes, generate_estimate,
+                                  gpu_train_estimate, load_memory, model_params, read_model_config,
                                   train_estimate)
 
 # English BPE vocabularies of 32k-150k tokens average about 4 characters per token on ESConv-like
@@ -43,21 +44,40 @@ GiB = 1024 ** 3
 
 
 class CharTokenizer:
-    """Token counts from characters, for a model directory without a tokenizer (estimates)."""
+    """Token counts from characters, for a model directory without a tokenizer (estimates).
+    A text's "ids" are as many as its estimated tokens, the first one a hash of the text, so
+    that a dialogue's trees share exactly the pieces that are the same text."""
 
     chat_overhead = 5  # role markers and separators per chat message
+    end_of_turn_id = 0
 
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
+    def encode(self, text: str) -> list[int]:
+        n = self.count_tokens(text)
+        return [zlib.crc32(text.encode("utf-8", "replace")) + 1] + [0] * (n - 1) if n else []
+
+    def chat_pieces(self, messages, add_generation_prompt: bool = False) -> list[list[int]]:
+        """A chat cut as :meth:`decesc.core.tokenizer.Tokenizer.render_chat_pieces` cuts it
+        (the user message before each run of newlines), with the template's tokens estimated."""
+        pieces = [[0] * self.chat_overhead * len(messages)]
+        for m in messages:
+            parts = re.split(r"(?<!\n)(?=\n)", m["content"]) if m["role"] == "user" else [m["content"]]
+            pieces[-1] = pieces[-1] + self.encode(parts[0])
+            pieces += [self.encode(p) for p in parts[1:]]
+        pieces[-1] = pieces[-1] + [0] * (self.chat_overhead if add_generation_prompt else 0)
+        return pieces
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> list[int]:
-        n = sum(self.count_tokens(m["content"]) + self.chat_overhead for m in messages)
-        return [0] * (n + (self.chat_overhead if add_generation_prompt else 0))
+        return [i for p in self.chat_pieces(messages, add_generation_prompt) for i in p]
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.encode(target) + [self.end_of_turn_id]
 
     def encode_prompt_target(self, messages, target: str) -> tuple[list[int], list[int]]:
-        prompt = len(self.apply_chat_template(messages, add_generation_prompt=True))
-        n = self.count_tokens(target) + 1
-        return [0] * (prompt + n), [-100] * prompt + [0] * n
+        prompt, target_ids = self.apply_chat_template(messages, True), self.target_ids(target)
+        return prompt + target_ids, [-100] * len(prompt) + target_ids
 
 
 class ShapeOnly:
@@ -104,113 +124,6 @@ def setting_of(c: PipelineConfig) -> Setting:
                    lora_r=c.lora_r, lora_dropout=c.lora_dropout)
 
 
-def _padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
-                   world: int) -> tuple[int, int, int]:
-    """(padded tokens over all steps, optimizer steps, longest row) exactly as the trainer
-    groups them (seeded order, length-sorted micro-batches per rank)."""
-    from decesc.train.trainer import epoch_order, micro_batches
-
-    tokens, steps = 0, 0
-    for epoch in range(epochs):
-        order = epoch_order(len(lengths), seed, epoch)
-        for start in range(0, len(order), batch):
-            indices = order[start:start + batch]
-            for rank in range(world):
-                for mb in micro_batches(indices, lengths, rank, world, micro):
-                    if mb:
-                        tokens += len(mb) * max(lengths[i] for i in mb)
-            steps += 1
-    return tokens, steps, max(lengths, default=0)
-
-
-def sft_work(run, shape: ShapeOnly, task: str, world: int) -> TrainWork:
-    from decesc.pipeline.sft import training_examples
-
-    c, tok = run.config, shape.tokenizer
-    data = training_examples(run, tok, task)
-    encoded = [tok.encode_prompt_target(chat_messages(e.prompt, e.system), e.target) for e in data]
-    lengths = [len(ids) for ids, _ in encoded]
-    labelled = max((sum(y != -100 for y in labels) for _, labels in encoded), default=0)
-    tokens, steps, longest = _padded_tokens(lengths, c.sft_batch_size, c.micro_batch_size, c.sft_epochs,
-                                            c.seed, world)
-    return TrainWork(len(data), tokens, steps, c.micro_batch_size, longest,
-                     max_labelled_tokens=labelled * c.micro_batch_size)
-
-
-def dpo_work(run, shape: ShapeOnly, module: str, world: int) -> TrainWork:
-    """An upper bound: every mined context x sample a pair (module docstring)."""
-    from decesc.esc.prompts import task_example
-    from decesc.pipeline.mine import contexts
-
-    c, tok = run.config, shape.tokenizer
-    ctx = contexts(run, tok)
-    n = min(len(ctx) * c.mine_samples, c.max_pairs or math.inf)
-    rows = 1 if c.packing == "tree" else 2
-    lengths = []
-    for e in ctx:
-        ex = task_example(e, module)
-        full = len(tok.encode_prompt_target(chat_messages(ex.prompt, ex.system), ex.target)[0])
-        prompt = len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
-        rejected = c.max_new_tokens + 1 if module != "sp" else full - prompt
-        lengths += [full + rejected if rows == 1 else full] * c.mine_samples
-    lengths = lengths[:int(n)]
-    micro = max(1, c.micro_batch_size // rows)
-    tokens, steps, longest = _padded_tokens(lengths, c.dpo_batch_size, micro, c.dpo_epochs, c.seed, world)
-    tokens *= rows
-    labelled = 2 * (c.max_new_tokens + 1) * micro  # both replies of every pair, at their longest
-    return TrainWork(len(lengths), tokens, steps, micro * rows, longest, reference_tokens=tokens // c.dpo_epochs,
-                     max_labelled_tokens=labelled)
-
-
-def _prompt_tokens(tok, examples, task: str) -> int:
-    from decesc.esc.prompts import task_example
-
-    total = 0
-    for e in examples:
-        ex = task_example(e, task)
-        total += len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
-    return total
-
-
-def _vanilla_work(tok, examples, replied, b: int, c, rounds: int = 1) -> list[GenerateWork]:
-    """The vanilla model's work: constrained tags are scored on every example, then the replies
-    generated on ``replied`` (after the tag); free tags generate on every example."""
-    if c.vanilla_tags == "free":
-        return [GenerateWork(len(examples) * rounds, _prompt_tokens(tok, examples, "vanilla") * rounds, b,
-                             c.max_new_tokens)]
-    return [GenerateWork(len(examples), 0, b, 0, scored_tokens=_prompt_tokens(tok, examples, "vanilla")),
-            GenerateWork(len(replied) * rounds, _prompt_tokens(tok, replied, "vanilla") * rounds, b,
-                         c.max_new_tokens)]
-
-
-def mine_work(run, shape: ShapeOnly) -> list[GenerateWork]:
-    from decesc.pipeline.mine import contexts
-
-    c, tok = run.config, shape.tokenizer
-    ctx = contexts(run, tok)
-    k, b = c.mine_samples, c.gen_batch_size
-    scoring = GenerateWork(len(ctx), 0, b, 0, scored_tokens=_prompt_tokens(tok, ctx, "sp"))
-    return ([scoring, GenerateWork(len(ctx) * k, _prompt_tokens(tok, ctx, "rg") * k, b, c.max_new_tokens)]
-            + _vanilla_work(tok, ctx, ctx, b, c, rounds=k))
-
-
-def eval_work(run, shape: ShapeOnly) -> list[GenerateWork]:
-    """Per system: its strategies on every evaluation turn (planner or tag scoring), its replies
-    on the ``reply_turns`` subset."""
-    from decesc.pipeline.eval import reply_turns, turns
-
-    c, tok = run.config, shape.tokenizer
-    tests = turns(run, tok)
-    replied = [tests[i] for i in reply_turns(run, len(tests))]
-    b = c.gen_batch_size
-    work = []
-    for _ in ("SFT", "DPO"):
-        work.append(GenerateWork(len(tests), 0, b, 0, scored_tokens=_prompt_tokens(tok, tests, "sp")))
-        work.append(GenerateWork(len(replied), _prompt_tokens(tok, replied, "rg"), b, c.max_new_tokens))
-        work += _vanilla_work(tok, tests, replied, b, c)
-    return work
-
-
 def _calibration_shape(run, shape: ShapeOnly) -> dict:
     """Representative sizes for :func:`calibrate`: the SFT rows' mean length (capped for speed)."""
     from decesc.pipeline.sft import training_examples
@@ -229,6 +142,7 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
              log=print) -> tuple[list[StagePlan], UnitCosts, ShapeOnly]:
     """Estimate every requested stage (see the module docstring)."""
     from decesc.pipeline.run import Run
+    from decesc.pipeline.stages import BY_NAME
 
     run = Run(config, log=lambda *a: None)
     shape = ShapeOnly(config.model)
@@ -249,21 +163,22 @@ def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitC
     on_host = _on_host(config.device)
     out = []
     for name in stages:
-        family, _, module = name.partition("-")
-        if family in ("sft", "dpo"):
-            work = (sft_work if family == "sft" else dpo_work)(run, shape, module, nproc)
-            est = (train_estimate if on_host else gpu_train_estimate)(cfg, costs, s, work, nproc, ckpt)
-            what = f"{work.examples:,} {'examples' if family == 'sft' else 'pairs at most'}"
+        stage = BY_NAME[name]
+        if stage.cost is None:
+            raise ValueError(f"stage {name} declares no cost (Stage.cost): --plan cannot estimate it")
+        work = stage.cost(run, shape, nproc)
+        seconds, peak, tokens, steps = 0.0, 0, 0, 0
+        if work.train is not None:
+            est = (train_estimate if on_host else gpu_train_estimate)(cfg, costs, s, work.train, nproc, ckpt)
+            seconds, tokens, steps = est.seconds, work.train.tokens, work.train.steps
             peak = max(est.peak_bytes, load_memory(cfg, costs)) if on_host else est.peak_bytes
-            out.append(StagePlan(name, what, work.tokens, work.steps, est.seconds, peak))
-        else:
-            works = mine_work(run, shape) if name == "mine" else eval_work(run, shape)
-            ests = [generate_estimate(cfg, costs, s, w, nproc) for w in works]
-            n = works[0].prompts
-            what = f"{n:,} contexts x {config.mine_samples}" if name == "mine" else f"{n:,} turns x 4 systems"
+        if work.generate:
+            ests = [generate_estimate(cfg, costs, s, w, nproc) for w in work.generate]
             base = model_params(cfg) * 4 if on_host else 0  # the fp32 base the merged copies come from
-            out.append(StagePlan(name, what, sum(w.prompt_tokens + w.scored_tokens for w in works), 0,
-                                 sum(e.seconds for e in ests), max(e.peak_bytes for e in ests) + base))
+            seconds += sum(e.seconds for e in ests)
+            peak = max(peak, max(e.peak_bytes for e in ests) + base)
+            tokens += sum(w.prompt_tokens + w.scored_tokens for w in work.generate)
+        out.append(StagePlan(name, work.what, tokens, steps, seconds, peak))
     return out, costs, shape
 
 

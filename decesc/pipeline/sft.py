@@ -8,7 +8,8 @@ from functools import partial
 
 from decesc.core.tokenizer import chat_messages
 from decesc.formats.records import SFTExample
-from decesc.pipeline import training
+from decesc.pipeline import training, work
+from decesc.pipeline.cost import StageWork
 from decesc.pipeline.data import examples, subset
 from decesc.pipeline.results import adapter_problem
 from decesc.pipeline.stage import Stage
@@ -46,8 +47,19 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
     return adapter_problem(stage_dir)
 
 
+def cost(run, shape, world: int, task: str) -> StageWork:
+    """Its examples, as one row each or as the trees of each dialogue (``packing``)."""
+    c = run.config
+    data = training_examples(run, shape.tokenizer, task)
+    items = work.sft_items(shape.tokenizer, data, c.packing, c.max_seq_len)
+    what = f"{len(data):,} examples" + (f" in {len(items):,} trees" if c.packing == "tree" else "")
+    return StageWork(what, work.training_work(items, examples=len(data), batch=c.sft_batch_size,
+                                              micro=c.micro_batch_size, epochs=c.sft_epochs, seed=c.seed,
+                                              world=world))
+
+
 STAGES = tuple(
     Stage(f"sft-{task}", after=(), roles=("train", "sft"), run=partial(run_sft, task=task),
           distributed=True, splits=lambda c: ("train",), check=partial(check, task=task),
-          outputs_ok=outputs_ok)
+          outputs_ok=outputs_ok, cost=partial(cost, task=task))
     for task in MODULES)

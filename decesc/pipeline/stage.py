@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from decesc.pipeline.config import PipelineConfig
 
 if TYPE_CHECKING:
+    from decesc.pipeline.cost import StageWork
     from decesc.pipeline.models import Models
     from decesc.pipeline.run import Run
 
@@ -50,6 +51,10 @@ class Stage:
                  call starts; raises ValueError naming the setting to change
     outputs_ok   ``outputs_ok(stage_dir, done) -> problem | None``: whether its finished outputs
                  read back (a stage whose outputs do not is stale, not done)
+    cost         ``cost(run, shape, world) -> StageWork``: the work it will do, counted before it
+                 runs from the model's config and tokenizer (``shape``) and the data, for
+                 ``world`` devices (:mod:`decesc.pipeline.work`); ``--plan`` estimates time and
+                 memory from it. None: the stage cannot be planned, and ``--plan`` says so
     """
 
     name: str
@@ -60,6 +65,7 @@ class Stage:
     splits: Callable[[PipelineConfig], tuple[str, ...]] = _no_splits
     check: Callable[[Run, Models], None] = _no_check
     outputs_ok: Callable[[Path, dict], str | None] = _no_outputs
+    cost: Callable[[Run, object, int], StageWork] | None = None
 
     @property
     def all_roles(self) -> tuple[str, ...]:

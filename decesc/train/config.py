@@ -84,10 +84,12 @@ class TrainConfig:
     most ``max_seq_len`` tokens (:mod:`decesc.core.tree`; a preference pair's two replies always
     share one tree), each scored in one row; ``"turn"``: one example per row (a preference pair
     as two rows), the checked reference. Every example's log-probs, and so the per-example
-    losses, are the same in both up to rounding. The unit of the data order, of ``batch_size``
-    and of ``micro_batch_size`` is a *tree* with tree packing and an *example* (SFT example,
-    preference pair) with turn packing; the loss is normalised per target token (SFT) or per
-    pair (DPO) either way.
+    losses, are the same in both up to rounding. ``batch_size`` counts examples (SFT examples,
+    preference pairs) in both packings: with tree packing a step takes whole trees, as many as
+    hold ``batch_size`` examples on average (:func:`decesc.train.data.trees_per_step`), so a
+    run takes about as many optimizer steps in either packing. The unit of the data order and of
+    ``micro_batch_size`` is a *tree* with tree packing and an *example* with turn packing; the
+    loss is normalised per target token (SFT) or per pair (DPO) either way.
 
     ``micro_batch_size`` counts units per forward pass and process; ``micro_batch_tokens`` > 0
     cuts micro-batches by padded tokens instead (units x longest row within the budget; a unit
@@ -104,7 +106,7 @@ class TrainConfig:
 
     lr: float = 1e-5
     epochs: int = 3
-    batch_size: int = 32  # effective (global) batch: trees, or examples / pairs, per optimizer step
+    batch_size: int = 32  # effective (global) batch: examples / pairs per optimizer step (trees: on average)
     micro_batch_size: int = free(4)  # trees, or examples / pairs, per forward pass, per process
     micro_batch_tokens: int = free(0)  # > 0: micro-batches of at most this many padded tokens
     packing: str = "tree"  # tree | turn (PACKINGS)

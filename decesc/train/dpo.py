@@ -23,7 +23,7 @@ data order; each tree yields every pair's (chosen, rejected) log-probs for the s
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from decesc.train.pairs import (  # noqa: F401  (collate_pairs, pair_logprobs: p
     tokenize_pairs,
     tree_pairs,
 )
+from decesc.train.data import trees_per_step
 from decesc.train.reference import reference_fingerprint, reference_logps
 from decesc.train.trainer import (
     Objective,
@@ -133,9 +134,10 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
               sft_adapter: str | Path | None = None, groups: list | None = None,
               base_model_name_or_path: str = "", resume: bool | str | Path = False) -> TrainResult:
     """DPO stage (eqs. 5, 6): merge the SFT adapter, cache reference log-probs, train a fresh
-    DPO adapter. ``config.batch_size`` / ``micro_batch_size`` count pairs (turn packing) or
-    trees (tree packing: ``groups[i]`` names the group, e.g. the dialogue, of pair i whose
-    pairs share trees of at most ``config.max_seq_len`` tokens; default: one pair per tree).
+    DPO adapter. ``config.batch_size`` counts pairs; with tree packing (``groups[i]`` names the
+    group, e.g. the dialogue, of pair i whose pairs share trees of at most ``config.max_seq_len``
+    tokens; default: one pair per tree) a step takes :func:`decesc.train.data.trees_per_step`
+    trees and ``micro_batch_size`` counts trees.
     Writes the adapter (PEFT format, relative to the merged SFT model, which
     ``merge_first.json`` records), metrics and checkpoints to ``out_dir``; reference log-probs
     go to ``preference.ref_cache_dir`` (default ``<out_dir>/../ref_cache``, shared by sibling
@@ -146,6 +148,8 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
     tokenized = tokenize_pairs(pairs, tokenizer, config.max_seq_len)  # checks every length
     tree = config.packing == "tree"
     items = (tree_pairs(pairs, tokenizer, config.max_seq_len, groups) if tree else tokenized)
+    if tree:
+        config = replace(config, batch_size=trees_per_step(config.batch_size, len(pairs), len(items)))
     prepare_dpo_model(model, config, sft_adapter)
     store_frozen_weights(model, config)  # the reference = exactly the weights the policy starts from
     passes = 0

@@ -19,6 +19,7 @@ differs is the data order, whose unit is a tree.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from decesc.train.data import (  # SequenceTooLongError: public here too
     collate_tree_items,
     pad_right,
     tree_items,
+    trees_per_step,
 )
 from decesc.train.trainer import (
     Objective,
@@ -124,16 +126,20 @@ def train_sft(model: nn.Module, tokenizer: Tokenizer, examples: list[SFTExample]
     """SFT stage: apply a fresh LoRA adapter to ``model`` and train it on ``examples``.
 
     With ``config.packing == "tree"``, ``groups[i]`` names the group (e.g. the dialogue) of
-    example i whose examples share trees (:func:`tree_sft`; default: one example per tree), and
-    ``config.batch_size`` / ``micro_batch_size`` count trees.
+    example i whose examples share trees (:func:`tree_sft`; default: one example per tree); a
+    step then takes :func:`decesc.train.data.trees_per_step` trees and ``micro_batch_size``
+    counts trees.
 
     Works in one process or under torchrun (FSDP2). Writes the adapter (PEFT format),
     metrics.jsonl, train_config.json and checkpoints to ``out_dir``. The model is modified in
     place (LoRA layers added, trained; sharded under FSDP).
     """
     config.validate()
-    items = (tree_sft(examples, tokenizer, config.max_seq_len, groups) if config.packing == "tree"
-             else tokenize_sft(examples, tokenizer, config.max_seq_len))
+    if config.packing == "tree":
+        items = tree_sft(examples, tokenizer, config.max_seq_len, groups)
+        config = replace(config, batch_size=trees_per_step(config.batch_size, len(examples), len(items)))
+    else:
+        items = tokenize_sft(examples, tokenizer, config.max_seq_len)
     lora = config.lora_config()
     apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=config.seed,
                dtype=torch.float32)  # LoRA weights (and so their AdamW state) in fp32

@@ -1,0 +1,142 @@
+"""What a stage will process, counted before it runs, with the stages' own functions: the work
+behind each stage's ``cost`` declaration (:class:`decesc.pipeline.stage.Stage`), which ``--plan``
+turns into time and memory (:mod:`decesc.pipeline.plan`, :mod:`decesc.pipeline.cost`).
+
+Counts follow the run's ``packing``: with "turn" every example is a row of its own prompt and
+target; with "tree" the examples of a dialogue share their history as token trees, packed and
+batched exactly as the stages pack them (:func:`decesc.train.sft.tree_sft`,
+:func:`decesc.esc.inference.tree_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from decesc.core.logprobs import IGNORE_INDEX
+from decesc.core.tokenizer import chat_messages
+from decesc.core.tree import prompt_pieces, target_piece
+from decesc.esc.inference import tree_batches
+from decesc.esc.prompts import task_example
+from decesc.esc.strategies import STRATEGIES
+from decesc.pipeline.cost import GenerateWork, TrainWork
+from decesc.train.data import chat_sequence, tree_items, trees_per_step
+from decesc.train.trainer import epoch_order, micro_batches
+
+
+def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
+                  world: int) -> tuple[int, int, int]:
+    """(padded tokens over all steps, optimizer steps, longest item) exactly as the trainer
+    groups the items (seeded order, length-sorted micro-batches per rank)."""
+    tokens, steps = 0, 0
+    for epoch in range(epochs):
+        order = epoch_order(len(lengths), seed, epoch)
+        for start in range(0, len(order), batch):
+            indices = order[start:start + batch]
+            for rank in range(world):
+                for mb in micro_batches(indices, lengths, rank, world, micro):
+                    if mb:
+                        tokens += len(mb) * max(lengths[i] for i in mb)
+            steps += 1
+    return tokens, steps, max(lengths, default=0)
+
+
+def training_work(items: list[dict], *, examples: int, batch: int, micro: int, epochs: int, seed: int,
+                  world: int, reference: bool = False) -> TrainWork:
+    """Training over tree items (:func:`decesc.train.data.tree_items`; a step takes
+    :func:`decesc.train.data.trees_per_step` of them) or turn-level items (``input_ids`` /
+    ``labels``, or a pair's two rows) of ``examples`` examples or pairs; ``reference``: plus one
+    no-grad pass."""
+    if items and "sequences" in items[0]:
+        batch = trees_per_step(batch, examples, len(items))
+    lengths, labelled = [], []
+    for it in items:
+        if "sequences" in it:  # a tree
+            lengths.append(it["length"])
+            labelled.append(sum(y != IGNORE_INDEX for s in it["sequences"] for _, ys in s for y in ys))
+        elif "chosen_ids" in it:  # a pair as two rows
+            lengths.append(len(it["chosen_ids"]) + len(it["rejected_ids"]))
+            labelled.append(sum(y != IGNORE_INDEX for y in it["chosen_labels"] + it["rejected_labels"]))
+        else:
+            lengths.append(len(it["input_ids"]))
+            labelled.append(sum(y != IGNORE_INDEX for y in it["labels"]))
+    tokens, steps, longest = padded_tokens(lengths, batch, micro, epochs, seed, world)
+    return TrainWork(len(items), tokens, steps, micro, longest,
+                     reference_tokens=tokens // max(epochs, 1) if reference else 0,
+                     max_labelled_tokens=max(labelled, default=0) * micro)
+
+
+def sft_items(tok, examples, packing: str, max_seq_len: int) -> list[dict]:
+    """The SFT stage's items: one per example, or trees of each dialogue's examples."""
+    if packing == "tree":
+        from decesc.train.sft import tree_sft
+
+        return tree_sft(examples, tok, max_seq_len, [e.dialogue for e in examples])
+    return [dict(zip(("input_ids", "labels"), tok.encode_prompt_target(chat_messages(e.prompt, e.system),
+                                                                       e.target))) for e in examples]
+
+
+def pair_items(tok, contexts, module: str, samples: int, max_pairs: int | None, max_new_tokens: int,
+               packing: str, max_seq_len: int) -> list[dict]:
+    """An upper bound of a DPO stage's items: every mined context x sample a pair, its chosen
+    reply the gold target and its rejected one ``max_new_tokens`` long (the planner's: a
+    strategy name as long as the gold one)."""
+    units = []
+    for e in contexts:
+        ex = task_example(e, module)
+        chosen = chat_sequence(tok, chat_messages(ex.prompt, ex.system), ex.target)
+        prompt, gold = chosen[:-1], chosen[-1]
+        rejected = gold if module == "sp" else target_piece([0] * (max_new_tokens + 1))
+        for _ in range(samples):
+            if max_pairs is not None and len(units) >= max_pairs:
+                break
+            i = len(units)
+            units.append((e.dialogue, [(2 * i, chosen), (2 * i + 1, prompt + [rejected])]))
+    if packing == "tree":
+        return tree_items(units, max_seq_len)
+    return [{"chosen_ids": [t for ids, _ in c for t in ids], "chosen_labels": [y for _, ys in c for y in ys],
+             "rejected_ids": [t for ids, _ in r for t in ids], "rejected_labels": [y for _, ys in r for y in ys]}
+            for _, ((_, c), (_, r)) in units]
+
+
+def _prompts(tok, examples, task: str) -> list:
+    return [prompt_pieces(tok.chat_pieces(chat_messages(x.prompt, x.system), True))
+            for x in (task_example(e, task) for e in examples)]
+
+
+def scoring_work(tok, examples, task: str, c) -> GenerateWork:
+    """Scoring the eight strategies (or tags) after every example's ``task`` prompt: prompts
+    only with "turn" packing (the candidates come from the cache), the trees of prompts and
+    candidates with "tree"."""
+    prompts = _prompts(tok, examples, task)
+    if c.packing == "turn":
+        return GenerateWork(len(examples), 0, c.gen_batch_size, 0,
+                            scored_tokens=sum(len(ids) for p in prompts for ids, _ in p))
+    candidates = [tok.target_ids(s) for s in STRATEGIES]
+    seqs = [(e.dialogue, (i, k), p + [target_piece(cand)]) for i, (e, p) in enumerate(zip(examples, prompts))
+            for k, cand in enumerate(candidates)]
+    batches = tree_batches(seqs, c.gen_batch_size * c.max_seq_len)
+    return GenerateWork(len(examples), 0, c.gen_batch_size, 0,
+                        scored_tokens=sum(t.num_tokens for b in batches for t in b))
+
+
+def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
+    """Sampling a reply after every example's ``task`` prompt, ``rounds`` times: batches of
+    ``gen_batch_size`` prompts with "turn" packing; with "tree" the batches of prompt trees,
+    each prefilled once and decoded as one batch of all its turns."""
+    prompts = _prompts(tok, examples, task)
+    if c.packing == "turn" or not examples:
+        return GenerateWork(len(examples) * rounds, sum(len(ids) for p in prompts for ids, _ in p) * rounds,
+                            c.gen_batch_size, c.max_new_tokens)
+    batches = tree_batches([(e.dialogue, i, p) for i, (e, p) in enumerate(zip(examples, prompts))],
+                           c.gen_batch_size * c.max_seq_len)
+    rows = len(examples) * rounds
+    return GenerateWork(rows, sum(t.num_tokens for b in batches for t in b) * rounds,
+                        math.ceil(len(examples) / len(batches)), c.max_new_tokens)
+
+
+def vanilla_work(tok, examples, replied, c, rounds: int = 1) -> list[GenerateWork]:
+    """The vanilla model's work: constrained tags are scored on every example, then the replies
+    generated on ``replied`` (after the tag); free tags generate on every example."""
+    if c.vanilla_tags == "free":
+        return [reply_work(tok, examples, "vanilla", c, rounds)]
+    return [scoring_work(tok, examples, "vanilla", c), reply_work(tok, replied, "vanilla", c, rounds)]
