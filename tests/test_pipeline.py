@@ -195,6 +195,19 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
+def test_evaluate_names_runs_with_the_same_name_apart(run_dir, tmp_path, capsys):
+    """Rows of several runs are prefixed by the shortest path suffix that tells them apart."""
+    for name in ("x1/run", "x2/run", "x2/other"):
+        shutil.copytree(run_dir, tmp_path / name)
+    runs = [str(tmp_path / name) for name in ("x1/run", "x2/run", "x2/other")]
+    assert evaluate_cli.main(runs + ["--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
+    names = [r["system"] for r in rows]
+    assert len(set(names)) == len(names) == 18
+    assert {n.split(": ")[0] for n in names} == {"x1/run", "x2/run", "other"}
+    capsys.readouterr()
+
+
 def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     """A truncated eval/outputs.json makes eval stale: the rerun names the file and generates the
     same outputs again. tools.evaluate does not reuse (and names) such a file; a truncated file

@@ -224,3 +224,142 @@ def test_an_unreadable_substep_file_is_moved_aside_and_recomputed(tmp_path):
     assert aside.read_text() == '{"index": 0}\n{"ind'
     assert len(said) == 1 and said[0].startswith(f"warning: {path}: unreadable (line 2: not valid JSON")
     assert said[0].endswith(f"moved to {aside.name}, recomputing it")
+
+
+# ----------------------------------------------------------------------------- what a run may delete
+
+
+def test_a_folder_decesc_did_not_write_stops_the_run_before_any_stage(tmp_path, capsys):
+    """A folder named like a stage that no stage wrote (no STARTED.json / DONE.json) is never
+    deleted: the run stops before any stage starts, naming it. An empty one is harmless."""
+    run_dir = tmp_path / "run"
+    for stage in ("eval", "mine", "sft-rg"):
+        (run_dir / stage).mkdir(parents=True)
+    (run_dir / "eval" / "notes.txt").write_text("n")
+    (run_dir / "mine" / "mine.txt").write_text("m")
+    assert train_cli.main(TINY + ["--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run_dir / 'mine'}: not written by decesc"), err
+    assert (run_dir / "eval" / "notes.txt").read_text() == "n"
+    assert (run_dir / "mine" / "mine.txt").read_text() == "m"
+    assert not (run_dir / "sft-sp").exists() and not (run_dir / "sft-rg" / "STARTED.json").exists()
+    (run_dir / "eval").rename(tmp_path / "eval-notes")  # one still in the way
+    assert train_cli.main(TINY + ["--run-dir", str(run_dir)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {run_dir / 'mine'}: not written by decesc")
+    (run_dir / "mine" / "mine.txt").unlink()  # left empty: nothing to lose
+    (run_dir / "sft-rg" / "DONE.json").write_text("{}")  # a stage of decesc wrote it: cleared
+    assert train_cli.main(TINY + ["--run-dir", str(run_dir), "--stages", "sft-sp,sft-rg"]) == 0
+    assert (run_dir / "sft-rg" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    (run_dir / "sft-vanilla").write_text("a file")
+    assert train_cli.main(TINY + ["--run-dir", str(run_dir), "--stages", "sft-vanilla"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run_dir / 'sft-vanilla'}: not written by decesc (not a folder), but "
+                   f"stage sft-vanilla writes there; move it out of {run_dir}"]
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for run_dir in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert train_cli.main(TINY + ["--run-dir", str(run_dir)]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {run_dir}: cannot be a run directory: {tmp_path / 'f'} is a file; "
+            "use another --run-dir"]
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(10**30)])
+def test_a_seed_out_of_range_is_rejected_up_front(tmp_path, capsys, seed):
+    assert train_cli.main(TINY + ["--run-dir", str(tmp_path / "run"), "--seed", seed]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config: seed must be in [0, 4294967295], got {seed}"
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": 1e30}')
+    assert train_cli.main(TINY + ["--run-dir", str(tmp_path / "run"), "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: config: seed must be in [0, 4294967295], "
+                                               f"got {int(1e30)}")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- credentials
+
+
+PASSWORD = "hunter2-pw-9f"
+URL = f"http://alice:{PASSWORD}@127.0.0.1:9/v1"
+
+
+def test_the_lock_file_is_private_and_shows_no_credentials(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tools/train.py", "--judge-url", URL, "--run-dir", str(tmp_path)])
+    (tmp_path / ".lock").write_text("left by a process killed with -9")
+    os.chmod(tmp_path / ".lock", 0o644)
+    with RunLock(tmp_path) as lock:
+        assert os.stat(lock.path).st_mode & 0o777 == 0o600
+        text = lock.path.read_text()
+        assert PASSWORD not in text and "--judge-url http://***@127.0.0.1:9/v1" in text
+        with pytest.raises(RunDirLocked) as e:
+            RunLock(tmp_path).acquire()
+    assert PASSWORD not in str(e.value) and "http://***@127.0.0.1:9/v1" in str(e.value)
+
+
+def test_config_json_keeps_no_credentials(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--run-dir", str(run_dir), "--stages", "sft-sp"]
+    assert train_cli.main(args + ["--judge-url", URL]) == 0
+    text = (run_dir / "config.json").read_text()
+    assert PASSWORD not in text and json.loads(text)["judge_url"] == "http://***@127.0.0.1:9/v1"
+    assert train_cli.main(args) == 0  # the rule judge does not use the URL
+    capsys.readouterr()
+    assert train_cli.main(args + ["--judge", "openai", "--judge-model", "m"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: config: --judge-url http://***@127.0.0.1:9/v1: its credentials are not stored in "
+        "config.json; give --judge-url again")
+    assert train_cli.main(args + ["--judge", "openai", "--judge-model", "m", "--judge-url", URL]) == 0
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+def _signal_self(signum):
+    def send(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("the signal did not interrupt")
+    return send
+
+
+def _interrupted(call) -> int:
+    """``call()``'s exit status; a SIGTERM the command does not handle, or a KeyboardInterrupt
+    that escapes it, fails the test (instead of ending pytest). The command restores the
+    SIGTERM handler it found."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM was not handled")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code = call()
+    except KeyboardInterrupt:
+        pytest.fail("the interruption escaped as a traceback")
+    finally:
+        restored = signal.signal(signal.SIGTERM, previous)
+    assert restored is unhandled
+    return code
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_stop_train_cleanly(tmp_path, capsys, monkeypatch, signum, code):
+    import decesc.pipeline.preflight
+
+    monkeypatch.setattr(decesc.pipeline.preflight, "preflight", _signal_self(signum))
+    assert _interrupted(lambda: train_cli.main(TINY + ["--run-dir", str(tmp_path / "run")])) == code
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted; run the same command again to resume (run directory {tmp_path / 'run'})"]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_stop_evaluate_cleanly(tmp_path, capsys, monkeypatch, signum, code):
+    from tools import evaluate as evaluate_cli
+
+    monkeypatch.setattr(Run, "open", _signal_self(signum))
+    assert _interrupted(lambda: evaluate_cli.main([str(tmp_path / "a"), str(tmp_path / "b")])) == code
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted; run the same command again to resume (run directory {tmp_path / 'a'})"]

@@ -1,6 +1,12 @@
 """`python -m tools.train sft|dpo` end to end on a tiny Hugging Face model directory."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ from decesc.core.lora import lora_modules
 from decesc.formats.peft import load_adapter
 from tools.train import main
 from tools.train_stage import STAGES, build_parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,67 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys, flags, mess
                  "--out", str(tmp_path / "o"), "--no-progress", *flags]) == 1
     err = capsys.readouterr().err
     assert err.strip() == message
+
+
+def test_a_second_training_into_one_out_is_locked_out(workdir, tmp_path, capsys):
+    """Two trainings into one --out would mix their checkpoints and metrics: the second stops
+    at once (the run-directory lock), before writing anything."""
+    from decesc.pipeline.lock import RunLock
+
+    out = tmp_path / "sft"
+    args = ["sft", "--model", str(workdir / "model"), "--data", str(workdir / "sft.jsonl"), "--out",
+            str(out), "--no-progress", "--batch-size", "2", "--micro-batch-size", "2"]
+    with RunLock(out):  # another training holds it
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: output directory in use by pid ")
+        assert err[0].endswith("; wait for it to finish, or use another --out")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert main(args) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / ".lock").exists()
+
+
+def test_an_interrupted_training_says_how_to_resume(workdir, tmp_path, capsys, monkeypatch):
+    import decesc.train.sft
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decesc.train.sft, "train_sft", interrupt)
+    out = tmp_path / "sft"
+    try:
+        code = main(["sft", "--model", str(workdir / "model"), "--data", str(workdir / "sft.jsonl"),
+                     "--out", str(out), "--no-progress"])
+    except KeyboardInterrupt:
+        pytest.fail("the interruption escaped as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted; run the same command with --resume to continue from the last checkpoint "
+        f"in {out / 'checkpoints'}"]
+    assert not (out / ".lock").exists()
+
+
+def test_sigterm_stops_a_training_like_ctrl_c(workdir, tmp_path):
+    """A real ``python -m tools.train sft`` process (where the module runs twice: as __main__
+    and as tools.train) stopped by SIGTERM says how to resume and exits 128 + 15."""
+    out = tmp_path / "sft"
+    proc = subprocess.Popen([sys.executable, "-m", "tools.train", "sft", "--model", str(workdir / "model"),
+                             "--data", str(workdir / "sft.jsonl"), "--out", str(out), "--no-progress",
+                             "--epochs", "100000"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".lock").is_file() or str(proc.pid) not in (out / ".lock").read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the training never took the lock of {out}: {proc.communicate()[1][-2000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines() == [
+        f"interrupted; run the same command with --resume to continue from the last checkpoint "
+        f"in {out / 'checkpoints'}"], err
+    assert not (out / ".lock").exists()

@@ -9,7 +9,8 @@ DPO, Decoupled SFT and Decoupled DPO are run on the evaluation turns (or their s
 reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
 Q_W, Q, unparseable strategies, error-type shares, strategy preference and distribution, next to
 the two chance planners, with dialogue-bootstrap 95% intervals and paired differences. With
-several runs, system names are prefixed by the run directory's name.
+several runs, system names are prefixed by the shortest end of each run directory's path that
+tells it apart from the others (``x1/run``, ``x2/run``).
 
 Choosing settings (DPO lr / beta, ...) is done on the valid split, never on test: ``--split
 valid`` scores the trained stages on the valid split without retraining, and ``--reply-turns 0``
@@ -23,6 +24,8 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+from tools.train import interrupted, sigterm_interrupts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_names(paths: list[str]) -> list[str]:
+    """Each path's shortest end (last part, last two parts, ...) that no other path ends in:
+    ``x1/run``, ``x2/run`` for ``a/x1/run``, ``a/x2/run``; the whole path if none is."""
+    parts = [Path(p).resolve().parts for p in paths]
+    names = []
+    for i, mine in enumerate(parts):
+        others = parts[:i] + parts[i + 1:]
+        k = next((k for k in range(1, len(mine)) if all(o[-k:] != mine[-k:] for o in others)), len(mine))
+        names.append(str(Path(*mine[-k:])))
+    return names
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_interrupts():
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
     from decesc.pipeline.eval import STAGE as EVAL
@@ -71,7 +91,7 @@ def main(argv=None) -> int:
 
     rows, differences, notes, names = [], [], [], []
     try:
-        for run_dir in args.runs:
+        for run_dir, short in zip(args.runs, run_names(args.runs)):
             run = Run.open(run_dir)
             changes = {k: v for k, v in {"eval_split": args.split, "eval_turns": args.eval_turns,
                                          "reply_turns": args.reply_turns,
@@ -89,7 +109,7 @@ def main(argv=None) -> int:
             # our own cache of outputs, per settings; the eval stage's outputs are reused (read
             # only) when they were made with the same settings
             outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash(EVAL.name)}.json"
-            prefix = f"{Path(run_dir).name}: " if len(args.runs) > 1 else ""
+            prefix = f"{short}: " if len(args.runs) > 1 else ""
             with RunLock(run_dir):  # it writes the run's judge cache and its own outputs
                 models = Models(run.config.model, run.config.device)
                 try:
@@ -103,13 +123,15 @@ def main(argv=None) -> int:
             notes += [(f"{run_dir}: " if prefix else "") + note for note in
                       report_notes(run, len(tests), len({e.dialogue for e in tests}), got[0]["replied"],
                                    got[0]["judged"])]
-    except (ValueError, RuntimeError, OSError) as e:
+        out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
+                                               else Path("eval_report"))
+        report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(names),
+                              differences=differences, notes=notes)
+    except (ValueError, RuntimeError, OSError) as e:  # a write error names its file
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
-                                           else Path("eval_report"))
-    report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(names),
-                          differences=differences, notes=notes)
+    except KeyboardInterrupt as e:
+        return interrupted(e, f"run the same command again to resume (run directory {run_dir})")
     print(report.read_text())
     print(f"report written to {report} (+ report.json, strategy_distribution.svg)")
     return 0

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,40 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that it stops a command the same
+    way: locks released, finished outputs kept, one line saying how to resume."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def sigterm_interrupts():
+    """While the block runs, SIGTERM (``kill``, a scheduler, torchrun stopping its workers) raises
+    :class:`Terminated`; the previous handler is restored after (in the main thread only, the
+    one Python delivers signals to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(error: KeyboardInterrupt, how: str) -> int:
+    """Print "interrupted; <how to resume>"; return the exit status of the signal (128 + its
+    number: 130 for Ctrl-C, 143 for SIGTERM). The signal is read from the error, not its class:
+    ``python -m tools.train`` runs this module twice (as ``__main__`` and ``tools.train``)."""
+    print(f"interrupted; {how}", file=sys.stderr)
+    return 128 + getattr(error, "signum", signal.SIGINT)
+
+
 def print_plan(config, stages: list[str], args) -> int:
     """``--plan``: the cost of each stage (decesc.pipeline.plan), a warning when a stage does not
     fit a device, and the setting that would make it fit."""
@@ -166,10 +203,8 @@ def run_pipeline(argv: list[str]) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # DataError, judge, lock, non-finite loss, ...
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume (run directory {config.run_dir})",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(e, f"run the same command again to resume (run directory {config.run_dir})")
     finally:
         if launched_by_torchrun():
             import torch.distributed as dist
@@ -190,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     from tools.train_stage import STAGES, run_stage
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in STAGES:
-        return run_stage(argv[0], argv[1:])
-    return run_pipeline(argv)
+    with sigterm_interrupts():
+        if argv and argv[0] in STAGES:
+            return run_stage(argv[0], argv[1:])
+        return run_pipeline(argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 SFT data: one JSON object per line with "prompt", "target" and optionally "system"; DPO data:
 "prompt", "chosen", "rejected" and optionally "system". The output directory receives the adapter
 in PEFT format (adapter_model.safetensors, adapter_config.json), metrics.jsonl, train_config.json
-and checkpoints/. DPO merges the SFT adapter into the model: its reference is the SFT model and
+and checkpoints/; one training at a time writes there (the run-directory lock,
+decesc.pipeline.lock). DPO merges the SFT adapter into the model: its reference is the SFT model and
 its adapter applies on top of it. The work is done by decesc.train.sft.train_sft /
 decesc.train.dpo.train_dpo; ``tools.train`` dispatches here.
 """
@@ -171,29 +172,36 @@ def configs_from_args(args: argparse.Namespace,
 
 def run_stage(stage: str, argv: list[str]) -> int:
     from decesc import load_pretrained
-    from decesc.train.fsdp import setup_distributed
+    from decesc.pipeline.lock import RunDirError, lock_all_ranks
+    from decesc.train.fsdp import launched_by_torchrun, setup_distributed
+    from tools.train import interrupted
 
     args = build_parser(stage).parse_args(argv)
     try:
         config, preference = configs_from_args(args, stage)
         info = setup_distributed(config.device)
-        model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
-        if stage == "sft":
-            from decesc.formats.records import read_sft_jsonl
-            from decesc.train.sft import train_sft
+        with lock_all_ranks(args.out, info.is_main, launched_by_torchrun(), what="output directory",
+                            flag="--out"):
+            model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
+            if stage == "sft":
+                from decesc.formats.records import read_sft_jsonl
+                from decesc.train.sft import train_sft
 
-            result = train_sft(model, tokenizer, read_sft_jsonl(args.data), config, args.out,
-                               base_model_name_or_path=args.model, resume=args.resume)
-        else:
-            from decesc.formats.records import read_pairs_jsonl
-            from decesc.train.dpo import train_dpo
+                result = train_sft(model, tokenizer, read_sft_jsonl(args.data), config, args.out,
+                                   base_model_name_or_path=args.model, resume=args.resume)
+            else:
+                from decesc.formats.records import read_pairs_jsonl
+                from decesc.train.dpo import train_dpo
 
-            result = train_dpo(model, tokenizer, read_pairs_jsonl(args.data), config, args.out,
-                               preference=preference, sft_adapter=args.sft_adapter,
-                               base_model_name_or_path=args.model, resume=args.resume)
-    except (ValueError, FileNotFoundError, OSError, NonFiniteLossError) as e:
+                result = train_dpo(model, tokenizer, read_pairs_jsonl(args.data), config, args.out,
+                                   preference=preference, sft_adapter=args.sft_adapter,
+                                   base_model_name_or_path=args.model, resume=args.resume)
+    except (ValueError, FileNotFoundError, OSError, NonFiniteLossError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        return interrupted(e, "run the same command with --resume to continue from the last "
+                              f"checkpoint in {os.path.join(args.out, 'checkpoints')}")
     if info.is_main:
         loss = result.last_metrics.get("loss")
         print(f"{stage}: {result.steps} steps, final loss "

@@ -2,27 +2,55 @@
 
 A crash mid-write leaves either the old file or the new one, never a torn file, because
 ``os.replace`` within one directory is atomic on POSIX and Windows.
+
+A write that fails (a full disk, a file-size limit) raises an OSError naming the file it was
+writing (:func:`writing`), which the command-line tools print as one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors quotes the OS error it got
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Errors of the writes in the block name ``path``: an OSError that names no file (a failed
+    ``write`` or ``fsync``), or a safetensors ``SafetensorError`` wrapping an OS error, is raised
+    as ``OSError(errno, strerror, path)``: ``[Errno 28] No space left on device: 'path'``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except SafetensorError as e:
+        code = _OS_ERROR.search(str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``."""
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``. A failed
+    write names ``path`` (:func:`writing`) and leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with writing(path):
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

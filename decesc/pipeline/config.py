@@ -16,7 +16,10 @@ Field metadata is the single source of everything else about a setting:
   (:attr:`decesc.pipeline.stage.Stage.reads`). ``read_by=NO_STAGE`` says that a field changes
   no output (where to write, which device, how often to checkpoint, ...);
 - bounds: ``minimum`` (>=), ``above`` (>), ``maximum`` (<=), ``below`` (<). Every float field
-  must also be finite (NaN and infinity are rejected).
+  must also be finite (NaN and infinity are rejected);
+- ``secret``: the value may hold credentials (a URL's user info, a key in its query), so the
+  run directory's ``config.json`` stores it redacted (:mod:`decesc.formats.redact`); a run
+  continued from it is asked for the judge URL again when its judge uses one.
 The type of a field (int, float or str, and whether None is allowed) is its annotation.
 
 Profiles. ``paper`` is the dataclass defaults: Appendix D's hyper-parameters (LoRA r 16 / alpha 16
@@ -48,6 +51,7 @@ from decesc.esc.inference import VANILLA_TAGS
 from decesc.esc.judges import JUDGES, check_judge_settings
 from decesc.esc.prompts import STYLES
 from decesc.formats.records import read_text
+from decesc.formats.redact import MASK, redact
 from decesc.train.config import DTYPES, PACKINGS
 from decesc.train.losses import PREFERENCE_LOSSES
 
@@ -74,7 +78,8 @@ class PipelineConfig:
     profile: str = _f("auto", "default sizes: paper, demo, cpu (real ESConv on a 2-core CPU in about "
                       "80 minutes), or auto (demo for the built-in sample, else paper)",
                       choices=PROFILES, read_by=NO_STAGE)  # only picks the defaults of other fields
-    seed: int = _f(42, "seed for splits, sampling, adapter init and data order", read_by=("common",))
+    seed: int = _f(42, "seed for splits, sampling, adapter init and data order", read_by=("common",),
+                   minimum=0, maximum=2**32 - 1)  # derived seeds (seed * 100003 + step ...) fit in 64 bits
     device: str | None = _f(None, "cpu or cuda (default: cuda if available)", read_by=NO_STAGE)
     dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (LoRA weights and optimizer "
                     "state stay fp32)", choices=DTYPES, read_by=("train",))
@@ -157,7 +162,8 @@ class PipelineConfig:
                         f"{k} = {v.help}" for k, v in JUDGES.items()),
                     choices=tuple(JUDGES), read_by=("judge",))
     judge_url: str | None = _f(None, "base URL of the OpenAI-compatible API, e.g. "
-                               "http://localhost:8000/v1", read_by=NO_STAGE)  # where, not which judge
+                               "http://localhost:8000/v1", read_by=NO_STAGE,  # where, not which judge
+                               secret=True)
     judge_model: str | None = _f(None, "judge model name (openai) or model source (local)",
                                  read_by=("judge",))
     judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge API key",
@@ -202,7 +208,9 @@ class PipelineConfig:
         return (own_lr if own_lr is not None else lr, own_beta if own_beta is not None else beta)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The settings as ``config.json`` stores them: ``secret`` fields redacted."""
+        return {f.name: redact(value) if f.metadata.get("secret") and value is not None else value
+                for f, value in zip(fields(self), asdict(self).values())}
 
 
 DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_size=8,
@@ -367,6 +375,9 @@ def validate_config(c: PipelineConfig) -> None:
         if problem:
             raise ValueError(f"config: {f.name} {problem}, got {value}")
     check_judge_settings(c.judge, c.judge_model, c.judge_url)
+    if "url" in JUDGES[c.judge].needs and MASK in c.judge_url:
+        raise ValueError(f"config: --judge-url {c.judge_url}: its credentials are not stored in "
+                         "config.json; give --judge-url again")
     if c.dtype == "fp32" and c.base_dtype == "bf16":
         raise ValueError("config: --base-dtype bf16 needs --dtype bf16 (bf16 weights with fp32 "
                          "compute would be cast back on every forward)")

@@ -1,7 +1,8 @@
 """The checks a pipeline call makes before any stage starts, so a problem that would stop a
-later stage is found before hours of training: every stage to run has its dependencies (up to
-date, or run before it in this call), every data split it reads exists and is not empty, and
-its budgets hold (each stage's ``check``: every training example fits ``max_seq_len``, every
+later stage is found before hours of training: no stage to run would clear a folder decesc did
+not write (:meth:`decesc.pipeline.run.Run.not_ours`), every stage to run has its dependencies
+(up to date, or run before it in this call), every data split it reads exists and is not empty,
+and its budgets hold (each stage's ``check``: every training example fits ``max_seq_len``, every
 prompt that is generated from leaves room for ``max_new_tokens``, counted by encoding the chat
 prompt exactly as training and generation will)."""
 
@@ -15,6 +16,10 @@ def preflight(run, models, stages: list[str]) -> list[str]:
     """Raise ValueError / RuntimeError naming the stage and setting; return the stages to run
     (the requested ones that are not done), in run order."""
     todo = [s for s in stages if run.status(s) != "done"]
+    for stage in todo:
+        problem = run.not_ours(stage)
+        if problem:
+            raise ValueError(problem)
     for i, stage in enumerate(todo):
         missing = [d for d in BY_NAME[stage].after if d not in todo[:i] and run.status(d) != "done"]
         if missing:

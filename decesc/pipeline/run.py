@@ -14,7 +14,9 @@ A pipeline call holds the run directory's lock (:mod:`decesc.pipeline.lock`) fro
 then runs a pre-flight (:mod:`decesc.pipeline.preflight`) before any stage starts. A stage
 interrupted before ``DONE.json`` resumes: training stages continue from their last checkpoint,
 mining reuses finished sub-steps and every cached judgment. A stage whose inputs changed since it
-started is cleared first, so stale checkpoints are never resumed.
+started is cleared first, so stale checkpoints are never resumed. Only what a stage wrote is ever
+cleared (its directory is marked by ``STARTED.json`` first): a folder in the way that decesc did
+not write stops the call before any stage starts.
 
 Under torchrun every stage runs in every process: training stages shard the model (FSDP2), the
 generating stages (mine, eval) their batches (:mod:`decesc.pipeline.shard`); rank 0 writes the
@@ -30,14 +32,13 @@ import json
 import shutil
 import time
 import uuid
-from contextlib import nullcontext
 from pathlib import Path
 
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.records import read_text
 from decesc.pipeline.config import PipelineConfig, read_config_file
 from decesc.pipeline.data import data_fingerprint, model_fingerprint
-from decesc.pipeline.lock import RunLock
+from decesc.pipeline.lock import lock_all_ranks
 from decesc.pipeline.memory import StageMemory, release
 from decesc.pipeline.stages import BY_NAME, NAMES, STAGES
 
@@ -123,10 +124,29 @@ class Run:
             return "todo"
         return "done" if self.problem(stage) is None else "stale"
 
+    def not_ours(self, stage: str) -> str | None:
+        """Why the stage may not clear its directory (None if it may): decesc did not write what
+        is there. A stage marks its directory with STARTED.json before writing anything else, so
+        only a directory holding STARTED.json or DONE.json, or nothing, is a stage's to clear."""
+        d = self.stage_dir(stage)
+        if not d.exists():
+            return None
+        if not d.is_dir():
+            why = "not a folder"
+        elif any((d / name).exists() for name in ("STARTED.json", "DONE.json")) or not any(d.iterdir()):
+            return None
+        else:
+            why = "no STARTED.json or DONE.json in it"
+        return f"{d}: not written by decesc ({why}), but stage {stage} writes there; move it out of {self.dir}"
+
     def begin(self, stage: str) -> Path:
         """Prepare the stage directory: clear it unless it holds a resumable attempt on the
-        same inputs and config; record the attempt in STARTED.json."""
+        same inputs and config; record the attempt in STARTED.json. Never clears what decesc
+        did not write (:meth:`not_ours`)."""
         d = self.stage_dir(stage)
+        problem = self.not_ours(stage)
+        if problem:
+            raise ValueError(problem)
         started = self.marker(stage, "STARTED.json")
         inputs = self.inputs(stage)
         same = (started is not None and self.marker(stage) is None
@@ -148,24 +168,6 @@ class Run:
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary,
                   "settings": self.settings(stage)}
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
-
-
-def _lock_all_ranks(run_dir: Path, is_main: bool, distributed: bool):
-    """Rank 0 takes the lock; under torchrun every rank learns whether it got it (so no rank
-    waits for a rank that stopped)."""
-    lock, error = None, None
-    if is_main:
-        try:
-            lock = RunLock(run_dir).acquire()
-        except RuntimeError as e:
-            error = str(e)
-    if distributed:
-        from decesc.train.fsdp import all_gather_object
-
-        error = all_gather_object(error)[0]
-    if error:
-        raise RuntimeError(error)
-    return lock or nullcontext()
 
 
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=print) -> dict:
@@ -191,7 +193,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
     is_main = info is None or info.is_main
     run = Run(config, log=log if is_main else (lambda *a, **k: None))
     outcome = {}
-    with _lock_all_ranks(run.dir, is_main, distributed):
+    with lock_all_ranks(run.dir, is_main, distributed):
         models = Models(config.model, config.device)
         models.hand_over = True  # a training stage holds one model (see decesc.pipeline.models)
         try:

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from decesc.core.lora import LoRAConfig
+from decesc.formats.atomic import writing
 from decesc.formats.peft import read_adapter_state, write_adapter
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -93,10 +94,13 @@ def save_checkpoint(root: str | Path, step: int, *, adapter_state: dict[str, tor
     tmp.mkdir()
     write_adapter(adapter_state, tmp, lora_config, base_model_name_or_path)
     optim_tensors, groups = _flatten_optimizer(optimizer_state)
-    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in rng_states.items()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "param_groups": groups},
-                                               indent=2))
+    with writing(tmp / "optimizer.safetensors"):
+        save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+    with writing(tmp / "rng.safetensors"):
+        save_file({k: v.contiguous() for k, v in rng_states.items()}, str(tmp / "rng.safetensors"))
+    with writing(tmp / "state.json"):
+        (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "param_groups": groups},
+                                                   indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from decesc.core.lora import LoRAConfig
-from decesc.formats.atomic import atomic_write_text
+from decesc.formats.atomic import atomic_write_text, writing
 from decesc.formats.peft import save_adapter, write_adapter
 from decesc.train import fsdp
 from decesc.train.checkpoint import list_checkpoints
@@ -313,8 +313,9 @@ def train(model: nn.Module, items: list[dict], objective: Objective, config: Tra
                    "tokens/s": global_tokens / dt}
             metrics = row
             if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                with writing(metrics_file):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
 

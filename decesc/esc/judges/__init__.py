@@ -20,6 +20,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
+from decesc.formats.redact import redact
+
 from .base import (
            ERROR_TYPES,
            RUBRIC,
@@ -34,7 +36,6 @@ from .fanout import Failure, Judge
 from .local import LocalJudge
 from .openai import OpenAIJudge
 from .prompt import PROMPT_VERSION, SYSTEM_PROMPT, judge_messages, user_prompt
-from .redact import redact
 from .rules import RuleJudge
 
 FLAGS = {"url": "--judge-url", "model": "--judge-model"}   # setting -> the pipeline's flag

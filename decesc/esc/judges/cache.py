@@ -11,25 +11,33 @@ safe to share between threads and between processes (SQLite locking).
 
 A file that is not a readable SQLite database (truncated, overwritten) is moved aside to
 ``judgments.sqlite3.corrupt-<YYYYmmdd-HHMMSS>`` with one warning naming both files, and an empty
-cache is started in its place: the judgments it held are made again.  The connection is closed
-by `JudgmentCache.close` (or ``with JudgmentCache(dir) as cache:``), and at the latest when the
-cache object is garbage-collected.
+cache is started in its place: the judgments it held are made again.  A write that fails (a full
+disk, a file-size limit) is not corruption: it raises an OSError naming the file, and the
+judgments committed before it stay.  The connection is closed by `JudgmentCache.close` (or
+``with JudgmentCache(dir) as cache:``), and at the latest when the cache object is
+garbage-collected.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import resource
+import shutil
 import sqlite3
 import threading
 import time
 import warnings
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 from .base import InvalidReply, Judgment
 
 CACHE_FILE = "judgments.sqlite3"
+FULL_DISK = 1 << 20  # bytes free below which a failed write is taken for a full disk
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
            "judgment TEXT NOT NULL, raw TEXT, created REAL NOT NULL)")
 
@@ -38,13 +46,42 @@ def cache_key(judge_name: str, prompt: str) -> str:
     return hashlib.sha256(json.dumps([judge_name, prompt]).encode("utf-8")).hexdigest()
 
 
+@contextmanager
+def _writes(path: Path):
+    """A write in the block that fails raises the OSError it was, naming ``path``.
+
+    SQLite does not pass the OS error on: a full disk is SQLITE_FULL ("database or disk is full")
+    or, when growing its shared-memory file fails, SQLITE_IOERR ("disk I/O error"), which is
+    also what a file-size limit (``ulimit -f``: EFBIG) gives. So SQLITE_IOERR is read as "no space
+    left" when less than `FULL_DISK` bytes are free, else as "file too large" under a file-size
+    limit. Other SQLite errors pass unchanged.
+    """
+    try:
+        yield
+    except sqlite3.Error as e:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR
+                                           and shutil.disk_usage(path.parent).free < FULL_DISK):
+            number, note = errno.ENOSPC, ""
+        elif code == sqlite3.SQLITE_IOERR and limit != resource.RLIM_INFINITY:
+            number, note = errno.EFBIG, f" (SQLite: {e}; the file-size limit, ulimit -f, is {limit} bytes)"
+        elif code == sqlite3.SQLITE_IOERR:
+            number, note = errno.EIO, f" (SQLite: {e})"
+        else:
+            raise
+        raise OSError(number, os.strerror(number) + note, str(path)) from e
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    """Open (or create) the cache database and check it reads back (raises sqlite3.DatabaseError)."""
+    """Open (or create) the cache database and check it reads back (raises sqlite3.DatabaseError;
+    a failed write raises OSError)."""
     db = sqlite3.connect(path, timeout=60.0, check_same_thread=False,
                          isolation_level=None)  # autocommit; we open transactions ourselves
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(_SCHEMA)
+        with _writes(path):
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
         check = db.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
             raise sqlite3.DatabaseError("; ".join(str(row[0]) for row in check[:3]))
@@ -99,15 +136,15 @@ class JudgmentCache:
 
     def put(self, key: str, judge_name: str, judgment: Judgment, raw: str = "") -> None:
         value = json.dumps(judgment.to_dict(), ensure_ascii=False)
-        with self._lock:
+        with self._lock, _writes(self.path):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?)",
                                  (key, judge_name, value, raw, time.time()))
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            finally:
+                if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                    self._db.execute("ROLLBACK")
 
     def __len__(self) -> int:
         with self._lock:

@@ -46,9 +46,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from decesc.formats.redact import redact
+
 from .base import JudgeError, JudgeItem, Judgment
 from .cache import cache_key, open_cache
-from .redact import redact
 
 ABORT_GRACE = 10.0  # seconds to wait for aborted attempts to return before leaving them behind
 

@@ -23,7 +23,7 @@ Failures and what happens (the retries, fan-out and total timeout are `Judge`'s)
   server's message;
 - ``total_timeout`` seconds after ``judge_many`` began (None = no bound): `JudgeError`, and the
   requests in flight are cut off (their sockets are shut down).
-Every message is redacted (:mod:`decesc.esc.judges.redact`): the key, Bearer tokens, key-like
+Every message is redacted (:mod:`decesc.formats.redact`): the key, Bearer tokens, key-like
 strings and URL user info never appear in errors, warnings or the repr.
 ``judge_many`` sends the uncached items from ``workers`` threads; each judgment is cached as soon
 as it arrives, so an interrupted run resumes where it stopped.
@@ -46,10 +46,11 @@ import warnings
 import weakref
 from typing import Sequence
 
+from decesc.formats.redact import redact, split_userinfo
+
 from .base import InvalidReply, JudgeItem, parse_judgment
 from .fanout import Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
-from .redact import redact, split_userinfo
 
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_MESSAGE_CHARS = 300  # how much of a server's error text is quoted (after redaction)

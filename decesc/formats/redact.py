@@ -1,4 +1,5 @@
-"""Credentials out of every message a judge shows: errors, warnings and its repr.
+"""Credentials out of every text decesc shows or writes: a judge's errors, warnings and repr,
+the command line in a run directory's lock file, the settings in its ``config.json``.
 
 A server's error body is worth quoting (it says what went wrong), but it may echo the request
 headers, so every text a judge shows goes through `redact` first.  What is replaced by ``***``:
