@@ -83,6 +83,7 @@ out = {"scores": score_strategies(model, tok, examples, max_tokens=0, shard=shar
 if shard.is_main:
     open(sys.argv[1], "w").write(json.dumps(out))
 if len(sys.argv) > 2:
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 """
 

@@ -363,6 +363,7 @@ if __name__ == "__main__":  # torchrun worker: python test_tree_training.py OUT 
     info = setup_distributed("cpu")
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
     run_tree_stages(Path(sys.argv[1]), Path(sys.argv[2]))
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 
