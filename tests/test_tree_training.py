@@ -266,19 +266,20 @@ def test_dpo_trees_train_like_two_rows_and_cache_reference_per_pair(tmp_path):
 
 
 def run_tree_stages(out: Path, sft_adapter: Path | None = None) -> None:
-    """Tree SFT (dialogue groups, 3 trees of at most 160 tokens, batch 2 trees: the second
-    batch of an epoch has one tree, so with 2 processes rank 1 idles; micro-batches by a token
-    budget) and tree DPO (pairs grouped by dialogue, 2 trees per batch) from ``sft_adapter``
-    (default: this run's SFT)."""
+    """Tree SFT (5 examples of 2 dialogues, cut into 3 trees of at most 160 tokens; batch 3
+    examples = round(3 x 3 / 5) = 2 trees per step, so the second step of an epoch has one tree
+    and with 2 processes rank 1 idles; micro-batches by a token budget) and tree DPO (10 pairs
+    in 3 trees of at most 200 tokens; batch 6 pairs = round(6 x 3 / 10) = 2 trees per step) from
+    ``sft_adapter`` (default: this run's SFT)."""
     tok = toy_tokenizer()
     examples, groups = _examples()
-    cfg = dict(lr=1e-2, epochs=2, batch_size=2, micro_batch_size=1, micro_batch_tokens=320,
+    cfg = dict(lr=1e-2, epochs=2, batch_size=3, micro_batch_size=1, micro_batch_tokens=320,
                max_seq_len=160, lora_r=4, lora_alpha=8, lora_dropout=0.0, warmup_steps=1,
                progress=False, seed=7, packing="tree")
     train_sft(tiny_model(), tok, examples, TrainConfig(**cfg), out / "sft", groups=groups)
     pairs, pair_groups = dialogue_pairs()
-    dpo.train_dpo(tiny_model(), tok, pairs, TrainConfig(**{**cfg, "max_seq_len": 200}), out / "dpo",
-                  groups=pair_groups, preference=PreferenceConfig(beta=0.5),
+    dpo.train_dpo(tiny_model(), tok, pairs, TrainConfig(**{**cfg, "max_seq_len": 200, "batch_size": 6}),
+                  out / "dpo", groups=pair_groups, preference=PreferenceConfig(beta=0.5),
                   sft_adapter=sft_adapter or out / "sft")
 
 
