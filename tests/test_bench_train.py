@@ -35,3 +35,23 @@ def test_bench_train_quick_json():
         assert c["tokens_per_s"] > 0 and len(c["samples"]) == result["repeats"]
         assert c["gflops"] > 0 and 0 < c["ceiling_share"]
     assert cases[("SP", "SFT", "decesc")]["decesc_speedup"] == 1.0
+
+
+def test_bench_train_dialogues_json():
+    """``--dialogues 1`` on the tiny model (built-in sample when ESConv is absent): every
+    implementation but transformers+peft (``--no-hf``) trains the same turns; the tree processes
+    fewer tokens than the turn-level rows with full history, and its speedup over itself is 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_train", "--model", "tiny", "--dtype", "fp32",
+                           "--dialogues", "1", "--repeats", "1", "--no-hf", "--json",
+                           "--data", str(REPO / "no-such-dir")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["data"] == "the built-in sample" and result["turns"] > 1
+    cases = {c["impl"]: c for c in result["cases"]}
+    assert set(cases) == {"decesc tree", "decesc turn", "decesc turn, 320-token window"}
+    assert result["skipped"] == {"transformers+peft": "skipped"}
+    assert cases["decesc tree"]["tokens"] < cases["decesc turn"]["tokens"]
+    assert cases["decesc tree"]["tree_speedup"] == 1.0
+    assert all(c["seconds"] > 0 and len(c["samples"]) == 1 for c in cases.values())

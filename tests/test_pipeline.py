@@ -355,7 +355,10 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
         ("Decoupled SFT", "Vanilla SFT", "B"), ("Decoupled SFT", "Vanilla SFT", "TV"),
         ("Decoupled DPO", "Decoupled SFT", "B"), ("Decoupled DPO", "Decoupled SFT", "TV"),
-        ("Vanilla DPO", "Vanilla SFT", "B"), ("Vanilla DPO", "Vanilla SFT", "TV")]
+        ("Vanilla DPO", "Vanilla SFT", "B"), ("Vanilla DPO", "Vanilla SFT", "TV"),
+        *((name, "Chance: prior", "Q_W") for name in ("Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO"))]
+    qw = {d["a"]: d for d in report["differences"] if d["metric"] == "Q_W"}
+    assert qw["Vanilla SFT"]["value"] == pytest.approx(rows["Vanilla SFT"]["Q_W"] - rows["Chance: prior"]["Q_W"])
     assert not any("Smoke-scale" in note for note in report["notes"])
     assert f"on all {n_turns['test']} test turns" in report["notes"][0]
 
@@ -369,3 +372,33 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (run / "eval").iterdir()} == before  # the test-split report untouched
     assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
     assert capsys.readouterr().out.count("up to date, skipped") == 8  # nothing was retrained
+
+
+def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsys):
+    """A run with only sft-sp and sft-vanilla done (a learning-curve point) is scored with
+    --systems "Decoupled SFT" "Vanilla SFT" --reply-turns 0: two system rows and the chance rows,
+    B/TV of Decoupled SFT - Vanilla SFT and Q_W of each against the prior; a second call reuses
+    the stored outputs; Decoupled DPO is refused, naming the stage it lacks; and after sft-sp is
+    trained again the outputs are generated again."""
+    run = tmp_path / "d2"
+    assert train(run, "--stages", "sft-sp,sft-vanilla", "--max-train-dialogues", "2") == 0
+    sft = ["--split", "valid", "--reply-turns", "0", "--eval-turns", "6", "--bootstrap-replicates", "20",
+           "--no-progress", "--out", str(tmp_path / "report")]
+    assert evaluate_cli.main([str(run), *sft, "--systems", "Decoupled SFT", "Vanilla SFT"]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["system"] for r in report["systems"]] == ["Vanilla SFT", "Decoupled SFT", "Chance: majority",
+                                                        "Chance: prior"]
+    assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
+        ("Decoupled SFT", "Vanilla SFT", "B"), ("Decoupled SFT", "Vanilla SFT", "TV"),
+        ("Vanilla SFT", "Chance: prior", "Q_W"), ("Decoupled SFT", "Chance: prior", "Q_W")]
+    stored = next((run / "evaluate").glob("outputs-*.json"))
+    before = stored.read_bytes()
+    assert evaluate_cli.main([str(run), *sft, "--systems", "Vanilla SFT"]) == 0
+    assert stored.read_bytes() == before  # reused, not generated again
+    assert evaluate_cli.main([str(run), *sft, "--systems", "Decoupled DPO"]) == 1
+    assert "stage(s) dpo-sp are not done" in capsys.readouterr().err
+    shutil.rmtree(run / "sft-sp")
+    assert train(run, "--stages", "sft-sp", "--max-train-dialogues", "2") == 0
+    assert evaluate_cli.main([str(run), *sft, "--systems", "Decoupled SFT"]) == 0
+    assert json.loads(stored.read_text())["settings"] != json.loads(before)["settings"]

@@ -45,6 +45,8 @@ _GEN += ("prompt_style", "vanilla_tags", "inference_dtype")
 _COMMON += ("packing",)
 _SFT += ("packing",)
 _DPO += ("packing",)
+# and issue 17's subset of training dialogues (SFT stages)
+_SFT += ("max_train_dialogues",)
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
@@ -172,3 +174,30 @@ def test_torchrun_refuses_single_process_stages(tmp_path, monkeypatch):
                                          "run mine, eval in a single process"):
         run_pipeline(PipelineConfig(run_dir=str(tmp_path), model="tiny"), ["sft-sp", "mine", "eval"])
     assert not (tmp_path / ".lock").exists()
+
+
+def test_max_train_dialogues_keeps_every_turn_of_the_same_dialogues_for_every_module(tmp_path):
+    """--max-train-dialogues 3 on the built-in sample: each SFT module trains on every supporter
+    turn it keeps of the same 3 training dialogues (a seeded subset: another seed, others);
+    --max-train-examples then subsets those turns."""
+    from decesc.pipeline.data import examples, splits
+    from decesc.pipeline.sft import MODULES, training_examples
+    from toy import toy_tokenizer
+
+    tok = toy_tokenizer()
+
+    def chosen(seed, **kw):
+        run = Run(PipelineConfig(run_dir=str(tmp_path), max_seq_len=4096, seed=seed, **kw))
+        everything = {task: examples(run.config, run.memo, tok, "train", task) for task in MODULES}
+        return run, everything, {task: training_examples(run, tok, task) for task in MODULES}
+
+    run, everything, picked = chosen(42, max_train_dialogues=3)
+    assert len(splits(run.config, run.memo)["train"]) > 3
+    dialogues = {task: {e.dialogue for e in ex} for task, ex in picked.items()}
+    assert len(dialogues["sp"]) == 3 and dialogues["sp"] == dialogues["rg"] == dialogues["vanilla"]
+    for task, ex in picked.items():
+        assert [(e.dialogue, e.turn) for e in ex] == [(e.dialogue, e.turn) for e in everything[task]
+                                                      if e.dialogue in dialogues[task]]
+    assert {e.dialogue for e in chosen(7, max_train_dialogues=3)[2]["sp"]} != dialogues["sp"]
+    _, _, few = chosen(42, max_train_dialogues=3, max_train_examples=4)
+    assert len(few["sp"]) == 4 and {(e.dialogue, e.turn) for e in few["sp"]} <= {(e.dialogue, e.turn) for e in picked["sp"]}

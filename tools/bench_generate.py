@@ -10,11 +10,13 @@ than the caches) and prints the weight-read limit, bandwidth / bytes of the weig
 token (every matrix of the blocks and the output head; the embedding table only when it is the
 tied output head), next to decesc's batch-1 tokens/s as a share of it.
 
-Dialogue trees (``--trees N``, the first N dialogues of ESConv's valid split under ``--data``,
+Dialogue trees (``--trees N``, the first N dialogues of ESConv's ``--split`` under ``--data``,
 or the built-in sample dialogues when it is absent): scoring the 8 strategies of every supporter
 turn on trees against the turn-level cached scoring (``score_continuations``), and the greedy
-replies of all turns of a dialogue decoded from its shared trunk against batched turn-level
-generation (short prompts; both produce the same tokens, so the work is the same).
+replies of all turns of a dialogue (of the first ``--reply-trees`` dialogues) decoded from its
+shared trunk against batched turn-level generation (short prompts, full history; both produce the
+same tokens, so the work is the same); each also against turn-level rows whose history is cut to
+320 tokens, as the ``cpu`` profile did before dialogue trees. Medians of interleaved repeats.
 ``--skip-stacks`` runs only these; ``--json`` prints every measurement as one JSON object.
 
     python -m tools.bench_generate [--dtype fp32 bf16] [--batch 1 8] [--new-tokens 64]
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -127,22 +130,58 @@ def bench_forward(model, hf, batch: int, seq: int, repeats: int):
     return n / timed(ours, repeats), n / timed(theirs, repeats)
 
 
-def bench_trees(model, tok, dialogues, batch: int, max_tokens: int, new_tokens: int, repeats: int):
-    """(supporter turns scored per second, tree and turn-level; replies per second, tree and
-    turn-level) over ``dialogues`` (module docstring)."""
-    sp = build_examples(dialogues, "sp", style="short")
-    rg = build_examples(dialogues, "rg", style="short")
+def interleaved(cases: dict, repeats: int) -> dict:
+    """Median seconds (and spread = (max - min) / median) of each case, run ``repeats`` times
+    interleaved: repeat r runs every case once before repeat r + 1 starts."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), (max(t) - min(t)) / statistics.median(t)) for name, t in times.items()}
+
+
+TREE_CASES = ("tree", "turn", "turn, 320-token window")
+
+
+def bench_trees(model, tok, dialogues, reply_dialogues: int, batch: int, max_tokens: int,
+                new_tokens: int, repeats: int) -> list[dict]:
+    """Scoring the 8 strategies of every supporter turn of ``dialogues`` and greedy replies for
+    every turn of the first ``reply_dialogues`` of them (one call per dialogue), each as
+    dialogue trees, turn-level rows with full history, and turn-level rows with the history cut
+    to 320 tokens (the earlier ``cpu`` profile's window): per case, items per second from the
+    median of interleaved repeats (module docstring), after one untimed warm-up pass of every
+    case on the first dialogue."""
+    window = dict(count_tokens=tok.count_tokens, max_tokens=320)
+    sp = {"full": build_examples(dialogues, "sp", style="short"),
+          "window": build_examples(dialogues, "sp", style="short", **window)}
+    rg = {k: [[e for e in build_examples(dialogues[:reply_dialogues], "rg", style="short", **kw)
+               if e.dialogue == d] for d in range(reply_dialogues)]
+          for k, kw in (("full", {}), ("window", window))}
     greedy = Sampling(temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, max_tokens=max_tokens)
+    setups = {"tree": ("tree", "full"), "turn": ("turn", "full"), "turn, 320-token window": ("turn", "window")}
 
-    def scores(packing):
-        return lambda: score_strategies(model, tok, sp, batch, packing=packing, max_tokens=max_tokens)
+    def scores(case, first=False):
+        packing, hist = setups[case]
+        turns = [e for e in sp[hist] if e.dialogue == 0] if first else sp[hist]
+        return lambda: score_strategies(model, tok, turns, batch, packing=packing, max_tokens=max_tokens)
 
-    def replies(packing):  # all turns of one dialogue per call
-        by_dialogue = [[e for e in rg if e.dialogue == d] for d in range(len(dialogues))]
-        return lambda: [generate_replies(model, tok, turns, greedy, packing=packing) for turns in by_dialogue]
+    def replies(case, first=False):
+        packing, hist = setups[case]
+        return lambda: [generate_replies(model, tok, turns, greedy, packing=packing)
+                        for turns in (rg[hist][:1] if first else rg[hist])]
 
-    return (len(sp) / timed(scores("tree"), repeats), len(sp) / timed(scores("turn"), repeats),
-            len(rg) / timed(replies("tree"), repeats), len(rg) / timed(replies("turn"), repeats))
+    out = []
+    for what, count, make in (("score all turns, turns/s", len(sp["full"]), scores),
+                              ("replies per dialogue, replies/s", sum(map(len, rg["full"])), replies)):
+        for case in TREE_CASES:
+            make(case, first=True)()
+        timing = interleaved({case: make(case) for case in TREE_CASES}, repeats)
+        out.append({"benchmark": f"{what}, turn batch {batch}", "items": count,
+                    **{case: count / timing[case][0] for case in TREE_CASES},
+                    "spread": {case: timing[case][1] for case in TREE_CASES}})
+    return out
 
 
 def main(argv=None) -> int:
@@ -155,11 +194,17 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
     p.add_argument("--forward-shape", type=int, nargs=2, default=[4, 256], metavar=("B", "T"),
                    help="forward-pass benchmark batch and length (default 4 256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats: the best is kept for the stacks, the median of interleaved "
+                        "repeats for --trees (default 3)")
     p.add_argument("--trees", type=int, default=0, metavar="N",
                    help="dialogue-tree benchmarks on N dialogues (default 0: none)")
     p.add_argument("--tree-tokens", type=int, default=4096,
                    help="padded prompt tokens per batch of trees (default 4096)")
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"),
+                   help="ESConv split of the --trees dialogues (default valid)")
+    p.add_argument("--reply-trees", type=int, default=0, metavar="M",
+                   help="reply benchmark on the first M of the --trees dialogues (default: all)")
     p.add_argument("--data", type=Path, default=DATA, help=f"ESConv directory (default {DATA})")
     p.add_argument("--skip-stacks", action="store_true", help="skip the decesc vs transformers runs")
     p.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
@@ -170,20 +215,21 @@ def main(argv=None) -> int:
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}")
     rows, trees = [], []
     if args.trees:
-        source = args.data / "valid.jsonl"
+        source = args.data / f"{args.split}.jsonl"
         source = source if source.is_file() else builtin_sample_path()
         dialogues = load_dialogues(source)[:args.trees]
-        say(f"dialogue trees: {len(dialogues)} dialogues of {source}", flush=True)
+        n_reply = min(args.reply_trees or len(dialogues), len(dialogues))
+        say(f"dialogue trees: {len(dialogues)} dialogues of {source} (replies: the first {n_reply})",
+            flush=True)
         for name in args.dtype:
             model = load_pretrained(args.model, dtype=TORCH_DTYPES[name])[0] if name != "fp32" else base
             for b in args.batch:
-                measured = bench_trees(model, tok, dialogues, b, args.tree_tokens, args.new_tokens,
-                                       args.repeats)
-                trees += [(f"score all turns, turns/s, turn batch {b}", name, *measured[:2]),
-                          (f"replies per dialogue, replies/s, turn batch {b}", name, *measured[2:])]
-                for what, _, tree, turn in trees[-2:]:
-                    say(f"  {what:<46} {name:<5} tree {tree:8.2f}  turn {turn:8.2f}  "
-                        f"ratio {tree / turn:5.2f}x", flush=True)
+                for row in bench_trees(model, tok, dialogues, n_reply, b, args.tree_tokens,
+                                       args.new_tokens, args.repeats):
+                    trees.append({**row, "dtype": name})
+                    say(f"  {row['benchmark']:<46} {name:<5} " + "  ".join(
+                        f"{case} {row[case]:8.2f} ({row['tree'] / row[case]:5.2f}x)" for case in TREE_CASES),
+                        flush=True)
     if args.skip_stacks:
         args.dtype = []
     bandwidth = read_bandwidth(args.repeats) if args.dtype else None
@@ -210,7 +256,7 @@ def main(argv=None) -> int:
         print(json.dumps({
             "model": args.model, "threads": torch.get_num_threads(), "read_bandwidth": bandwidth,
             "stacks": [dict(benchmark=w, dtype=n, decesc=o, transformers=t) for w, n, o, t in rows],
-            "trees": [dict(benchmark=w, dtype=n, tree=a, turn=b) for w, n, a, b in trees],
+            "trees": trees,
             "weight_read_limit": [dict(dtype=n, bytes_per_token=b, limit=lim, decesc=o)
                                   for n, b, lim, o in limits]}))
         return 0

@@ -370,7 +370,7 @@ def dialogue_sft(impl: str, base, tok, hf_dir, examples, dtype: str, micro: int)
         batches = _turn_batches(examples, tok, micro)
         loss_of = lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]).loss  # noqa: E731
     else:
-        cfg = _config(dtype, 1, 1)
+        cfg = _config(dtype, 1, 1, "tree")
         model = apply_lora(copy.deepcopy(base), seed=0, dtype=torch.float32)
         model, _ = prepare_model(model, cfg, DistInfo())
         tree = impl == "decesc tree"

@@ -5,7 +5,7 @@
     python -m tools.evaluate runs/cpu --split valid --reply-turns 0     # select DPO settings
 
 For each run directory (made by ``python -m tools.train``) the four systems Vanilla SFT, Vanilla
-DPO, Decoupled SFT and Decoupled DPO are run on the evaluation turns (or their stored outputs are
+DPO, Decoupled SFT and Decoupled DPO (or the ``--systems`` named) are run on the evaluation turns (or their stored outputs are
 reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
 Q_W, Q, unparseable strategies, error-type shares, strategy preference and distribution, next to
 the two chance planners, with dialogue-bootstrap 95% intervals and paired differences. With
@@ -15,7 +15,12 @@ tells it apart from the others (``x1/run``, ``x2/run``).
 Choosing settings (DPO lr / beta, ...) is done on the valid split, never on test: ``--split
 valid`` scores the trained stages on the valid split without retraining, and ``--reply-turns 0``
 skips reply generation (B, TV, Q_W, Q and the distribution only: planner and tag scoring), which
-makes each point of a sweep cheap.
+makes each point of a sweep cheap. A learning curve of the SFT systems needs only their stages:
+
+    python -m tools.train --data ../shared/data/esconv --profile cpu --run-dir runs/d100 \
+        --stages sft-sp,sft-vanilla --max-train-dialogues 100
+    python -m tools.evaluate runs/d100 runs/d300 --split valid --reply-turns 0 \
+        --systems "Decoupled SFT" "Vanilla SFT"
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tools.train import interrupted, sigterm_interrupts
 
 def build_parser() -> argparse.ArgumentParser:
     from decesc.pipeline.config import PipelineConfig
+    from decesc.pipeline.eval import SYSTEM_NAMES
 
     choices = {name: f.metadata.get("choices") for name, f in PipelineConfig.__dataclass_fields__.items()}
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
@@ -57,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "OPENAI_API_KEY)")
     p.add_argument("--judge-samples", type=int, default=None,
                    help="replies per system scored by the judge (default: the run's setting, paper 100)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEM_NAMES, default=None, metavar="SYSTEM",
+                   help="evaluate only these systems (" + ", ".join(f"'{n}'" for n in SYSTEM_NAMES)
+                        + "; default all): a run needs only their training stages done (the "
+                        "Response Generator's only when replies are generated), e.g. the SFT "
+                        "stages of a learning curve with --reply-turns 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -83,11 +94,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
     from decesc.pipeline.eval import STAGE as EVAL
-    from decesc.pipeline.eval import report_notes, score_run, turns
+    from decesc.pipeline.eval import SYSTEMS, report_notes, score_run, turns
     from decesc.pipeline.lock import RunLock
     from decesc.pipeline.models import Models
     from decesc.pipeline.run import Run
-    from decesc.pipeline.stages import upstream
 
     rows, differences, notes, names = [], [], [], []
     try:
@@ -102,7 +112,10 @@ def evaluate(args: argparse.Namespace) -> int:
                                          "judge_samples": args.judge_samples}.items() if v is not None}
             run = Run(replace(run.config, **changes))
             validate_config(run.config)
-            missing = [s for s in upstream(EVAL.name) if run.status(s) != "done"]
+            systems = tuple(s for s in SYSTEMS if args.systems is None or s.name in args.systems)
+            replies = run.config.reply_turns != 0
+            needed = dict.fromkeys(stage for system in systems for stage in system.stages(replies))
+            missing = [s for s in needed if run.status(s) != "done"]
             if missing:
                 raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
                                  f"run python -m tools.train --run-dir {run_dir} first")
@@ -114,7 +127,8 @@ def evaluate(args: argparse.Namespace) -> int:
                 models = Models(run.config.model, run.config.device)
                 try:
                     got, diffs = score_run(run, models, outputs, prefix, progress=not args.no_progress,
-                                           reuse=run.stage_dir(EVAL.name) / "outputs.json")
+                                           reuse=run.stage_dir(EVAL.name) / "outputs.json",
+                                           systems=systems)
                     tests = turns(run, models.tokenizer)
                 finally:
                     models.close()

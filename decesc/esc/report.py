@@ -38,7 +38,7 @@ from decesc.esc.metrics.uncertainty import tv_bias
 from decesc.esc.strategies import SHORT, STRATEGIES
 from decesc.formats.atomic import atomic_write_text
 
-COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "TV", "Q_W", "Q")
+COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "TV", "Q_W", "Q", "Acc")
 TEXT_COLUMNS = ("D-1", "B-1", "F1", "R-L")
 INTERVAL_COLUMNS = ("B", "TV", "Q_W", "Q")  # x100 for Q_W and Q, as in the main table
 SCALE = {"B": 1.0, "TV": 1.0, "Q_W": 100.0, "Q": 100.0}
@@ -78,6 +78,7 @@ def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: l
     row["TV"] = tv_bias(gold_strategies, out.strategies)
     row["Q_W"] = 100 * weighted_f1(gold_strategies, out.strategies)
     row["Q"] = 100 * macro_f1(gold_strategies, out.strategies)
+    row["Acc"] = 100 * sum(p == g for p, g in zip(out.strategies, gold_strategies)) / max(len(gold_strategies), 1)
     row["unparseable"] = sum(s is None for s in out.strategies)
     row["judged"] = n
     row["error_share"] = {e: (100 * sum(e in j.errors for j in out.judgments) / n if n else math.nan)
@@ -103,6 +104,12 @@ def attach_intervals(rows: list[dict], intervals: dict) -> list[dict]:
     return rows
 
 
+def scale_differences(differences: list[dict]) -> list[dict]:
+    """Paired differences (``strategy_bootstrap(...)["differences"]``) with Q_W and Q scaled like
+    the main table (x100), so a difference reads in the table's units."""
+    return [{**d, **{k: d[k] * SCALE[d["metric"]] for k in ("value", "low", "high")}} for d in differences]
+
+
 def _interval(value, ci: dict | None) -> str:
     if not ci:
         return _fmt(value)
@@ -121,7 +128,7 @@ def render_markdown(rows: list[dict], title: str = "Evaluation", differences: li
     for r in rows:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
                      + f" | {r['unparseable']}/{r['turns']} | {r['replied'] or '–'} | {r['judged'] or '–'} |")
-    lines += ["", "D-1/B-1/F1/R-L and Q_W/Q are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
+    lines += ["", "D-1/B-1/F1/R-L, Q_W/Q and Acc (turns whose strategy is the gold one) are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
               "B is the preference bias (lower = less biased); TV is the total-variation distance "
               "between the predicted and gold strategy shares (0 = the gold shares, 1 - the gold "
               "share of s when always predicting s; always defined). – = undefined: B and p have no "

@@ -112,8 +112,13 @@ class PipelineConfig:
     micro_batch_size: int = _f(4, "rows per forward pass per process: trees with --packing tree; "
                                "with turn, SFT examples, and half as many DPO pairs (chosen and "
                                "rejected are two rows)", read_by=("train",), minimum=1)
+    max_train_dialogues: int | None = _f(None, "train every SFT module on the supporter turns of at "
+                                         "most this many training dialogues (seeded subset, the same "
+                                         "dialogues for every module; default all)", read_by=("sft",),
+                                         minimum=1)
     max_train_examples: int | None = _f(None, "use at most this many SFT examples per module "
-                                        "(seeded subset; default all)", read_by=("sft",), minimum=1)
+                                        "(seeded subset, after --max-train-dialogues; default all)",
+                                        read_by=("sft",), minimum=1)
     save_every: int = _f(25, "write a training checkpoint every N optimizer steps (0: never); an "
                          "interrupted training stage resumes from the last one", read_by=NO_STAGE,
                          minimum=0)  # resuming is exact, so checkpoints never change an output

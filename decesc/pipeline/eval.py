@@ -17,11 +17,11 @@ rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from decesc.core.tokenizer import chat_messages
-from decesc.esc.chance import chance_strategies
+from decesc.esc.chance import PRIOR, chance_strategies
 from decesc.esc.inference import decoupled, vanilla
 from decesc.esc.prompts import Example, instruction, task_example
 from decesc.esc.strategies import STRATEGIES
@@ -30,7 +30,6 @@ from decesc.pipeline.config import BUILTIN
 from decesc.pipeline.data import examples, sampling, splits, subset
 from decesc.pipeline.judging import judge_items, make_judge
 from decesc.pipeline.results import json_problem, move_aside, read_json
-from decesc.pipeline.sft import MODULES
 from decesc.pipeline.shard import process_shard
 from decesc.pipeline import work
 from decesc.pipeline.cost import StageWork
@@ -38,10 +37,38 @@ from decesc.pipeline.stage import Stage
 
 REPLY_SEED_OFFSET = 7
 CHANCE_SEED_OFFSET = 11
-SYSTEMS = ("Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO")
-# the paired differences that carry the paper's claims (B and TV of a minus b)
-DIFFERENCES = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"),
-               ("Vanilla DPO", "Vanilla SFT"))
+
+
+@dataclass(frozen=True)
+class System:
+    """A trained system of Table 3: a paradigm (Vanilla: one joint model; Decoupled: Strategy
+    Planner + Response Generator) and the training stages whose adapters, applied in order
+    (SFT, then DPO on top of it), make each of its models."""
+
+    name: str
+    paradigm: str  # "Vanilla" | "Decoupled"
+    training: tuple[str, ...]  # ("sft",) | ("sft", "dpo")
+
+    def modules(self, replies: bool) -> tuple[str, ...]:
+        """The modules it runs: the generator only when it writes replies."""
+        if self.paradigm == "Vanilla":
+            return ("vanilla",)
+        return ("sp", "rg") if replies else ("sp",)
+
+    def stages(self, replies: bool) -> tuple[str, ...]:
+        """The training stages it needs done."""
+        return tuple(f"{t}-{m}" for m in self.modules(replies) for t in self.training)
+
+
+SYSTEMS = tuple(System(f"{paradigm} {kind}", paradigm, chain)
+                for paradigm in ("Vanilla", "Decoupled") for kind, chain in (("SFT", ("sft",)),
+                                                                              ("DPO", ("sft", "dpo"))))
+SYSTEM_NAMES = tuple(s.name for s in SYSTEMS)
+# the paired differences that carry the paper's claims (B and TV of a minus b), and every trained
+# system's strategy quality against the prior draw (a planner that reads the dialogue must beat it)
+DIFFERENCES = (("Decoupled SFT", "Vanilla SFT", ("B", "TV")), ("Decoupled DPO", "Decoupled SFT", ("B", "TV")),
+               ("Vanilla DPO", "Vanilla SFT", ("B", "TV")),
+               *((name, PRIOR, ("Q_W",)) for name in SYSTEM_NAMES))
 
 
 def turns(run, tokenizer) -> list[Example]:
@@ -74,11 +101,11 @@ def check(run, models) -> None:
                                  "--max-new-tokens")
 
 
-def _stored(candidate: Path, settings: dict, own: bool, log) -> dict | None:
-    """The systems stored in ``candidate`` if it was made with ``settings``; an unreadable file
-    of our own is moved aside (recomputed), another one is ignored."""
+def _stored(candidate: Path, settings: dict, own: bool, log) -> dict:
+    """The systems stored in ``candidate`` if it was made with ``settings`` (else none); an
+    unreadable file of our own is moved aside (recomputed), another one is ignored."""
     if not candidate.is_file():
-        return None
+        return {}
     try:
         saved = read_json(candidate)
     except ValueError as e:
@@ -86,60 +113,58 @@ def _stored(candidate: Path, settings: dict, own: bool, log) -> dict | None:
             move_aside(candidate, str(e).removeprefix(f"{candidate}: "), log)
         else:
             log(f"warning: {e}; not reused")
-        return None
-    return saved["systems"] if isinstance(saved, dict) and saved.get("settings") == settings else None
+        return {}
+    return saved["systems"] if isinstance(saved, dict) and saved.get("settings") == settings else {}
 
 
 def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path | None = None,
-                   log=print) -> tuple[list[Example], dict]:
-    """Every system's outputs on the evaluation turns: {system: {"strategies", "replies"}}.
+                   log=print, systems: tuple[System, ...] = SYSTEMS) -> tuple[list[Example], dict]:
+    """The outputs of ``systems`` on the evaluation turns: {name: {"strategies", "replies"}}.
 
     "strategies" cover every evaluation turn, "replies" the turns of :func:`reply_turns`.
     Generated once and stored in ``path`` together with the settings that produced them; a
     later call with the same settings (and the same trained stages and data) reloads them, from
-    ``path`` or from ``reuse`` (another such file, only read). Under torchrun every process
-    takes part (its share of the batches) and gets every output; rank 0 reads and writes.
+    ``path`` or from ``reuse`` (another such file, only read), and generates only the systems
+    they lack (``path`` then holds them all). Under torchrun every process takes part (its share
+    of the batches) and gets every output; rank 0 reads and writes.
     """
     c, tok = run.config, models.tokenizer
     tests = turns(run, tok)
-    settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval")}
+    # the training stages done so far (all of them for the eval stage): any of them changed, or
+    # one more done, and the stored outputs are generated again
+    settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval", done_only=True)}
     shard = process_shard()
 
-    def stored() -> dict | None:
-        for candidate, own in ((path, True), (reuse, False)):
+    def stored() -> dict:
+        found = {}
+        for candidate, own in ((reuse, False), (path, True)):
             if candidate is not None:
-                systems = _stored(candidate, settings, own, log)
-                if systems is not None:
-                    return systems
-        return None
+                found.update(_stored(candidate, settings, own, log))
+        return found
 
-    systems = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
-    if systems is not None:
-        return tests, systems
-    progress = progress and shard.is_main
-    sft = {m: run.adapter(f"sft-{m}") for m in MODULES}
-    dpo = {m: run.adapter(f"dpo-{m}") for m in MODULES}
-    chains = {"SFT": lambda m: (sft[m],), "DPO": lambda m: (sft[m], dpo[m])}
-    base, replied = sampling(c), reply_turns(run, len(tests))
-    packing = c.packing
-    systems = {}
-    for kind, chain in chains.items():
-        (rd,) = vanilla(lambda chain=chain: models.merged(*chain("vanilla")), tok, tests, base,
-                        rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=f"Vanilla {kind}",
-                        tags=c.vanilla_tags, tag_temperature=0.0, reply_indices=replied, shard=shard,
-                        packing=packing)
-        systems[f"Vanilla {kind}"] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
-    for kind, chain in chains.items():
-        (rd,) = decoupled(lambda chain=chain: models.merged(*chain("sp")),
-                          lambda chain=chain: models.merged(*chain("rg")), tok,
-                          tests, base, plan_temperature=0.0, rounds=(REPLY_SEED_OFFSET,), progress=progress,
-                          desc=f"Decoupled {kind}", reply_indices=replied, shard=shard, packing=packing)
-        systems[f"Decoupled {kind}"] = {"strategies": rd.strategies, "replies": rd.replies}
-    systems = {k: systems[k] for k in SYSTEMS}
-    if shard.is_main:
-        atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
-                                            "reply_turns": replied, "systems": systems}, indent=1))
-    return tests, systems
+    have = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
+    todo = [s for s in systems if s.name not in have]
+    if todo:
+        progress = progress and shard.is_main
+        base, replied = sampling(c), reply_turns(run, len(tests))
+        for system in todo:
+            def merged(module, system=system):
+                return lambda: models.merged(*(run.adapter(f"{t}-{module}") for t in system.training))
+            if system.paradigm == "Vanilla":
+                (rd,) = vanilla(merged("vanilla"), tok, tests, base, rounds=(REPLY_SEED_OFFSET,),
+                                progress=progress, desc=system.name, tags=c.vanilla_tags, tag_temperature=0.0,
+                                reply_indices=replied, shard=shard, packing=c.packing)
+                have[system.name] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
+            else:
+                (rd,) = decoupled(merged("sp"), merged("rg"), tok, tests, base, plan_temperature=0.0,
+                                  rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=system.name,
+                                  reply_indices=replied, shard=shard, packing=c.packing)
+                have[system.name] = {"strategies": rd.strategies, "replies": rd.replies}
+        if shard.is_main:
+            every = {s.name: have[s.name] for s in SYSTEMS if s.name in have}
+            atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
+                                                "reply_turns": replied, "systems": every}, indent=1))
+    return tests, {s.name: have[s.name] for s in systems}
 
 
 def training_strategies(run) -> list[str]:
@@ -148,35 +173,36 @@ def training_strategies(run) -> list[str]:
 
 
 def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool = True,
-              reuse: Path | None = None, log=print) -> tuple[list[dict], list[dict]]:
-    """Report rows for a run's systems (outputs generated or reloaded, then judged) and the two
-    chance planners, with their bootstrap intervals; and the paired differences."""
+              reuse: Path | None = None, log=print,
+              systems: tuple[System, ...] = SYSTEMS) -> tuple[list[dict], list[dict]]:
+    """Report rows for a run's ``systems`` (outputs generated or reloaded, then judged) and the
+    two chance planners, with their bootstrap intervals; and the paired differences among them."""
     from decesc.esc.metrics.uncertainty import strategy_bootstrap
-    from decesc.esc.report import SystemOutputs, attach_intervals, score_system
+    from decesc.esc.report import SystemOutputs, attach_intervals, scale_differences, score_system
 
     c = run.config
-    tests, systems = system_outputs(run, models, outputs_path, progress, reuse, log)
+    tests, outputs = system_outputs(run, models, outputs_path, progress, reuse, log, systems)
     replied = reply_turns(run, len(tests))
     judge = make_judge(c, run.dir)
     judged = subset(list(range(len(replied))), c.judge_samples, c.seed)  # positions in `replied`
     gold_s, gold_r = [e.strategy for e in tests], [tests[i].response for i in replied]
     rows = []
     with judge:  # closes its cache
-        for name, out in systems.items():
+        for name, out in outputs.items():
             items = judge_items([tests[replied[k]] for k in judged], [out["replies"][k] for k in judged],
                                 [out["strategies"][replied[k]] for k in judged])
-            outputs = SystemOutputs(prefix + name, out["strategies"], out["replies"],
-                                    judge.judge_many(items, progress=progress) if items else [], judged)
-            rows.append(score_system(outputs, gold_s, gold_r))
+            scored = SystemOutputs(prefix + name, out["strategies"], out["replies"],
+                                   judge.judge_many(items, progress=progress) if items else [], judged)
+            rows.append(score_system(scored, gold_s, gold_r))
     chance = chance_strategies(training_strategies(run), len(tests), c.seed + CHANCE_SEED_OFFSET)
     rows += [score_system(SystemOutputs(prefix + name, strategies, None), gold_s, [])
              for name, strategies in chance.items()]
-    predictions = {**{prefix + k: v["strategies"] for k, v in systems.items()},
+    predictions = {**{prefix + k: v["strategies"] for k, v in outputs.items()},
                    **{prefix + k: v for k, v in chance.items()}}
     boot = strategy_bootstrap(gold_s, predictions, [e.dialogue for e in tests],
-                              [(prefix + a, prefix + b) for a, b in DIFFERENCES],
+                              [(prefix + a, prefix + b, metrics) for a, b, metrics in DIFFERENCES],
                               replicates=c.bootstrap_replicates, seed=c.seed)
-    return attach_intervals(rows, boot["systems"]), boot["differences"]
+    return attach_intervals(rows, boot["systems"]), scale_differences(boot["differences"])
 
 
 def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> list[str]:

@@ -87,13 +87,16 @@ class Run:
     def config_hash(self, stage: str) -> str:
         return hashlib.sha256(json.dumps(self.settings(stage), sort_keys=True).encode()).hexdigest()[:16]
 
-    def inputs(self, stage: str) -> dict | None:
+    def inputs(self, stage: str, done_only: bool = False) -> dict | None:
         """What the stage reads besides its settings: {"stages": {dependency: token},
-        "data": {split: fingerprint}, "model": fingerprint}; None if a dependency is not done."""
+        "data": {split: fingerprint}, "model": fingerprint}; None if a dependency is not done
+        (``done_only``: the dependencies that are done, the others left out)."""
         tokens = {}
         for dep in BY_NAME[stage].after:
             done = self.marker(dep)
             if done is None:
+                if done_only:
+                    continue
                 return None
             tokens[dep] = done.get("token")
         return {"stages": tokens,

@@ -10,7 +10,7 @@ from decesc.core.tokenizer import chat_messages
 from decesc.formats.records import SFTExample
 from decesc.pipeline import training, work
 from decesc.pipeline.cost import StageWork
-from decesc.pipeline.data import examples, subset
+from decesc.pipeline.data import examples, splits, subset
 from decesc.pipeline.results import adapter_problem
 from decesc.pipeline.stage import Stage
 
@@ -19,9 +19,15 @@ MODULES = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "van
 
 def training_examples(run, tokenizer, task: str) -> list[SFTExample]:
     """The module's training examples (an ESC :class:`~decesc.esc.prompts.Example` is an
-    SFTExample), their source naming the data and split for error messages."""
+    SFTExample): every supporter turn of the seeded subset of ``max_train_dialogues`` training
+    dialogues (the same for every module, whatever each task drops), then a seeded subset of
+    ``max_train_examples`` of them; their source names the data and split for error messages."""
     c = run.config
-    chosen = subset(examples(c, run.memo, tokenizer, "train", task), c.max_train_examples, c.seed)
+    chosen = examples(c, run.memo, tokenizer, "train", task)
+    if c.max_train_dialogues is not None:
+        kept = set(subset(range(len(splits(c, run.memo)["train"])), c.max_train_dialogues, c.seed))
+        chosen = [e for e in chosen if e.dialogue in kept]
+    chosen = subset(chosen, c.max_train_examples, c.seed)
     return [replace(e, source=f"{c.data} train, dialogue {e.dialogue}, turn {e.turn}") for e in chosen]
 
 

@@ -125,11 +125,11 @@ def _indices(labels: Sequence[str | None], name: str, allow_none: bool) -> np.nd
 
 
 def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str | None]],
-                       groups: Sequence, differences: Sequence[tuple[str, str]] = (),
+                       groups: Sequence, differences: Sequence[tuple] = (),
                        replicates: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Dialogue-bootstrap intervals of B, TV, Q_W and Q of every system, and of the paired
-    differences ``B(a) - B(b)`` and ``TV(a) - TV(b)`` for each ``(a, b)`` in ``differences``
-    whose systems are both given.
+    differences ``m(a) - m(b)`` for each ``(a, b, metrics)`` in ``differences`` (``(a, b)``:
+    metrics B and TV) whose systems are both given, m in metrics.
 
     ``predictions[name][i]`` is the strategy (None: unparseable) a system predicted on turn i,
     whose gold strategy is ``gold[i]`` and dialogue ``groups[i]``. Returns ``{"systems": {name:
@@ -141,7 +141,8 @@ def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str 
     for name, p in preds.items():
         if len(p) != len(g):
             raise ValueError(f"{name}: {len(p)} predictions for {len(g)} gold strategies")
-    pairs = [(a, b) for a, b in differences if a in preds and b in preds]
+    pairs = [(a, b, tuple(rest[0]) if rest else ("B", "TV")) for a, b, *rest in differences
+             if a in preds and b in preds]
     cells = len(STRATEGIES) * (len(STRATEGIES) + 1)
 
     def statistic(turns: np.ndarray) -> dict:
@@ -150,8 +151,8 @@ def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str 
             counts = np.bincount(g[turns] * (len(STRATEGIES) + 1) + p[turns], minlength=cells)
             for metric, v in strategy_scores(counts.reshape(len(STRATEGIES), -1)).items():
                 values[(name, metric)] = v
-        for a, b in pairs:
-            for metric in ("B", "TV"):
+        for a, b, metrics in pairs:
+            for metric in metrics:
                 values[(a, b, metric)] = values[(a, metric)] - values[(b, metric)]
         return values
 
@@ -159,5 +160,5 @@ def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str 
         warnings.simplefilter("ignore")
         out = bootstrap(groups, statistic, replicates, seed, level)
     return {"systems": {name: {m: out[(name, m)] for m in STRATEGY_METRICS} for name in preds},
-            "differences": [{"a": a, "b": b, "metric": m, **out[(a, b, m)]} for a, b in pairs
-                            for m in ("B", "TV")]}
+            "differences": [{"a": a, "b": b, "metric": m, **out[(a, b, m)]} for a, b, metrics in pairs
+                            for m in metrics]}
