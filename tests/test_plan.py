@@ -82,6 +82,21 @@ def test_cost_arithmetic_by_hand():
     assert generate_estimate(c, COSTS, s, gen, 1).seconds == pytest.approx(2000 * 9.7e-4 + 3 * 10 * 0.034)
 
 
+def test_training_work_with_micro_batches_by_tokens_by_hand():
+    """Four trees of 100, 200, 300 and 400 tokens, one step of all four, micro-batches of 4:
+    one micro-batch padded to 4 x 400 = 1,600 tokens. With a budget of 400 padded tokens the
+    trainer cuts [100 200] (2 x 200 = 400), [300] (adding 400 would pad to 800), [400]: 400 +
+    300 + 400 = 1,100 tokens, the largest micro-batch 400, which is what the memory is sized on."""
+    from decesc.pipeline.work import padded_tokens
+
+    lengths = [300, 100, 400, 200]
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1) == (1600, 1, 400, 1600)
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400) == (1100, 1, 400, 400)
+    work = TrainWork(examples=4, tokens=1100, steps=1, micro_batch=4, max_row_tokens=400, max_micro_tokens=400)
+    assert work.largest_micro_batch() == 400
+    assert TrainWork(examples=4, tokens=1600, steps=1, micro_batch=4, max_row_tokens=400).largest_micro_batch() == 1600
+
+
 # ... and as they might be for a 7-8 B block in bf16 (activations ~ 100 x hidden size bytes a token)
 COSTS_7B = UnitCosts(**{**asdict(COSTS), "step_block_bytes_per_token": 400_000.0,
                         "step_rest_bytes_per_token": 600_000.0,

@@ -45,8 +45,9 @@ _GEN += ("prompt_style", "vanilla_tags", "inference_dtype")
 _COMMON += ("packing",)
 _SFT += ("packing",)
 _DPO += ("packing",)
-# and issue 17's subset of training dialogues (SFT stages)
-_SFT += ("max_train_dialogues",)
+# and issue 17's subset of training dialogues (SFT stages), and micro-batches by tokens (training)
+_SFT += ("max_train_dialogues", "micro_batch_tokens")
+_DPO += ("micro_batch_tokens",)
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),

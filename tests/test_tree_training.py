@@ -3,6 +3,7 @@ per-turn SFT losses and LoRA gradients, a short SFT run, DPO policy and referenc
 token-budget micro-batches; SmolLM2 on real ESConv dialogues."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -199,6 +200,27 @@ def test_micro_batches_by_tokens_by_hand():
     # without a budget: micro items per micro-batch, as before
     assert micro_batches(idx, lengths, 0, 2, 3) == [[6, 2, 4], [0]]
     assert micro_batches(idx, lengths, 1, 2, 3) == [[5, 1, 3], []]
+
+
+def test_reference_pass_cuts_micro_batches_by_tokens_like_the_trainer():
+    """The reference log-probs of tree DPO items (10 pairs, trees of at most 200 tokens) are the
+    same with micro-batches of 2 trees and with a padded-token budget; with the budget, one
+    forward pass per micro-batch that :func:`micro_batches` cuts from all the items."""
+    from decesc.train.fsdp import DistInfo
+    from decesc.train.reference import compute_reference_logps
+
+    tok = toy_tokenizer()
+    pairs, groups = dialogue_pairs()
+    items = tree_pairs(pairs, tok, 200, groups)
+    lengths = [it["length"] for it in items]
+    budget = max(lengths) + min(lengths)  # the longest tree alone; two short ones together
+    model = _policy()
+    by_rows, passes_rows = compute_reference_logps(model, items, tok.pad_token_id, 2, "fp32", DistInfo(), "tree")
+    by_tokens, passes_tokens = compute_reference_logps(model, items, tok.pad_token_id, 2, "fp32", DistInfo(),
+                                                       "tree", micro_batch_tokens=budget)
+    assert passes_rows == math.ceil(len(items) / 2)
+    assert passes_tokens == len(micro_batches(list(range(len(items))), lengths, 0, 1, 2, budget))
+    assert (by_rows - by_tokens).abs().max() <= 1e-5
 
 
 def dialogue_pairs():

@@ -112,6 +112,10 @@ class PipelineConfig:
     micro_batch_size: int = _f(4, "rows per forward pass per process: trees with --packing tree; "
                                "with turn, SFT examples, and half as many DPO pairs (chosen and "
                                "rejected are two rows)", read_by=("train",), minimum=1)
+    micro_batch_tokens: int = _f(0, "> 0: cut micro-batches by padded tokens instead (rows x longest "
+                                 "row <= this; a longer row alone), for dialogue trees of very "
+                                 "different lengths; 0: --micro-batch-size rows", read_by=("train",),
+                                 minimum=0)
     max_train_dialogues: int | None = _f(None, "train every SFT module on the supporter turns of at "
                                          "most this many training dialogues (seeded subset, the same "
                                          "dialogues for every module; default all)", read_by=("sft",),

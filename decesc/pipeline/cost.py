@@ -274,6 +274,11 @@ class TrainWork:
     max_row_tokens: int
     reference_tokens: int = 0
     max_labelled_tokens: int = 0  # labelled tokens of the largest micro-batch (its logits rows)
+    max_micro_tokens: int = 0  # padded tokens of the largest micro-batch (0: micro_batch x max_row_tokens)
+
+    def largest_micro_batch(self) -> int:
+        """Padded tokens of the largest micro-batch (what one forward + backward holds)."""
+        return self.max_micro_tokens or self.micro_batch * self.max_row_tokens
 
 
 @dataclass(frozen=True)
@@ -334,7 +339,7 @@ def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWo
         per_token = u.train_rest_s_per_token + L * u.train_block_s_per_token
     reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
     seconds = (work.tokens * per_token + reference) / world
-    memory = train_memory(c, u, setting, work.micro_batch * work.max_row_tokens, world, checkpointing)
+    memory = train_memory(c, u, setting, work.largest_micro_batch(), world, checkpointing)
     return Estimate(seconds, memory)
 
 
@@ -343,7 +348,7 @@ def gpu_train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Tra
     """:func:`train_estimate` with the memory of a GPU, from the shapes
     (:func:`shape_train_memory`); the time stays this machine's."""
     seconds = train_estimate(c, u, setting, work, world, checkpointing).seconds
-    return Estimate(seconds, shape_train_memory(c, setting, work.micro_batch * work.max_row_tokens,
+    return Estimate(seconds, shape_train_memory(c, setting, work.largest_micro_batch(),
                                                 work.max_labelled_tokens, world, checkpointing))
 
 

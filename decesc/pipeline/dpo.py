@@ -48,7 +48,7 @@ def cost(run, shape, world: int, module: str) -> StageWork:
     micro = c.micro_batch_size if c.packing == "tree" else max(1, c.micro_batch_size // 2)
     return StageWork(f"{pairs:,} pairs at most", work.training_work(
         items, examples=pairs, batch=c.dpo_batch_size, micro=micro, epochs=c.dpo_epochs, seed=c.seed,
-        world=world, reference=True))
+        world=world, reference=True, micro_tokens=c.micro_batch_tokens))
 
 
 STAGES = tuple(

@@ -61,7 +61,7 @@ def cost(run, shape, world: int, task: str) -> StageWork:
     what = f"{len(data):,} examples" + (f" in {len(items):,} trees" if c.packing == "tree" else "")
     return StageWork(what, work.training_work(items, examples=len(data), batch=c.sft_batch_size,
                                               micro=c.micro_batch_size, epochs=c.sft_epochs, seed=c.seed,
-                                              world=world))
+                                              world=world, micro_tokens=c.micro_batch_tokens))
 
 
 STAGES = tuple(

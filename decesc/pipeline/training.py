@@ -14,7 +14,8 @@ from decesc.train.trainer import TrainResult
 
 def train_config(config: PipelineConfig, **kw) -> TrainConfig:
     """The stage's TrainConfig: the run's shared training settings plus ``kw``."""
-    shared = dict(micro_batch_size=config.micro_batch_size, max_seq_len=config.max_seq_len,
+    shared = dict(micro_batch_size=config.micro_batch_size, micro_batch_tokens=config.micro_batch_tokens,
+                  max_seq_len=config.max_seq_len,
                   packing=config.packing, dtype=config.dtype, base_dtype=config.base_dtype,
                   activation_checkpointing=config.activation_checkpointing == "on",
                   seed=config.seed, lora_r=config.lora_r, lora_alpha=config.lora_alpha,

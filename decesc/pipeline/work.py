@@ -24,28 +24,31 @@ from decesc.train.trainer import epoch_order, micro_batches
 
 
 def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
-                  world: int) -> tuple[int, int, int]:
-    """(padded tokens over all steps, optimizer steps, longest item) exactly as the trainer
-    groups the items (seeded order, length-sorted micro-batches per rank)."""
-    tokens, steps = 0, 0
+                  world: int, micro_tokens: int = 0) -> tuple[int, int, int, int]:
+    """(padded tokens over all steps, optimizer steps, longest item, padded tokens of the largest
+    micro-batch) exactly as the trainer groups the items (seeded order, length-sorted
+    micro-batches per rank of ``micro`` items or at most ``micro_tokens`` padded tokens)."""
+    tokens, steps, largest = 0, 0, 0
     for epoch in range(epochs):
         order = epoch_order(len(lengths), seed, epoch)
         for start in range(0, len(order), batch):
             indices = order[start:start + batch]
             for rank in range(world):
-                for mb in micro_batches(indices, lengths, rank, world, micro):
+                for mb in micro_batches(indices, lengths, rank, world, micro, micro_tokens):
                     if mb:
-                        tokens += len(mb) * max(lengths[i] for i in mb)
+                        padded = len(mb) * max(lengths[i] for i in mb)
+                        tokens, largest = tokens + padded, max(largest, padded)
             steps += 1
-    return tokens, steps, max(lengths, default=0)
+    return tokens, steps, max(lengths, default=0), largest
 
 
 def training_work(items: list[dict], *, examples: int, batch: int, micro: int, epochs: int, seed: int,
-                  world: int, reference: bool = False) -> TrainWork:
+                  world: int, reference: bool = False, micro_tokens: int = 0) -> TrainWork:
     """Training over tree items (:func:`decesc.train.data.tree_items`; a step takes
     :func:`decesc.train.data.trees_per_step` of them) or turn-level items (``input_ids`` /
-    ``labels``, or a pair's two rows) of ``examples`` examples or pairs; ``reference``: plus one
-    no-grad pass."""
+    ``labels``, or a pair's two rows) of ``examples`` examples or pairs, in micro-batches of
+    ``micro`` items or at most ``micro_tokens`` padded tokens; ``reference``: plus one no-grad
+    pass."""
     if items and "sequences" in items[0]:
         batch = trees_per_step(batch, examples, len(items))
     lengths, labelled = [], []
@@ -59,10 +62,11 @@ def training_work(items: list[dict], *, examples: int, batch: int, micro: int, e
         else:
             lengths.append(len(it["input_ids"]))
             labelled.append(sum(y != IGNORE_INDEX for y in it["labels"]))
-    tokens, steps, longest = padded_tokens(lengths, batch, micro, epochs, seed, world)
+    tokens, steps, longest, largest = padded_tokens(lengths, batch, micro, epochs, seed, world, micro_tokens)
+    rows = max(1, largest // max(longest, 1)) if micro_tokens else micro  # rows of the largest micro-batch
     return TrainWork(len(items), tokens, steps, micro, longest,
                      reference_tokens=tokens // max(epochs, 1) if reference else 0,
-                     max_labelled_tokens=max(labelled, default=0) * micro)
+                     max_labelled_tokens=max(labelled, default=0) * rows, max_micro_tokens=largest)
 
 
 def sft_items(tok, examples, packing: str, max_seq_len: int) -> list[dict]:

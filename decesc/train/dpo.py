@@ -161,7 +161,7 @@ def train_dpo(model: nn.Module, tokenizer: Tokenizer, pairs: list[PreferencePair
         cache_dir = preference.ref_cache_dir or Path(out_dir).resolve().parent / "ref_cache"
         ref, passes = reference_logps(model, items, fingerprint, cache_dir,
                                       tokenizer.pad_token_id, config.micro_batch_size,
-                                      config.dtype, info, config.packing)
+                                      config.dtype, info, config.packing, config.micro_batch_tokens)
         ref = ref.tolist()
         for i, item in enumerate(items):  # a float per pair item, a list per tree item
             chosen, rejected = zip(*(ref[j] for j in item_pairs(item, i)))

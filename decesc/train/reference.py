@@ -29,6 +29,7 @@ from decesc.formats.atomic import atomic_path
 from decesc.train import fsdp
 from decesc.core.tree import batch_to
 from decesc.train.pairs import collate, item_pairs, pair_logprobs
+from decesc.train.trainer import micro_batches
 
 
 def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int, dtype: str,
@@ -58,27 +59,28 @@ def reference_fingerprint(model: nn.Module, items: list[dict], max_seq_len: int,
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, items: list[dict], pad_token_id: int,
                             micro_batch_size: int, dtype: str, info: fsdp.DistInfo,
-                            packing: str = "tree") -> tuple[torch.Tensor, int]:
+                            packing: str = "tree", micro_batch_tokens: int = 0) -> tuple[torch.Tensor, int]:
     """(N, 2) fp32 [chosen, rejected] log-probs of the reference (DPO adapter disabled) per pair,
     and the number of forward passes this process made.
 
-    ``items`` are the training items in ``packing`` (pairs, or trees of pairs): scored in index
-    order, ``micro_batch_size`` items per forward; under FSDP each rank scores its share and the
-    results are summed across ranks (each row is written by exactly one rank).
+    ``items`` are the training items in ``packing`` (pairs, or trees of pairs), cut into
+    micro-batches as the trainer cuts a batch (:func:`decesc.train.trainer.micro_batches`:
+    ``micro_batch_size`` items, or at most ``micro_batch_tokens`` padded tokens, per forward);
+    under FSDP each rank scores its share and the results are summed across ranks (each row is
+    written by exactly one rank).
     """
     n = len(items)
     pairs = [item_pairs(it, i) for i, it in enumerate(items)]
+    chunks = micro_batches(list(range(n)), [it["length"] for it in items], info.rank, info.world_size,
+                           micro_batch_size, micro_batch_tokens)
     out = torch.zeros(sum(len(p) for p in pairs), 2, dtype=torch.float32, device=info.device)
     was_training = model.training
     model.eval()
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    step = micro_batch_size * info.world_size
     passes = 0
     with lora_disabled(model), autocast:
-        for start in range(0, n, step):
-            chunk = list(range(start, min(start + step, n)))
-            mine = chunk[info.rank * micro_batch_size:(info.rank + 1) * micro_batch_size]
-            idx = mine or chunk[:1]  # an idle rank still joins FSDP's collectives
+        for mine in chunks:
+            idx = mine or [0]  # an idle rank still joins FSDP's collectives
             batch = collate([items[i] for i in idx], pad_token_id, packing)
             chosen, rejected = pair_logprobs(model, batch_to(batch, info.device))
             passes += 1
@@ -103,7 +105,8 @@ def read_cached(file: Path, n: int) -> torch.Tensor | None:
 
 def reference_logps(model: nn.Module, items: list[dict], fingerprint: str, cache_dir: str | Path,
                     pad_token_id: int, micro_batch_size: int, dtype: str,
-                    info: fsdp.DistInfo, packing: str = "tree") -> tuple[torch.Tensor, int]:
+                    info: fsdp.DistInfo, packing: str = "tree",
+                    micro_batch_tokens: int = 0) -> tuple[torch.Tensor, int]:
     """(N, 2) reference log-probs per pair of ``items`` (training items in ``packing``), read
     from the cache or computed once and cached (atomic), and the number of reference forward
     passes made (0 when cached)."""
@@ -113,7 +116,7 @@ def reference_logps(model: nn.Module, items: list[dict], fingerprint: str, cache
     if cached is not None:
         return cached, 0
     logps, passes = compute_reference_logps(model, items, pad_token_id, micro_batch_size, dtype,
-                                            info, packing)
+                                            info, packing, micro_batch_tokens)
     if info.is_main:
         with atomic_path(file) as tmp:
             save_file({"logps": logps.contiguous()}, str(tmp),
