@@ -48,6 +48,8 @@ _DPO += ("packing",)
 # and issue 17's subset of training dialogues (SFT stages), and micro-batches by tokens (training)
 _SFT += ("max_train_dialogues", "micro_batch_tokens")
 _DPO += ("micro_batch_tokens",)
+# and the token budget of a batch of dialogue trees in mine and eval
+_GEN += ("gen_batch_tokens",)
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),

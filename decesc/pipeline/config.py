@@ -164,6 +164,11 @@ class PipelineConfig:
     # every example's context budget is max_seq_len - max_new_tokens, so SFT reads it too
     max_new_tokens: int = _f(128, "longest generated reply, in tokens", read_by=("sft", "generate"),
                              minimum=1)
+    gen_batch_tokens: int = _f(4096, "with --packing tree: padded prompt tokens per batch of "
+                               "dialogue trees in mine and eval (a dialogue longer than this is "
+                               "cut into several trees, each turn keeping all its history). On a "
+                               "CPU small batches are faster per token; raise it on a GPU",
+                               read_by=("generate",), minimum=1)
     gen_batch_size: int = _f(8, "prompts per generation batch", read_by=("generate",),
                              minimum=1)  # batch position seeds the sampling
     # ------------------------------------------------------------------ judge

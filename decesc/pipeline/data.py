@@ -79,11 +79,13 @@ def subset(items: list, n: int | None, seed: int) -> list:
 
 def sampling(config: PipelineConfig) -> Sampling:
     """The run's decoding settings; the seed is the run's seed (rounds add their offsets). A
-    batch of trees holds as many tokens as a batch of ``gen_batch_size`` longest sequences."""
+    batch of trees holds at most ``gen_batch_tokens`` padded prompt tokens (on this project's
+    2-core CPU, scoring the valid split's strategies with SmolLM2 ran 2.3x faster per turn in
+    batches of 4,096 tokens than in batches of 65,536)."""
     return Sampling(temperature=config.temperature, top_p=config.top_p,
                     max_new_tokens=config.max_new_tokens, seed=config.seed,
                     batch_size=config.gen_batch_size, dtype=config.inference_dtype,
-                    max_tokens=config.gen_batch_size * config.max_seq_len)
+                    max_tokens=config.gen_batch_tokens)
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -118,7 +118,7 @@ def scoring_work(tok, examples, task: str, c) -> GenerateWork:
     candidates = [tok.target_ids(s) for s in STRATEGIES]
     seqs = [(e.dialogue, (i, k), p + [target_piece(cand)]) for i, (e, p) in enumerate(zip(examples, prompts))
             for k, cand in enumerate(candidates)]
-    batches = tree_batches(seqs, c.gen_batch_size * c.max_seq_len)
+    batches = tree_batches(seqs, c.gen_batch_tokens)
     return GenerateWork(len(examples), 0, c.gen_batch_size, 0,
                         scored_tokens=sum(t.num_tokens for b in batches for t in b))
 
@@ -132,7 +132,7 @@ def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
         return GenerateWork(len(examples) * rounds, sum(len(ids) for p in prompts for ids, _ in p) * rounds,
                             c.gen_batch_size, c.max_new_tokens)
     batches = tree_batches([(e.dialogue, i, p) for i, (e, p) in enumerate(zip(examples, prompts))],
-                           c.gen_batch_size * c.max_seq_len)
+                           c.gen_batch_tokens)
     rows = len(examples) * rounds
     return GenerateWork(rows, sum(t.num_tokens for b in batches for t in b) * rounds,
                         math.ceil(len(examples) / len(batches)), c.max_new_tokens)
