@@ -85,9 +85,8 @@ def render_markdown(rows: list[dict], valid_turns: int) -> str:
              "bootstrap draws. Chance rows read no dialogue.", "",
              "| dialogues | system | training turns | steps | Acc | Q_W [95% CI] | Q_W − prior [95% CI] | Q | TV | B |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["system"] in CHANCE and r is not next(x for x in rows if x["system"] == r["system"]):
-            continue  # the chance rows are the same at every point: shown once
+    chance = {r["system"]: r for r in rows if r["system"] in CHANCE}  # the same at every point
+    for r in [r for r in rows if r["system"] not in CHANCE] + list(chance.values()):
         diff = r["Q_W_minus_prior"]
         lines.append(f"| {r['dialogues'] if r['system'] not in CHANCE else '–'} | {r['system']} | "
                      f"{r['turns'] or '–'} | {r['steps'] or '–'} | {_fmt(r['Acc'], 1)} | "
