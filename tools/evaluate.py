@@ -5,8 +5,8 @@
     python -m tools.evaluate runs/cpu --split valid --reply-turns 0     # select DPO settings
 
 For each run directory (made by ``python -m tools.train``) the four systems Vanilla SFT, Vanilla
-DPO, Decoupled SFT and Decoupled DPO (or the ``--systems`` named) are run on the evaluation turns (or their stored outputs are
-reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
+DPO, Decoupled SFT and Decoupled DPO (or those ``--systems`` names) are run on the evaluation
+turns (or their stored outputs are reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
 Q_W, Q, unparseable strategies, error-type shares, strategy preference and distribution, next to
 the two chance planners, with dialogue-bootstrap 95% intervals and paired differences. With
 several runs, system names are prefixed by the shortest end of each run directory's path that

@@ -29,6 +29,8 @@ import math
 import sys
 from pathlib import Path
 
+from decesc.esc.report import _fmt  # the report's number format: "–" for undefined
+
 MODULES = {"sp": ("sft-sp", "Decoupled SFT"), "vanilla": ("sft-vanilla", "Vanilla SFT")}
 CHANCE = ("Chance: majority", "Chance: prior")
 OWN = ("--run-dir", "--stages", "--max-train-dialogues")  # set per point by this tool
@@ -51,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap replicates of the intervals (default: the run's setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while scoring")
     return p
-
-
-def _fmt(x, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _interval(value, ci) -> str:
