@@ -16,6 +16,7 @@ from decesc.core.lora import (
     apply_lora,
     load_lora_state_dict,
     lora_disabled,
+    lora_dropout,
     lora_modules,
     lora_state_dict,
     merge_lora,
@@ -132,6 +133,46 @@ def test_dropout_only_on_lora_path():
     assert torch.equal(layer(x), layer(x))
 
 
+def test_lora_dropout_draws_15_bit_uniforms():
+    """p' = round(2^15 p) / 2^15: p = 0.05 -> 1638 / 32768 = 0.0499878, factor 32768 / 31130 =
+    1.052618; p = 0.5 -> exactly 1/2, factor 2. Over 2,000,000 entries the dropped share is
+    within 5 sigma of p' (sigma = sqrt(p'(1 - p') / n) = 1.54e-4), and the two entries drawn from
+    one int32 are independent: both dropped with probability p'^2 = 0.0024988 (sigma over
+    1,000,000 pairs: 5.0e-5)."""
+    torch.manual_seed(0)
+    ones = torch.ones(1000, 2000)
+    kept, factor = lora_dropout(ones, 0.05)
+    p = 1638 / 32768
+    assert factor == pytest.approx(32768 / 31130, rel=1e-12)
+    dropped = kept == 0
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+    assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / ones.numel())
+    pairs = dropped.view(-1, 2)  # entries 2i and 2i+1 share one random int32
+    both = (pairs[:, 0] & pairs[:, 1]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / pairs.shape[0])
+    half, factor = lora_dropout(ones, 0.5)
+    assert factor == 2.0 and abs((half == 0).float().mean().item() - 0.5) < 5 * 0.5 / 1000 / math.sqrt(2)
+    same, factor = lora_dropout(ones, 1e-6)  # rounds to 0: no draw, no change
+    assert same is ones and factor == 1.0
+    torch.manual_seed(0)
+    assert torch.equal(lora_dropout(ones, 0.05)[0], kept)  # the seed replays the mask
+
+
+def test_lora_layer_applies_its_dropout_to_the_adapter_input_only():
+    """In training mode the layer adds s * B A (x * keep) / (1 - p') with the mask of
+    lora_dropout under the same seed (odd sizes: the last int32 gives one entry)."""
+    layer = LoRALinear(torch.nn.Linear(7, 5), r=3, alpha=6, dropout=0.25).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 7)
+    torch.manual_seed(1)
+    kept, factor = lora_dropout(x, 0.25)
+    assert factor == 4 / 3  # 0.25 is exact in 15 bits
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias) + 2.0 * factor * (
+        kept @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.manual_seed(1)
+    assert torch.allclose(layer(x), want, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- model level
 
 
@@ -192,7 +233,7 @@ def test_only_lora_params_train():
     apply_lora(model, r=4, alpha=8, seed=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(lora_state_dict(model))
-    assert all(isinstance(m.lora_dropout, torch.nn.Dropout) for m in lora_modules(model).values())
+    assert all(m.dropout_p == 0.05 for m in lora_modules(model).values())
     ids = token_ids()
     model(ids).logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():

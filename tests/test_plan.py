@@ -82,16 +82,43 @@ def test_cost_arithmetic_by_hand():
     assert generate_estimate(c, COSTS, s, gen, 1).seconds == pytest.approx(2000 * 9.7e-4 + 3 * 10 * 0.034)
 
 
+def test_long_rows_cost_more_per_token_by_hand():
+    """Calibrated on rows of 1,000 tokens (c0 = 1e-4 s a token per block, rest 2e-4) with a
+    growth c2 = 1e-8 s per token of row length: in a 3,000-token row a block costs
+    1e-4 + 1e-8 x 2,000 = 1.2e-4 s a token. Two rows of 1,000 and 3,000 tokens (32 blocks):
+    1,000 x (2e-4 + 32 x 1e-4) + 3,000 x (2e-4 + 32 x 1.2e-4) = 3.4 + 12.12 = 15.52 s, which the
+    plan gets from tokens 4,000 and squares 1,000^2 + 3,000^2 = 1e7 as
+    4,000 x 3.4e-3 + 32 x 1e-8 x (1e7 - 1,000 x 4,000) = 13.6 + 1.92. Memory (step bytes
+    b0 = 1,000 and b2 = 0.1 a token per token): the 3,000-token micro-batch holds
+    3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part."""
+    c = ModelConfig.from_hf(LLAMA31_8B)
+    s = Setting(dtype="bf16", base_dtype="bf16")
+    u = UnitCosts(**{**asdict(COSTS), "seq_len": 1000, "train_block_s_per_token2": 1e-8,
+                     "step_block_bytes_per_token2": 0.1})
+    assert u.block_per_token("train_block_s_per_token", 3000) == pytest.approx(1.2e-4)
+    assert u.block_per_token("train_block_s_per_token", 1000) == 1e-4
+    work = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000,
+                     square_tokens=1000 ** 2 + 3000 ** 2)
+    assert train_estimate(c, u, s, work, 1, False).seconds == pytest.approx(3.4 + 12.12)
+    fixed = (300 << 20) + 8_030_261_248 * 2 + 41_943_040 * 16
+    assert train_estimate(c, u, s, work, 1, False).peak_bytes == fixed + 3000 * (500 + 32 * 1200)
+    # without the growth terms (or without squares) the row length changes nothing
+    flat = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000)
+    assert train_estimate(c, COSTS, s, flat, 1, False).seconds == pytest.approx(4000 * 3.4e-3)
+
+
 def test_training_work_with_micro_batches_by_tokens_by_hand():
     """Four trees of 100, 200, 300 and 400 tokens, one step of all four, micro-batches of 4:
     one micro-batch padded to 4 x 400 = 1,600 tokens. With a budget of 400 padded tokens the
     trainer cuts [100 200] (2 x 200 = 400), [300] (adding 400 would pad to 800), [400]: 400 +
     300 + 400 = 1,100 tokens, the largest micro-batch 400, which is what the memory is sized on."""
-    from decesc.pipeline.work import padded_tokens
+    from decesc.pipeline.work import Padded, padded_tokens
 
     lengths = [300, 100, 400, 200]
-    assert padded_tokens(lengths, 4, 4, 1, 0, 1) == (1600, 1, 400, 1600)
-    assert padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400) == (1100, 1, 400, 400)
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1) == Padded(1600, 1, 400, 1600, 400, 4 * 400 ** 2)
+    # squares: 2 x 200^2 + 300^2 + 400^2 = 330,000; of the two largest micro-batches (400 padded
+    # tokens each) the one of longer rows, [400], is the one memory is sized on
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400) == Padded(1100, 1, 400, 400, 400, 330_000)
     work = TrainWork(examples=4, tokens=1100, steps=1, micro_batch=4, max_row_tokens=400, max_micro_tokens=400)
     assert work.largest_micro_batch() == 400
     assert TrainWork(examples=4, tokens=1600, steps=1, micro_batch=4, max_row_tokens=400).largest_micro_batch() == 1600

@@ -38,6 +38,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # The largest scale alpha / r accepted. Adapters use 0.25 to 4 (the paper: 16 / 16 = 1); a
 # scale far above that is a corrupt setting, not a choice (lora_alpha 1e30 made every logit NaN).
 MAX_SCALE = 1000.0
+DROPOUT_BITS = 15  # the resolution of the dropout draws (see lora_dropout)
 
 
 @dataclass
@@ -52,6 +53,34 @@ class LoRAConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def lora_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Inverted dropout on the adapter input, in two parts: ``(x * keep, 1 / (1 - p'))``.
+
+    Each entry is kept independently with probability 1 - p', where p' = round(2^15 p) / 2^15
+    (|p' - p| <= 2^-16; the paper's 0.05 becomes 1638 / 32768 = 0.049988): one random int32
+    (31 uniform bits) yields two 15-bit uniforms u, and an entry is dropped when u < 2^15 p'.
+    The caller folds the factor into the adapter's scale s (B A is linear, so s B A (x * keep) /
+    (1 - p') is s B A dropout(x)), which saves the rescaling pass over x.
+
+    Why not ``nn.Dropout``: on a CPU its Bernoulli draw (one double per entry) plus the rescaling
+    pass cost more than the rest of a SmolLM2 LoRA step without dropout (about 5.3 s of 14.8 s
+    for a tree SFT of four ESConv dialogues); this draws half as many 32-bit numbers and makes
+    one pass over x. The draws come from the default generator, so ``torch.manual_seed`` and
+    activation checkpointing (which restores the generator state) replay the same masks.
+    x: (..., in) -> ((..., in), float).
+    """
+    threshold = round(p * (1 << DROPOUT_BITS))  # drop when u < threshold
+    if threshold == 0:
+        return x, 1.0
+    n = x.numel()
+    r = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
+    u = r.view(torch.int16)[:n].view(x.shape) & ((1 << DROPOUT_BITS) - 1)  # (..., in), [0, 2^15)
+    return x.masked_fill(u < threshold, 0), 1.0 / (1.0 - threshold / (1 << DROPOUT_BITS))
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -62,7 +91,8 @@ class LoRALinear(nn.Module):
     Parameters (no copy). ``lora_A``/``lora_B`` are bias-free ``nn.Linear`` modules in ``dtype``
     (default: the base weight's dtype, so fp32 base -> fp32 adapters for autocast training).
 
-    forward(x) = x W^T + b + s * B(A(dropout(x))),  s = alpha / r, where the LoRA term is
+    forward(x) = x W^T + b + s * B(A(dropout(x))),  s = alpha / r (dropout: :func:`lora_dropout`,
+    in training mode only), where the LoRA term is
     skipped when ``merged`` (it is inside W already) or ``disabled``. When both are set the
     layer still computes the base model: it subtracts s * B(A(x)) (no dropout) from the merged
     weight's output, so "disabled" always means "the base model", up to rounding.
@@ -90,7 +120,6 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.dropout_p = dropout
         factory = {"device": self.weight.device, "dtype": dtype or self.weight.dtype}
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.merged = False
@@ -120,11 +149,11 @@ class LoRALinear(nn.Module):
         sign = int(not self.disabled) - int(self.merged)
         if sign == 0:
             return y
-        h = self.lora_dropout(x) if sign > 0 else x
+        h, keep_scale = lora_dropout(x, self.dropout_p) if sign > 0 and self.training else (x, 1.0)
         lora_dtype = self.lora_A.weight.dtype
         if h.dtype != lora_dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(lora_dtype)  # e.g. bf16 activations into fp32 adapters without autocast
-        delta = self.lora_B(self.lora_A(h)) * (sign * self.scale)  # (..., out)
+        delta = self.lora_B(self.lora_A(h)) * (sign * self.scale * keep_scale)  # (..., out)
         return y + delta.to(y.dtype)
 
     @torch.no_grad()

@@ -10,6 +10,15 @@ stand out of the noise: with checkpointing a small model's step peaks in its out
 about 4 blocks (SmolLM2: the same growth at 1 and 4 blocks, 250 MB, then 340 MB at 8), so the
 plan uses 2 and 8 blocks, and 1 and 4 for models over 2 B parameters, whose blocks dominate.
 
+A block's cost per token grows with the length of the row it is in (attention is quadratic in
+the row; on a CPU a long row's activations also leave the allocator's reused heap for fresh
+pages): measured on rows of ``seq_len`` and of ``long_len`` tokens, a block costs per token
+c(L) = c0 + c2 (L - seq_len) in a row of L tokens, so a stage's rows cost
+tokens c0 + c2 (sum of L^2 - seq_len tokens) and the largest micro-batch is sized at its own
+row length. Whole-dialogue rows (``--packing tree``, full history: up to 4,096 tokens) are
+where this matters: planned at the mean turn-level row's per-token cost, an SFT stage of
+300 dialogue trees was planned at 11 min and 5.3 GiB and measured 19.5 min and 10.6 GB.
+
 A training step is measured twice, without and with activation checkpointing: its time, and its
 memory as the growth of the resident set's peak during the step (``pipeline.memory.peak_growth``:
 autograd's saved activations, the backward pass's temporaries and the allocator's overhead, which
@@ -22,8 +31,9 @@ Memory per device of a training step (FSDP shards by ``world``, a single process
 
     weights      n_base * bytes(base dtype) / world   (+ two gathered blocks when world > 1)
     adapters     n_lora * (4 weight + 4 grad + 8 AdamW moments) / world          (fp32)
-    step         measured bytes per token * tokens of the largest micro-batch, for the rest of
-                 the model plus L blocks (with or without checkpointing)
+    step         tokens of the largest micro-batch * measured bytes per token of the rest of the
+                 model plus L blocks at that micro-batch's row length (with or without
+                 checkpointing)
     runtime      the process's own resident memory before any model exists (measured)
 
 and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.models``), at least
@@ -145,6 +155,20 @@ class UnitCosts:
     decode_batch: int
     runtime_bytes: int  # resident memory of this process before the calibration models exist
     seconds: float  # how long the calibration took
+    # The growth of a block's per-token costs with the row length L, per token of L (module
+    # docstring): the per-token block costs above hold for rows of ``seq_len`` tokens.
+    seq_len: int = 0
+    train_block_s_per_token2: float = 0.0
+    checkpointed_block_s_per_token2: float = 0.0
+    step_block_bytes_per_token2: float = 0.0
+    checkpointed_block_bytes_per_token2: float = 0.0
+
+    def block_per_token(self, cost: str, row_len: int) -> float:
+        """The per-token block cost ``cost`` (a field name, e.g. "train_block_s_per_token") in a
+        row of ``row_len`` tokens: c0 + c2 (row_len - seq_len), never below 0."""
+        c0 = getattr(self, cost)
+        c2 = getattr(self, cost.replace("_per_token", "_per_token2"))
+        return max(c0 + c2 * (row_len - self.seq_len), 0.0)
 
 
 def _tiny_copy(c: ModelConfig, blocks: int, setting: Setting) -> CausalLM:
@@ -208,33 +232,51 @@ def calibration_bytes(c: ModelConfig, blocks: tuple[int, int]) -> int:
     return model_params(replace(c, num_hidden_layers=max(blocks))) * 4
 
 
+def _rows(c: ModelConfig, rows: int, length: int, target_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (rows, length) and the mask of their last ``target_len`` labelled tokens."""
+    ids = torch.randint(0, c.vocab_size, (rows, length))
+    keep = torch.zeros(rows, length, dtype=torch.bool)
+    keep[:, length - 1 - target_len:length - 1] = True
+    return ids, keep
+
+
+def _train_costs(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
+                 repeats: int) -> tuple[float, float, int, int]:
+    """(time, checkpointed time, step bytes, checkpointed step bytes) of a training step."""
+    _train_step(model, ids, keep, autocast)  # warm-up
+    train = _best_of(lambda: _train_step(model, ids, keep, autocast), repeats)
+    step = _step_bytes(model, ids, keep, autocast)
+    model.set_activation_checkpointing(True)
+    checkpointed = _step_bytes(model, ids, keep, autocast)
+    train_checkpointed = _best_of(lambda: _train_step(model, ids, keep, autocast), repeats)
+    model.set_activation_checkpointing(False)
+    return train, train_checkpointed, step, checkpointed
+
+
 def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, micro_batch: int,
               gen_batch: int, prompt_len: int, blocks: tuple[int, int] = (2, 8),
-              repeats: int = 2) -> UnitCosts:
+              repeats: int = 2, long_len: int = 0) -> UnitCosts:
     """Measure the unit costs of :class:`UnitCosts` on random models of shape ``c`` with
     ``blocks`` (two depths) transformer blocks: a training forward + backward of ``micro_batch``
     rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
-    and with activation checkpointing), a prefill of ``gen_batch`` prompts of ``prompt_len``
-    tokens and 8 decoding steps. Takes 25-45 s for SmolLM2 on a 2-core CPU."""
+    and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
+    (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
+    tokens and 8 decoding steps. Takes 25-45 s for SmolLM2 on a 2-core CPU, plus about 30 s
+    with ``long_len`` 2,048."""
     t_start = time.perf_counter()
     runtime = resident_bytes()
     seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
-    ids = torch.randint(0, c.vocab_size, (micro_batch, seq_len))
-    keep = torch.zeros(micro_batch, seq_len, dtype=torch.bool)
-    keep[:, seq_len - 1 - target_len:seq_len - 1] = True
+    ids, keep = _rows(c, micro_batch, seq_len, target_len)
+    long = _rows(c, 1, long_len, target_len) if long_len > seq_len else None
     prompts = torch.randint(0, c.vocab_size, (gen_batch, prompt_len)).tolist()
     autocast = setting.dtype == "bf16"
     steps = 8
-    measured = {}
+    measured, measured_long = {}, {}
     for depth in blocks:
         model = _tiny_copy(c, depth, setting)
-        _train_step(model, ids, keep, autocast)  # warm-up
-        train = _best_of(lambda model=model: _train_step(model, ids, keep, autocast), repeats)
-        step = _step_bytes(model, ids, keep, autocast)
-        model.set_activation_checkpointing(True)
-        checkpointed = _step_bytes(model, ids, keep, autocast)
-        train_checkpointed = _best_of(lambda model=model: _train_step(model, ids, keep, autocast), repeats)
-        model.set_activation_checkpointing(False)
+        train, train_checkpointed, step, checkpointed = _train_costs(model, ids, keep, autocast, repeats)
+        if long is not None:
+            measured_long[depth] = _train_costs(model, *long, autocast, repeats)
         model.eval().to(TORCH_DTYPES[setting.inference_dtype])
 
         def run(n, model=model):
@@ -254,8 +296,13 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
 
     per_token = [split(i, tokens) for i in range(4)]  # train, checkpointed, their bytes
     (pb, pr), (db, dr) = split(4, prompt_tokens), split(5, 1)
+    growth = [0.0] * 4  # per token of row length, for the four block costs per token
+    if long is not None:
+        for i in range(4):
+            block = max(measured_long[large][i] - measured_long[small][i], 0.0) / (large - small)
+            growth[i] = max(block / long_len - per_token[i][0], 0.0) / (long_len - seq_len)
     return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
-                     time.perf_counter() - t_start)
+                     time.perf_counter() - t_start, seq_len, *growth)
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -275,6 +322,8 @@ class TrainWork:
     reference_tokens: int = 0
     max_labelled_tokens: int = 0  # labelled tokens of the largest micro-batch (its logits rows)
     max_micro_tokens: int = 0  # padded tokens of the largest micro-batch (0: micro_batch x max_row_tokens)
+    square_tokens: int = 0  # sum over micro-batches of rows x (padded row length)^2 (0: not counted)
+    max_micro_row_tokens: int = 0  # the padded row length of the largest micro-batch (0: max_row_tokens)
 
     def largest_micro_batch(self) -> int:
         """Padded tokens of the largest micro-batch (what one forward + backward holds)."""
@@ -311,17 +360,17 @@ class Estimate:
 
 
 def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: int, world: int,
-                 checkpointing: bool) -> int:
-    """Peak bytes per device of a training step (see the module docstring)."""
+                 checkpointing: bool, row_len: int | None = None) -> int:
+    """Peak bytes per device of a training step over ``micro_tokens`` padded tokens in rows of
+    ``row_len`` tokens (None: rows as long as the calibration's; see the module docstring)."""
     L = c.num_hidden_layers
     weights = model_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize / world
     if world > 1:
         weights += 2 * block_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize
     adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
-    if checkpointing:
-        block, rest = u.checkpointed_block_bytes_per_token, u.checkpointed_rest_bytes_per_token
-    else:
-        block, rest = u.step_block_bytes_per_token, u.step_rest_bytes_per_token
+    kind = "checkpointed" if checkpointing else "step"
+    block = u.block_per_token(f"{kind}_block_bytes_per_token", u.seq_len if row_len is None else row_len)
+    rest = getattr(u, f"{kind}_rest_bytes_per_token")
     return int(u.runtime_bytes + weights + adapters + micro_tokens * (rest + L * block))
 
 
@@ -333,13 +382,16 @@ def load_memory(c: ModelConfig, u: UnitCosts) -> int:
 def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWork, world: int,
                    checkpointing: bool) -> Estimate:
     L = c.num_hidden_layers
-    if checkpointing:  # measured: the forward of every block runs twice
-        per_token = u.checkpointed_rest_s_per_token + L * u.checkpointed_block_s_per_token
-    else:
-        per_token = u.train_rest_s_per_token + L * u.train_block_s_per_token
+    kind = "checkpointed" if checkpointing else "train"  # checkpointed: every block's forward twice
+    block = getattr(u, f"{kind}_block_s_per_token")
+    seconds = work.tokens * (getattr(u, f"{kind}_rest_s_per_token") + L * block)
+    if work.square_tokens:  # sum over rows of L c(L) = tokens c0 + c2 (sum of L^2 - seq_len tokens)
+        growth = getattr(u, f"{kind}_block_s_per_token2")
+        seconds += L * growth * (work.square_tokens - u.seq_len * work.tokens)
     reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
-    seconds = (work.tokens * per_token + reference) / world
-    memory = train_memory(c, u, setting, work.largest_micro_batch(), world, checkpointing)
+    seconds = (max(seconds, 0.0) + reference) / world
+    memory = train_memory(c, u, setting, work.largest_micro_batch(), world, checkpointing,
+                          work.max_micro_row_tokens or work.max_row_tokens)
     return Estimate(seconds, memory)
 
 

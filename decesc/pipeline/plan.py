@@ -125,7 +125,9 @@ def setting_of(c: PipelineConfig) -> Setting:
 
 
 def _calibration_shape(run, shape: ShapeOnly) -> dict:
-    """Representative sizes for :func:`calibrate`: the SFT rows' mean length (capped for speed)."""
+    """Representative sizes for :func:`calibrate`: the SFT rows' mean length (capped for speed),
+    and a long row, ``--max-seq-len`` capped at 2,048 tokens (512 over 2 B parameters), for the
+    growth of a block's per-token costs with the row length."""
     from decesc.pipeline.sft import training_examples
 
     c, tok = run.config, shape.tokenizer
@@ -135,7 +137,8 @@ def _calibration_shape(run, shape: ShapeOnly) -> dict:
     big = model_params(shape.base_config) > 2e9
     seq = min(mean, 128 if big else 512)
     return dict(seq_len=seq, target_len=max(1, seq // 10), micro_batch=1 if big else c.micro_batch_size,
-                gen_batch=c.gen_batch_size, prompt_len=min(seq, 256), blocks=(1, 4) if big else (2, 8))
+                gen_batch=c.gen_batch_size, prompt_len=min(seq, 256), blocks=(1, 4) if big else (2, 8),
+                long_len=min(c.max_seq_len, 512 if big else 2048))
 
 
 def plan_run(config: PipelineConfig, stages: list[str], nproc: int, costs: UnitCosts | None = None,

@@ -11,6 +11,7 @@ batched exactly as the stages pack them (:func:`decesc.train.sft.tree_sft`,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from decesc.core.logprobs import IGNORE_INDEX
 from decesc.core.tokenizer import chat_messages
@@ -23,12 +24,24 @@ from decesc.train.data import chat_sequence, tree_items, trees_per_step
 from decesc.train.trainer import epoch_order, micro_batches
 
 
+@dataclass(frozen=True)
+class Padded:
+    """Training items grouped exactly as the trainer groups them (:func:`padded_tokens`)."""
+
+    tokens: int  # padded tokens over all steps
+    steps: int  # optimizer steps
+    longest: int  # the longest item
+    largest: int  # padded tokens of the largest micro-batch
+    largest_row: int  # its padded row length (of the largest micro-batches, the longest)
+    squares: int  # sum over micro-batches of rows x (padded row length)^2
+
+
 def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
-                  world: int, micro_tokens: int = 0) -> tuple[int, int, int, int]:
-    """(padded tokens over all steps, optimizer steps, longest item, padded tokens of the largest
-    micro-batch) exactly as the trainer groups the items (seeded order, length-sorted
-    micro-batches per rank of ``micro`` items or at most ``micro_tokens`` padded tokens)."""
-    tokens, steps, largest = 0, 0, 0
+                  world: int, micro_tokens: int = 0) -> Padded:
+    """The padded work of items of ``lengths`` exactly as the trainer groups them (seeded
+    order, length-sorted micro-batches per rank of ``micro`` items or at most ``micro_tokens``
+    padded tokens)."""
+    tokens, steps, largest, largest_row, squares = 0, 0, 0, 0, 0
     for epoch in range(epochs):
         order = epoch_order(len(lengths), seed, epoch)
         for start in range(0, len(order), batch):
@@ -36,10 +49,11 @@ def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed:
             for rank in range(world):
                 for mb in micro_batches(indices, lengths, rank, world, micro, micro_tokens):
                     if mb:
-                        padded = len(mb) * max(lengths[i] for i in mb)
-                        tokens, largest = tokens + padded, max(largest, padded)
+                        row = max(lengths[i] for i in mb)
+                        tokens, squares = tokens + len(mb) * row, squares + len(mb) * row * row
+                        largest, largest_row = max((largest, largest_row), (len(mb) * row, row))
             steps += 1
-    return tokens, steps, max(lengths, default=0), largest
+    return Padded(tokens, steps, max(lengths, default=0), largest, largest_row, squares)
 
 
 def training_work(items: list[dict], *, examples: int, batch: int, micro: int, epochs: int, seed: int,
@@ -62,11 +76,12 @@ def training_work(items: list[dict], *, examples: int, batch: int, micro: int, e
         else:
             lengths.append(len(it["input_ids"]))
             labelled.append(sum(y != IGNORE_INDEX for y in it["labels"]))
-    tokens, steps, longest, largest = padded_tokens(lengths, batch, micro, epochs, seed, world, micro_tokens)
-    rows = max(1, largest // max(longest, 1)) if micro_tokens else micro  # rows of the largest micro-batch
-    return TrainWork(len(items), tokens, steps, micro, longest,
-                     reference_tokens=tokens // max(epochs, 1) if reference else 0,
-                     max_labelled_tokens=max(labelled, default=0) * rows, max_micro_tokens=largest)
+    p = padded_tokens(lengths, batch, micro, epochs, seed, world, micro_tokens)
+    rows = p.largest // max(p.largest_row, 1)  # rows of the largest micro-batch
+    return TrainWork(len(items), p.tokens, p.steps, micro, p.longest,
+                     reference_tokens=p.tokens // max(epochs, 1) if reference else 0,
+                     max_labelled_tokens=max(labelled, default=0) * rows, max_micro_tokens=p.largest,
+                     square_tokens=p.squares, max_micro_row_tokens=p.largest_row)
 
 
 def sft_items(tok, examples, packing: str, max_seq_len: int) -> list[dict]:
