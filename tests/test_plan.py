@@ -87,10 +87,15 @@ def test_long_rows_cost_more_per_token_by_hand():
     growth c2 = 1e-8 s per token of row length: in a 3,000-token row a block costs
     1e-4 + 1e-8 x 2,000 = 1.2e-4 s a token. Two rows of 1,000 and 3,000 tokens (32 blocks):
     1,000 x (2e-4 + 32 x 1e-4) + 3,000 x (2e-4 + 32 x 1.2e-4) = 3.4 + 12.12 = 15.52 s, which the
-    plan gets from tokens 4,000 and squares 1,000^2 + 3,000^2 = 1e7 as
-    4,000 x 3.4e-3 + 32 x 1e-8 x (1e7 - 1,000 x 4,000) = 13.6 + 1.92. Memory (step bytes
+    plan gets from tokens 4,000 and the causal rows' query-key pairs (1,000^2 + 3,000^2) / 2 =
+    5e6 as 4,000 x 3.4e-3 + 32 x 1e-8 x (2 x 5e6 - 1,000 x 4,000) = 13.6 + 1.92. A tree row of
+    3,000 tokens, trunk 2,000 and branches 1,000, has 2,000^2 / 2 + 1,000 x 3,000 = 5e6 pairs,
+    more than the 4.5e6 of a causal row of 3,000: its branch queries read every key. Memory (step bytes
     b0 = 1,000 and b2 = 0.1 a token per token): the 3,000-token micro-batch holds
-    3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part."""
+    3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part. The rest (the output
+    head) scales with labelled tokens when the calibration says which share it labelled."""
+    from decesc.pipeline.work import row_attention_pairs
+
     c = ModelConfig.from_hf(LLAMA31_8B)
     s = Setting(dtype="bf16", base_dtype="bf16")
     u = UnitCosts(**{**asdict(COSTS), "seq_len": 1000, "train_block_s_per_token2": 1e-8,
@@ -98,11 +103,21 @@ def test_long_rows_cost_more_per_token_by_hand():
     assert u.block_per_token("train_block_s_per_token", 3000) == pytest.approx(1.2e-4)
     assert u.block_per_token("train_block_s_per_token", 1000) == 1e-4
     work = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000,
-                     square_tokens=1000 ** 2 + 3000 ** 2)
+                     attention_pairs=(1000 ** 2 + 3000 ** 2) // 2)
     assert train_estimate(c, u, s, work, 1, False).seconds == pytest.approx(3.4 + 12.12)
     fixed = (300 << 20) + 8_030_261_248 * 2 + 41_943_040 * 16
     assert train_estimate(c, u, s, work, 1, False).peak_bytes == fixed + 3000 * (500 + 32 * 1200)
-    # without the growth terms (or without squares) the row length changes nothing
+    assert row_attention_pairs(2000, 1000) == 5_000_000 and row_attention_pairs(3000, 0) == 4_500_000
+    # calibrated with a tenth of the tokens labelled, a stage with 800 of its 4,000 tokens
+    # labelled pays the rest (the head) twice: 4,000 x 2e-4 x 800 / (4,000 x 0.1) = 1.6 s, not 0.8
+    labelled = UnitCosts(**{**asdict(u), "labelled_share": 0.1})
+    work = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000,
+                     attention_pairs=(1000 ** 2 + 3000 ** 2) // 2, labelled_tokens=800,
+                     max_labelled_tokens=600)
+    assert train_estimate(c, labelled, s, work, 1, False).seconds == pytest.approx(3.4 + 12.12 + 0.8)
+    # and the step's rest bytes at its 600 labelled tokens: 3,000 x 500 x 600 / (3,000 x 0.1)
+    assert train_estimate(c, labelled, s, work, 1, False).peak_bytes == fixed + 600 * 5000 + 3000 * 32 * 1200
+    # without the growth terms (or without pairs) the row length changes nothing
     flat = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000)
     assert train_estimate(c, COSTS, s, flat, 1, False).seconds == pytest.approx(4000 * 3.4e-3)
 
@@ -115,10 +130,15 @@ def test_training_work_with_micro_batches_by_tokens_by_hand():
     from decesc.pipeline.work import Padded, padded_tokens
 
     lengths = [300, 100, 400, 200]
-    assert padded_tokens(lengths, 4, 4, 1, 0, 1) == Padded(1600, 1, 400, 1600, 400, 4 * 400 ** 2)
-    # squares: 2 x 200^2 + 300^2 + 400^2 = 330,000; of the two largest micro-batches (400 padded
-    # tokens each) the one of longer rows, [400], is the one memory is sized on
-    assert padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400) == Padded(1100, 1, 400, 400, 400, 330_000)
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1) == Padded(1600, 1, 400, 1600, 400, 4 * 400 ** 2 // 2)
+    # pairs: (2 x 200^2 + 300^2 + 400^2) / 2 = 165,000; of the two largest micro-batches (400
+    # padded tokens each) the one of longer rows, [400], is the one memory is sized on
+    assert padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400) == Padded(1100, 1, 400, 400, 400, 165_000)
+    # as trees whose trunks are 100 tokens shorter: [100 200] pads its trunk to 100 and its
+    # branches to 100: 2 x (100^2 / 2 + 100 x 200) = 50,000; [300]: 200^2 / 2 + 100 x 300 =
+    # 50,000; [400]: 300^2 / 2 + 100 x 400 = 85,000
+    trees = padded_tokens(lengths, 4, 4, 1, 0, 1, micro_tokens=400, trunks=[200, 0, 300, 100])
+    assert trees.attention_pairs == 185_000
     work = TrainWork(examples=4, tokens=1100, steps=1, micro_batch=4, max_row_tokens=400, max_micro_tokens=400)
     assert work.largest_micro_batch() == 400
     assert TrainWork(examples=4, tokens=1600, steps=1, micro_batch=4, max_row_tokens=400).largest_micro_batch() == 1600

@@ -10,14 +10,20 @@ stand out of the noise: with checkpointing a small model's step peaks in its out
 about 4 blocks (SmolLM2: the same growth at 1 and 4 blocks, 250 MB, then 340 MB at 8), so the
 plan uses 2 and 8 blocks, and 1 and 4 for models over 2 B parameters, whose blocks dominate.
 
-A block's cost per token grows with the length of the row it is in (attention is quadratic in
-the row; on a CPU a long row's activations also leave the allocator's reused heap for fresh
-pages): measured on rows of ``seq_len`` and of ``long_len`` tokens, a block costs per token
-c(L) = c0 + c2 (L - seq_len) in a row of L tokens, so a stage's rows cost
-tokens c0 + c2 (sum of L^2 - seq_len tokens) and the largest micro-batch is sized at its own
-row length. Whole-dialogue rows (``--packing tree``, full history: up to 4,096 tokens) are
-where this matters: planned at the mean turn-level row's per-token cost, an SFT stage of
-300 dialogue trees was planned at 11 min and 5.3 GiB and measured 19.5 min and 10.6 GB.
+A block's cost per token grows with the length of the row it is in, because a token's
+attention reads every key before it. Measured on rows of ``seq_len`` and of ``long_len``
+tokens, a block costs c(L) = c0 + c2 (L - seq_len) per token of a row of L tokens. A causal
+row's tokens read L / 2 keys on average, so in time the growth counts the query-key pairs
+attention computes: a stage costs tokens c0 + c2 (2 pairs - seq_len tokens), where a causal
+row has L^2 / 2 pairs and a tree row of trunk Tt and branches Tb has Tt^2 / 2 + Tb (Tt + Tb)
+(:func:`decesc.pipeline.work.row_attention_pairs`: a branch query reads every key through the
+tree mask). Memory takes the largest micro-batch at its own row length. What is not in the
+blocks (``rest``: the output head and the loss, run at labelled positions only, and the
+embeddings) is measured on rows whose last tenth is labelled and scaled to a stage's labelled
+tokens: an SFT reply is half of a vanilla tree's tokens but a strategy name a few percent of a
+planner's. Whole-dialogue rows (``--packing tree`` with full history: up to 4,096 tokens) need
+both: costed at the per-token price of the mean turn-level row, an SFT stage of 300 dialogue
+trees was planned at 11 min where it took 19.5.
 
 A training step is measured twice, without and with activation checkpointing: its time, and its
 memory as the growth of the resident set's peak during the step (``pipeline.memory.peak_growth``:
@@ -31,9 +37,9 @@ Memory per device of a training step (FSDP shards by ``world``, a single process
 
     weights      n_base * bytes(base dtype) / world   (+ two gathered blocks when world > 1)
     adapters     n_lora * (4 weight + 4 grad + 8 AdamW moments) / world          (fp32)
-    step         tokens of the largest micro-batch * measured bytes per token of the rest of the
-                 model plus L blocks at that micro-batch's row length (with or without
-                 checkpointing)
+    step         tokens of the largest micro-batch * measured bytes per token of L blocks at
+                 that micro-batch's row length, plus the rest of the model (mostly the output
+                 head) at its labelled tokens (with or without checkpointing)
     runtime      the process's own resident memory before any model exists (measured)
 
 and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.models``), at least
@@ -158,6 +164,10 @@ class UnitCosts:
     # The growth of a block's per-token costs with the row length L, per token of L (module
     # docstring): the per-token block costs above hold for rows of ``seq_len`` tokens.
     seq_len: int = 0
+    # The share of the calibration rows' tokens that were labelled: the output head and the loss,
+    # the bulk of ``rest``, run at labelled positions only, so a stage's rest scales with its
+    # labelled tokens (0: with all its tokens, as an older costs file says nothing).
+    labelled_share: float = 0.0
     train_block_s_per_token2: float = 0.0
     checkpointed_block_s_per_token2: float = 0.0
     step_block_bytes_per_token2: float = 0.0
@@ -302,7 +312,7 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
             block = max(measured_long[large][i] - measured_long[small][i], 0.0) / (large - small)
             growth[i] = max(block / long_len - per_token[i][0], 0.0) / (long_len - seq_len)
     return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
-                     time.perf_counter() - t_start, seq_len, *growth)
+                     time.perf_counter() - t_start, seq_len, target_len / seq_len, *growth)
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -322,7 +332,8 @@ class TrainWork:
     reference_tokens: int = 0
     max_labelled_tokens: int = 0  # labelled tokens of the largest micro-batch (its logits rows)
     max_micro_tokens: int = 0  # padded tokens of the largest micro-batch (0: micro_batch x max_row_tokens)
-    square_tokens: int = 0  # sum over micro-batches of rows x (padded row length)^2 (0: not counted)
+    attention_pairs: int = 0  # query-key pairs of attention over all steps (0: not counted)
+    labelled_tokens: int = 0  # labelled tokens over all steps (0: not counted)
     max_micro_row_tokens: int = 0  # the padded row length of the largest micro-batch (0: max_row_tokens)
 
     def largest_micro_batch(self) -> int:
@@ -360,9 +371,10 @@ class Estimate:
 
 
 def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: int, world: int,
-                 checkpointing: bool, row_len: int | None = None) -> int:
+                 checkpointing: bool, row_len: int | None = None, labelled: int | None = None) -> int:
     """Peak bytes per device of a training step over ``micro_tokens`` padded tokens in rows of
-    ``row_len`` tokens (None: rows as long as the calibration's; see the module docstring)."""
+    ``row_len`` tokens of which ``labelled`` labelled (None: rows as long and as labelled as the
+    calibration's; see the module docstring)."""
     L = c.num_hidden_layers
     weights = model_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize / world
     if world > 1:
@@ -370,8 +382,10 @@ def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: i
     adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
     kind = "checkpointed" if checkpointing else "step"
     block = u.block_per_token(f"{kind}_block_bytes_per_token", u.seq_len if row_len is None else row_len)
-    rest = getattr(u, f"{kind}_rest_bytes_per_token")
-    return int(u.runtime_bytes + weights + adapters + micro_tokens * (rest + L * block))
+    rest = micro_tokens * getattr(u, f"{kind}_rest_bytes_per_token")
+    if labelled is not None and u.labelled_share:
+        rest *= labelled / (micro_tokens * u.labelled_share)
+    return int(u.runtime_bytes + weights + adapters + rest + micro_tokens * L * block)
 
 
 def load_memory(c: ModelConfig, u: UnitCosts) -> int:
@@ -384,14 +398,18 @@ def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWo
     L = c.num_hidden_layers
     kind = "checkpointed" if checkpointing else "train"  # checkpointed: every block's forward twice
     block = getattr(u, f"{kind}_block_s_per_token")
-    seconds = work.tokens * (getattr(u, f"{kind}_rest_s_per_token") + L * block)
-    if work.square_tokens:  # sum over rows of L c(L) = tokens c0 + c2 (sum of L^2 - seq_len tokens)
+    rest = work.tokens * getattr(u, f"{kind}_rest_s_per_token")
+    if work.labelled_tokens and u.labelled_share:  # the head runs at labelled positions only
+        rest *= work.labelled_tokens / (work.tokens * u.labelled_share)
+    seconds = rest + work.tokens * L * block
+    if work.attention_pairs:  # module docstring: tokens c0 + c2 (2 pairs - seq_len tokens)
         growth = getattr(u, f"{kind}_block_s_per_token2")
-        seconds += L * growth * (work.square_tokens - u.seq_len * work.tokens)
+        seconds += L * growth * (2 * work.attention_pairs - u.seq_len * work.tokens)
     reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
     seconds = (max(seconds, 0.0) + reference) / world
     memory = train_memory(c, u, setting, work.largest_micro_batch(), world, checkpointing,
-                          work.max_micro_row_tokens or work.max_row_tokens)
+                          work.max_micro_row_tokens or work.max_row_tokens,
+                          work.max_labelled_tokens or None)
     return Estimate(seconds, memory)
 
 

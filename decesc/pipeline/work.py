@@ -33,15 +33,23 @@ class Padded:
     longest: int  # the longest item
     largest: int  # padded tokens of the largest micro-batch
     largest_row: int  # its padded row length (of the largest micro-batches, the longest)
-    squares: int  # sum over micro-batches of rows x (padded row length)^2
+    attention_pairs: int  # query-key pairs attention computes over all steps
+
+
+def row_attention_pairs(trunk: int, branches: int) -> int:
+    """Query-key pairs of one row: its trunk attends causally, trunk^2 / 2, and each branch
+    query reads every key of the row through the tree mask, branches x (trunk + branches)
+    (a turn-level row is all trunk: L^2 / 2)."""
+    return trunk * trunk // 2 + branches * (trunk + branches)
 
 
 def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
-                  world: int, micro_tokens: int = 0) -> Padded:
-    """The padded work of items of ``lengths`` exactly as the trainer groups them (seeded
-    order, length-sorted micro-batches per rank of ``micro`` items or at most ``micro_tokens``
-    padded tokens)."""
-    tokens, steps, largest, largest_row, squares = 0, 0, 0, 0, 0
+                  world: int, micro_tokens: int = 0, trunks: list[int] | None = None) -> Padded:
+    """The padded work of items of ``lengths`` (of which ``trunks`` in their trunk, for trees;
+    None: causal rows) exactly as the trainer groups them (seeded order, length-sorted
+    micro-batches per rank of ``micro`` items or at most ``micro_tokens`` padded tokens)."""
+    trunks = lengths if trunks is None else trunks
+    tokens, steps, largest, largest_row, pairs = 0, 0, 0, 0, 0
     for epoch in range(epochs):
         order = epoch_order(len(lengths), seed, epoch)
         for start in range(0, len(order), batch):
@@ -50,10 +58,13 @@ def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed:
                 for mb in micro_batches(indices, lengths, rank, world, micro, micro_tokens):
                     if mb:
                         row = max(lengths[i] for i in mb)
-                        tokens, squares = tokens + len(mb) * row, squares + len(mb) * row * row
+                        trunk = max(trunks[i] for i in mb)
+                        branches = max(lengths[i] - trunks[i] for i in mb)
+                        tokens += len(mb) * row
+                        pairs += len(mb) * row_attention_pairs(trunk, branches)
                         largest, largest_row = max((largest, largest_row), (len(mb) * row, row))
             steps += 1
-    return Padded(tokens, steps, max(lengths, default=0), largest, largest_row, squares)
+    return Padded(tokens, steps, max(lengths, default=0), largest, largest_row, pairs)
 
 
 def training_work(items: list[dict], *, examples: int, batch: int, micro: int, epochs: int, seed: int,
@@ -65,9 +76,10 @@ def training_work(items: list[dict], *, examples: int, batch: int, micro: int, e
     pass."""
     if items and "sequences" in items[0]:
         batch = trees_per_step(batch, examples, len(items))
-    lengths, labelled = [], []
+    lengths, labelled, trunks = [], [], []  # trunks: a turn-level row is all trunk
     for it in items:
         if "sequences" in it:  # a tree
+            trunks.append(it["trunk"])
             lengths.append(it["length"])
             labelled.append(sum(y != IGNORE_INDEX for s in it["sequences"] for _, ys in s for y in ys))
         elif "chosen_ids" in it:  # a pair as two rows
@@ -76,12 +88,15 @@ def training_work(items: list[dict], *, examples: int, batch: int, micro: int, e
         else:
             lengths.append(len(it["input_ids"]))
             labelled.append(sum(y != IGNORE_INDEX for y in it["labels"]))
-    p = padded_tokens(lengths, batch, micro, epochs, seed, world, micro_tokens)
+        if len(trunks) < len(lengths):
+            trunks.append(lengths[-1])
+    p = padded_tokens(lengths, batch, micro, epochs, seed, world, micro_tokens, trunks)
     rows = p.largest // max(p.largest_row, 1)  # rows of the largest micro-batch
     return TrainWork(len(items), p.tokens, p.steps, micro, p.longest,
                      reference_tokens=p.tokens // max(epochs, 1) if reference else 0,
                      max_labelled_tokens=max(labelled, default=0) * rows, max_micro_tokens=p.largest,
-                     square_tokens=p.squares, max_micro_row_tokens=p.largest_row)
+                     attention_pairs=p.attention_pairs, max_micro_row_tokens=p.largest_row,
+                     labelled_tokens=sum(labelled) * epochs)
 
 
 def sft_items(tok, examples, packing: str, max_seq_len: int) -> list[dict]:

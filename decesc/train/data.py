@@ -39,15 +39,16 @@ def tree_items(units: list[tuple[object, list[tuple[object, list[Piece]]]]],
                max_tokens: int) -> list[dict]:
     """Training items that are token trees: :func:`decesc.core.tree.pack_units` over ``units``
     = [(group, [(key, pieces), ...]), ...] within ``max_tokens`` tokens per tree (a unit larger
-    than that gets a tree of its own). An item is ``{"keys", "sequences", "length"}`` in plain
-    lists: its sequences' keys and pieces in insertion order, and the tree's token count (its
-    row length); :func:`item_tree` rebuilds the tree."""
+    than that gets a tree of its own). An item is ``{"keys", "sequences", "length", "trunk"}`` in
+    plain lists: its sequences' keys and pieces in insertion order, the tree's token count (its
+    row length) and its trunk's; :func:`item_tree` rebuilds the tree."""
     pieces = {key: seq for _, unit in units for key, seq in unit}
     if len(pieces) != sum(len(unit) for _, unit in units):
         raise ValueError("tree_items: sequence keys must be unique")
     return [{"keys": list(t.keys), "sequences": [[[list(i), list(y)] for i, y in pieces[k]]
                                                  for k in t.keys],
-             "length": t.num_tokens} for t in pack_units(units, max_tokens)]
+             "length": t.num_tokens, "trunk": sum(len(t.nodes[i].ids) for i in t.trunk())}
+            for t in pack_units(units, max_tokens)]
 
 
 def trees_per_step(batch_size: int, examples: int, trees: int) -> int:
