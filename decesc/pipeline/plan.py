@@ -4,7 +4,7 @@ Reads only the model's ``config.json`` (or GGUF header) and tokenizer, and the d
 heavy and writes nothing. Per stage it prints the examples / pairs / prompts, the tokens, the
 optimizer steps, the estimated peak memory per device and the estimated wall time on this
 machine for ``nproc`` devices, from unit costs measured in a few seconds
-(:func:`decesc.pipeline.cost.calibrate`) or read from a file (``--plan-costs``; the plan prints
+(:func:`decesc.pipeline.calibrate.calibrate`) or read from a file (``--plan-costs``; the plan prints
 the measured ones as JSON, so a later plan can reuse them).
 
 What the stages will do is counted from the same functions the stages use (their examples,
@@ -32,8 +32,9 @@ from pathlib import Path
 
 from decesc.core.model import ModelConfig
 from decesc.core.tokenizer import chat_messages
+from decesc.pipeline.calibrate import calibrate, calibration_bytes
 from decesc.pipeline.config import PipelineConfig
-from decesc.pipeline.cost import (Setting, UnitCosts, calibrate, calibration_bytes, generate_estimate,
+from decesc.pipeline.cost import (Setting, UnitCosts, generate_estimate,
                                   gpu_train_estimate, load_memory, model_params, read_model_config,
                                   train_estimate)
 

@@ -1,0 +1,166 @@
+"""Measure the unit costs of ``--plan`` (:class:`decesc.pipeline.cost.UnitCosts`) on this machine.
+
+The unit costs are *measured* in seconds on this machine with the run's own code on
+random-weight models of the same shape but only n1 < n2 transformer blocks (:func:`calibrate`).
+With t(n) the time of the same work on an n-block model, a block costs (t(n2) - t(n1)) / (n2 - n1)
+and the rest (embeddings, final norm, output head, loss, Python overhead) t(n1) - n1 * block; a
+model of L blocks costs rest + L * block. The models must be deep enough for a block's share to
+stand out of the noise: with checkpointing a small model's step peaks in its output head up to
+about 4 blocks (SmolLM2: the same growth at 1 and 4 blocks, 250 MB, then 340 MB at 8), so the
+plan uses 2 and 8 blocks, and 1 and 4 for models over 2 B parameters, whose blocks dominate.
+
+A training step is measured twice, without and with activation checkpointing: its time, and its
+memory as the growth of the resident set's peak during the step (``pipeline.memory.peak_growth``:
+autograd's saved activations, the backward pass's temporaries and the allocator's overhead, which
+glibc's heap makes large: on SmolLM2 about 1.3x the saved tensors without checkpointing and 10x
+the checkpointed block inputs with it), per token, so any micro-batch follows. Without /proc (not
+Linux) the bytes autograd saves are counted instead (``torch.autograd.graph.saved_tensors_hooks``),
+an undercount.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from decesc.core.generate import generate
+from decesc.core.lora import apply_lora
+from decesc.core.model import TORCH_DTYPES, CausalLM, ModelConfig
+from decesc.pipeline.cost import Setting, UnitCosts, model_params
+from decesc.pipeline.memory import peak_growth, resident_bytes
+
+
+def _tiny_copy(c: ModelConfig, blocks: int, setting: Setting) -> CausalLM:
+    model = CausalLM(replace(c, num_hidden_layers=blocks)).init_weights(seed=0)
+    apply_lora(model, setting.lora_r, setting.lora_r, setting.lora_dropout, setting.targets, seed=0,
+               dtype=torch.float32)
+    base = TORCH_DTYPES[setting.base_dtype]
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(base)
+    return model.train()
+
+
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _train_step(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, logits_at=keep)  # (N, V)
+    loss = logits.float().logsumexp(-1).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _saved_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, logits_at=keep)
+        del logits
+    return sum(seen.values())
+
+
+def _step_bytes(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
+                repeats: int = 2) -> int:
+    """Peak resident growth of one training step (after a warm-up step; the largest of
+    ``repeats``, as the allocator's share varies from step to step by ~10%), or the saved
+    tensors where it cannot be measured (module docstring)."""
+    _train_step(model, ids, keep, autocast)
+    grown = [peak_growth(lambda: _train_step(model, ids, keep, autocast)) for _ in range(repeats)]
+    return _saved_bytes(model, ids, keep, autocast) if None in grown else max(grown)
+
+
+def calibration_bytes(c: ModelConfig, blocks: tuple[int, int]) -> int:
+    """The fp32 weights of the deeper calibration model alone: a lower bound of what
+    :func:`calibrate` allocates."""
+    return model_params(replace(c, num_hidden_layers=max(blocks))) * 4
+
+
+def _rows(c: ModelConfig, rows: int, length: int, target_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (rows, length) and the mask of their last ``target_len`` labelled tokens."""
+    ids = torch.randint(0, c.vocab_size, (rows, length))
+    keep = torch.zeros(rows, length, dtype=torch.bool)
+    keep[:, length - 1 - target_len:length - 1] = True
+    return ids, keep
+
+
+def _train_costs(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
+                 repeats: int) -> tuple[float, float, int, int]:
+    """(time, checkpointed time, step bytes, checkpointed step bytes) of a training step."""
+    _train_step(model, ids, keep, autocast)  # warm-up
+    train = _best_of(lambda: _train_step(model, ids, keep, autocast), repeats)
+    step = _step_bytes(model, ids, keep, autocast)
+    model.set_activation_checkpointing(True)
+    checkpointed = _step_bytes(model, ids, keep, autocast)
+    train_checkpointed = _best_of(lambda: _train_step(model, ids, keep, autocast), repeats)
+    model.set_activation_checkpointing(False)
+    return train, train_checkpointed, step, checkpointed
+
+
+def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, micro_batch: int,
+              gen_batch: int, prompt_len: int, blocks: tuple[int, int] = (2, 8),
+              repeats: int = 2, long_len: int = 0) -> UnitCosts:
+    """Measure the unit costs of :class:`UnitCosts` on random models of shape ``c`` with
+    ``blocks`` (two depths) transformer blocks: a training forward + backward of ``micro_batch``
+    rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
+    and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
+    (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
+    tokens and 8 decoding steps. Takes 25-45 s for SmolLM2 on a 2-core CPU, plus about 30 s
+    with ``long_len`` 2,048."""
+    t_start = time.perf_counter()
+    runtime = resident_bytes()
+    seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
+    ids, keep = _rows(c, micro_batch, seq_len, target_len)
+    long = _rows(c, 1, long_len, target_len) if long_len > seq_len else None
+    prompts = torch.randint(0, c.vocab_size, (gen_batch, prompt_len)).tolist()
+    autocast = setting.dtype == "bf16"
+    steps = 8
+    measured, measured_long = {}, {}
+    for depth in blocks:
+        model = _tiny_copy(c, depth, setting)
+        train, train_checkpointed, step, checkpointed = _train_costs(model, ids, keep, autocast, repeats)
+        if long is not None:
+            measured_long[depth] = _train_costs(model, *long, autocast, repeats)
+        model.eval().to(TORCH_DTYPES[setting.inference_dtype])
+
+        def run(n, model=model):
+            generate(model, prompts, max_new_tokens=n, temperature=0.0)
+
+        run(1)  # warm-up
+        prefill = _best_of(lambda: run(1), repeats)
+        decode = (_best_of(lambda: run(steps + 1), repeats) - prefill) / steps
+        measured[depth] = (train, train_checkpointed, step, checkpointed, prefill, max(decode, 0.0))
+        del model
+    tokens, prompt_tokens = micro_batch * seq_len, gen_batch * prompt_len
+    small, large = blocks
+
+    def split(i: int, per: float) -> tuple[float, float]:
+        block = max(measured[large][i] - measured[small][i], 0.0) / (large - small)
+        return block / per, max(measured[small][i] - small * block, 0.0) / per
+
+    per_token = [split(i, tokens) for i in range(4)]  # train, checkpointed, their bytes
+    (pb, pr), (db, dr) = split(4, prompt_tokens), split(5, 1)
+    growth = [0.0] * 4  # per token of row length, for the four block costs per token
+    if long is not None:
+        for i in range(4):
+            block = max(measured_long[large][i] - measured_long[small][i], 0.0) / (large - small)
+            growth[i] = max(block / long_len - per_token[i][0], 0.0) / (long_len - seq_len)
+    return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
+                     time.perf_counter() - t_start, seq_len, target_len / seq_len, *growth)
