@@ -92,8 +92,8 @@ def test_long_rows_cost_more_per_token_by_hand():
     3,000 tokens, trunk 2,000 and branches 1,000, has 2,000^2 / 2 + 1,000 x 3,000 = 5e6 pairs,
     more than the 4.5e6 of a causal row of 3,000: its branch queries read every key. Memory (step bytes
     b0 = 1,000 and b2 = 0.1 a token per token): the 3,000-token micro-batch holds
-    3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part. The rest (the output
-    head) scales with labelled tokens when the calibration says which share it labelled."""
+    3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part. The rest's time (the
+    output head) scales with labelled tokens when the calibration says which share it labelled."""
     from decesc.pipeline.work import row_attention_pairs
 
     c = ModelConfig.from_hf(LLAMA31_8B)
@@ -115,8 +115,8 @@ def test_long_rows_cost_more_per_token_by_hand():
                      attention_pairs=(1000 ** 2 + 3000 ** 2) // 2, labelled_tokens=800,
                      max_labelled_tokens=600)
     assert train_estimate(c, labelled, s, work, 1, False).seconds == pytest.approx(3.4 + 12.12 + 0.8)
-    # and the step's rest bytes at its 600 labelled tokens: 3,000 x 500 x 600 / (3,000 x 0.1)
-    assert train_estimate(c, labelled, s, work, 1, False).peak_bytes == fixed + 600 * 5000 + 3000 * 32 * 1200
+    # memory is not scaled: the step's rest bytes stay 3,000 x 500
+    assert train_estimate(c, labelled, s, work, 1, False).peak_bytes == fixed + 3000 * (500 + 32 * 1200)
     # without the growth terms (or without pairs) the row length changes nothing
     flat = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000)
     assert train_estimate(c, COSTS, s, flat, 1, False).seconds == pytest.approx(4000 * 3.4e-3)

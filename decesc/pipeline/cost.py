@@ -14,8 +14,9 @@ row has L^2 / 2 pairs and a tree row of trunk Tt and branches Tb has Tt^2 / 2 + 
 (:func:`decesc.pipeline.work.row_attention_pairs`: a branch query reads every key through the
 tree mask). Memory takes the largest micro-batch at its own row length. What is not in the
 blocks (``rest``: the output head and the loss, run at labelled positions only, and the
-embeddings) is measured on rows whose last tenth is labelled and scaled to a stage's labelled
-tokens: an SFT reply is half of a vanilla tree's tokens but a strategy name a few percent of a
+embeddings) is measured on rows whose last tenth is labelled and its time scaled to a stage's
+labelled tokens (not its memory: a demo planner stage, scaled so, was planned 30% under its
+measured peak): an SFT reply is half of a vanilla tree's tokens but a strategy name a few percent of a
 planner's. Whole-dialogue rows (``--packing tree`` with full history: up to 4,096 tokens) need
 both: costed at the per-token price of the mean turn-level row, an SFT stage of 300 dialogue
 trees was planned at 11 min where it took 19.5.
@@ -24,9 +25,9 @@ Memory per device of a training step (FSDP shards by ``world``, a single process
 
     weights      n_base * bytes(base dtype) / world   (+ two gathered blocks when world > 1)
     adapters     n_lora * (4 weight + 4 grad + 8 AdamW moments) / world          (fp32)
-    step         tokens of the largest micro-batch * measured bytes per token of L blocks at
-                 that micro-batch's row length, plus the rest of the model (mostly the output
-                 head) at its labelled tokens (with or without checkpointing)
+    step         tokens of the largest micro-batch * measured bytes per token of the rest of the
+                 model plus L blocks at that micro-batch's row length (with or without
+                 checkpointing)
     runtime      the process's own resident memory before any model exists (measured)
 
 and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.models``), at least
@@ -219,10 +220,9 @@ class Estimate:
 
 
 def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: int, world: int,
-                 checkpointing: bool, row_len: int | None = None, labelled: int | None = None) -> int:
+                 checkpointing: bool, row_len: int | None = None) -> int:
     """Peak bytes per device of a training step over ``micro_tokens`` padded tokens in rows of
-    ``row_len`` tokens of which ``labelled`` labelled (None: rows as long and as labelled as the
-    calibration's; see the module docstring)."""
+    ``row_len`` tokens (None: rows as long as the calibration's; see the module docstring)."""
     L = c.num_hidden_layers
     weights = model_params(c) * TORCH_DTYPES[setting.base_dtype].itemsize / world
     if world > 1:
@@ -230,10 +230,8 @@ def train_memory(c: ModelConfig, u: UnitCosts, setting: Setting, micro_tokens: i
     adapters = lora_params(c, setting.lora_r, setting.targets) * 16 / world
     kind = "checkpointed" if checkpointing else "step"
     block = u.block_per_token(f"{kind}_block_bytes_per_token", u.seq_len if row_len is None else row_len)
-    rest = micro_tokens * getattr(u, f"{kind}_rest_bytes_per_token")
-    if labelled is not None and u.labelled_share:
-        rest *= labelled / (micro_tokens * u.labelled_share)
-    return int(u.runtime_bytes + weights + adapters + rest + micro_tokens * L * block)
+    rest = getattr(u, f"{kind}_rest_bytes_per_token")
+    return int(u.runtime_bytes + weights + adapters + micro_tokens * (rest + L * block))
 
 
 def load_memory(c: ModelConfig, u: UnitCosts) -> int:
@@ -256,8 +254,7 @@ def train_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: TrainWo
     reference = work.reference_tokens * (u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token)
     seconds = (max(seconds, 0.0) + reference) / world
     memory = train_memory(c, u, setting, work.largest_micro_batch(), world, checkpointing,
-                          work.max_micro_row_tokens or work.max_row_tokens,
-                          work.max_labelled_tokens or None)
+                          work.max_micro_row_tokens or work.max_row_tokens)
     return Estimate(seconds, memory)
 
 
