@@ -250,3 +250,27 @@ def test_short_prompt_style():
     assert sum(len(s.context) > len(f.context) for s, f in zip(cut_short, cut_full)) > 40
     with pytest.raises(ValueError, match="unknown prompt style 'tiny'"):
         build_examples([d], "sp", style="tiny")
+
+
+def test_history_with_past_strategies():
+    """history "strategies": every past supporter line carries its gold strategy written as the
+    vanilla target writes it, seeker lines and the turn's own target are unchanged, and the budget
+    counts the longer lines. By hand for turn 6 of `dialogue()` with word counting: the plain
+    history is the header (3 words) and lines of 5 + 5 + 3 + 4 + 5 + 5 words = 30 words; the
+    strategies add "[Others]", "[Question]", "[Reflection of feelings]" = 1 + 1 + 3 words, so 35.
+    A budget that holds exactly the plain prompt must then drop the oldest line (6 words >= 5)."""
+    d = dialogue()
+    plain, tagged = build_examples([d], "sp")[3], build_examples([d], "sp", history="strategies")[3]
+    assert tagged.context == ("Conversation so far:\nSupporter: [Others] Hello, I am here.\n"
+                              "Seeker: I feel awful today.\nSupporter: [Question] What happened?\n"
+                              "Supporter: [Reflection of feelings] That sounds hard.\n"
+                              "Seeker: My exam went badly.\nSeeker: I studied all week.")
+    assert tagged.target == plain.target == "Providing Suggestions"
+    assert (words(plain.context), words(tagged.context)) == (30, 35)
+    assert build_examples([d], "sp", history="strategies")[0].context == build_examples([d], "sp")[0].context
+    budget = words(plain.system) + words(plain.prompt) + words(plain.target) + 16
+    assert build_examples([d], "sp", words, budget)[3].context == plain.context
+    cut = build_examples([d], "sp", words, budget, history="strategies")[3]
+    assert cut.context == "Conversation so far:\n" + tagged.context.split("\n", 2)[2]
+    with pytest.raises(ValueError, match="unknown history format 'tags'"):
+        build_examples([d], "sp", history="tags")

@@ -204,3 +204,26 @@ def test_max_train_dialogues_keeps_every_turn_of_the_same_dialogues_for_every_mo
     assert {e.dialogue for e in chosen(7, max_train_dialogues=3)[2]["sp"]} != dialogues["sp"]
     _, _, few = chosen(42, max_train_dialogues=3, max_train_examples=4)
     assert len(few["sp"]) == 4 and {(e.dialogue, e.turn) for e in few["sp"]} <= {(e.dialogue, e.turn) for e in picked["sp"]}
+
+
+def test_history_setting_reaches_every_task_and_stage(tmp_path):
+    """--history strategies: the examples every stage reads (all three tasks, train and test) show
+    each past supporter turn with its gold strategy, the same contexts for every task; and the
+    setting is part of every stage's settings, so changing it makes every stage stale."""
+    from decesc.esc.prompts import format_vanilla_target
+    from decesc.pipeline.data import examples, splits
+    from decesc.pipeline.stages import STAGES
+    from toy import toy_tokenizer
+
+    tok = toy_tokenizer()
+    run = Run(PipelineConfig(run_dir=str(tmp_path), max_seq_len=4096, history="strategies"))
+    for split in ("train", "test"):
+        dialogues = splits(run.config, run.memo)[split]
+        by_task = {task: examples(run.config, run.memo, tok, split, task) for task in ("sp", "rg", "vanilla")}
+        assert {e.context for e in by_task["sp"]} == {e.context for e in by_task["vanilla"]}
+        for e in by_task["sp"]:
+            past = dialogues[e.dialogue].turns[:e.turn]
+            for turn in past:
+                if turn.speaker == "supporter":
+                    assert "Supporter: " + format_vanilla_target(turn.strategy, turn.text) in e.context
+    assert all("history" in stage.reads for stage in STAGES)

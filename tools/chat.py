@@ -42,15 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-style", choices=("full", "short"), default="full",
                    help="without --run: the prompt style the adapters were trained with (default full; "
                         "with --run: the run's)")
+    p.add_argument("--history", choices=("plain", "strategies"), default="plain",
+                   help="without --run: the history format the adapters were trained with (plain: "
+                        "speaker and text; strategies: past supporter turns also show their "
+                        "strategy; default plain; with --run: the run's)")
     return p
 
 
-def module_adapters(args) -> tuple[str, list, list, str]:
-    """(model source, planner adapters, generator adapters, prompt style the modules were trained with)."""
+def module_adapters(args) -> tuple[str, list, list, str, str]:
+    """(model source, planner adapters, generator adapters, prompt style and history format the
+    modules were trained with)."""
     if args.run is None:
         if not (args.model and args.sp and args.rg):
             raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
-        return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg], args.prompt_style
+        return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg], args.prompt_style, args.history
     from decesc.pipeline.run import Run
 
     run = Run.open(args.run)
@@ -61,7 +66,8 @@ def module_adapters(args) -> tuple[str, list, list, str]:
             raise ValueError(f"{args.run}: no trained sft-{module} adapter; run python -m tools.train first")
         dpo = run.adapter(f"dpo-{module}") if args.use == "dpo" else None
         chains.append([sft] + ([dpo] if dpo else []))
-    return args.model or run.config.model, chains[0], chains[1], run.config.prompt_style
+    return (args.model or run.config.model, chains[0], chains[1], run.config.prompt_style,
+            run.config.history)
 
 
 def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None):
@@ -74,7 +80,7 @@ def build_models(source: str, sp_chain: list, rg_chain: list, device: str | None
     return planner, generator, tokenizer
 
 
-def fit_context(turns, tokenizer, budget: int, style: str = "full") -> str:
+def fit_context(turns, tokenizer, budget: int, style: str = "full", history: str = "plain") -> str:
     """The history block of the most recent turns whose RG prompt fits ``budget`` tokens;
     ValueError when the latest turn alone does not fit (it is checked first, so an oversized
     message is tokenized once)."""
@@ -84,7 +90,7 @@ def fit_context(turns, tokenizer, budget: int, style: str = "full") -> str:
     dialogue = Dialogue(turns=turns, emotion_type="", problem_type="", situation="", source="chat", index=0)
 
     def fitting(start: int) -> tuple[str, int]:
-        context = render_context(dialogue, len(turns), start)
+        context = render_context(dialogue, len(turns), start, history=history)
         ex = make_example("rg", context, "Question", style=style)
         return context, tokenizer.count_tokens(ex.system + ex.prompt)
 
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
     from decesc.esc.prompts import make_example
 
     try:
-        source, sp_chain, rg_chain, style = module_adapters(args)
+        source, sp_chain, rg_chain, style, history = module_adapters(args)
         planner, generator, tokenizer = build_models(source, sp_chain, rg_chain, args.device)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
             continue
         try:
             context = fit_context(turns + [Turn("seeker", check_utf8(text, "your message"), None)],
-                                  tokenizer, args.max_context_tokens, style)
+                                  tokenizer, args.max_context_tokens, style, history)
         except ValueError as e:
             print(f"error: {e}; not sent", file=sys.stderr, flush=True)
             continue

@@ -28,6 +28,19 @@ the paper's planner prompt is one instruction ("identify the reply strategy; ans
 strategy only"), so the token budget goes to the conversation instead of fixed text (about 25
 tokens of system prompt instead of 260-271). The history block is the same in both.
 
+History format.  ``history="plain"`` (the default, the paper's planner prompt) shows each past
+turn as its speaker and text.  ``history="strategies"`` also shows each past supporter turn's
+strategy, written as the vanilla target writes it::
+
+    Supporter: [Question] That sounds exhausting. How long has this been going on?
+
+which is what ESConv planners that learn from the history of strategies see (BlenderBot-Joint
+prepends a strategy token to each past supporter turn) and what the paper's vanilla model sees in
+its released data format (past assistant messages read "[Strategy] text"), while the paper's
+planner reads a plain transcript.  In the pipeline it applies to every task alike, so both
+paradigms see the same history; it is a deviation from the paper's planner prompt.  The strategies shown are the gold
+ones of the data (ESConv evaluation always conditions on the gold history).
+
 Metadata.  By default the prompt does NOT show the situation / problem / emotion fields: in
 ESConv they come from the seeker's pre-chat survey, not from the conversation, so a deployed
 supporter would not have them; leaving them out also keeps the prompts short for small models.  `with_metadata=True`
@@ -67,6 +80,7 @@ from decesc.esc.esconv import SEEKER, SUPPORTER, Dialogue
 from decesc.esc.strategies import DEFINITIONS, STRATEGIES, parse_strategy
 
 TASKS = ("sp", "rg", "vanilla")
+HISTORY_FORMATS = ("plain", "strategies")   # module docstring, "History format"
 
 _ROLE = (
     "You are a warm, patient emotional supporter chatting with someone who is going through a "
@@ -199,17 +213,27 @@ def _metadata_lines(dialogue: Dialogue) -> str:
             f"Situation: {dialogue.situation}\n")
 
 
-def _line(turn) -> str:
+def _line(turn, history: str = "plain") -> str:
+    if history == "strategies" and turn.speaker == SUPPORTER and turn.strategy is not None:
+        return f"{_SPEAKER_NAMES[turn.speaker]}: {format_vanilla_target(turn.strategy, turn.text)}"
     return f"{_SPEAKER_NAMES[turn.speaker]}: {turn.text}"
+
+
+def _check_history(history: str) -> None:
+    if history not in HISTORY_FORMATS:
+        raise ValueError(f"unknown history format {history!r} (expected one of {HISTORY_FORMATS})")
 
 
 def _head(dialogue: Dialogue, with_metadata: bool) -> str:
     return (_metadata_lines(dialogue) if with_metadata else "") + _HEADER
 
 
-def render_context(dialogue: Dialogue, end: int, start: int = 0, with_metadata: bool = False) -> str:
-    """The history block for turns [start, end) of a dialogue (header line included)."""
-    lines = [_line(t) for t in dialogue.turns[start:end]]
+def render_context(dialogue: Dialogue, end: int, start: int = 0, with_metadata: bool = False,
+                   history: str = "plain") -> str:
+    """The history block for turns [start, end) of a dialogue (header line included), in the
+    ``history`` format (module docstring)."""
+    _check_history(history)
+    lines = [_line(t, history) for t in dialogue.turns[start:end]]
     return _head(dialogue, with_metadata) + "\n" + ("\n".join(lines) if lines else _NO_HISTORY)
 
 
@@ -250,13 +274,14 @@ def task_example(example: Example, task: str) -> Example:
 def build_examples(dialogues: list[Dialogue], task: str,
                    count_tokens: Callable[[str], int] | None = None, max_tokens: int | None = None,
                    *, overhead: int = 16, with_metadata: bool = False,
-                   overflow: str = "keep", style: str = "full") -> list[Example]:
+                   overflow: str = "keep", style: str = "full", history: str = "plain") -> list[Example]:
     """One example per supporter turn, in dialogue then turn order (see the module docstring).
 
     overflow: what to do with an example that exceeds max_tokens even with the minimal history
     (the latest seeker turn): "keep" it (default; one warning per call), "drop" it (one warning
     per call; then there is no longer one example per supporter turn), or "error" (ValueError
-    naming the dialogue and turn). style: the prompt style ("full" or "short").
+    naming the dialogue and turn). style: the prompt style ("full" or "short"). history: the
+    history format ("plain" or "strategies").
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
@@ -265,6 +290,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
     if (count_tokens is None) != (max_tokens is None):
         raise ValueError("count_tokens and max_tokens must be given together")
     _check_style(style)
+    _check_history(history)
     budgeted = count_tokens is not None
     cache: dict[str, int] = {}
 
@@ -287,7 +313,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
             # cum[k] = estimated tokens of history lines 0..k-1, each line counted once
             cum = [0]
             for turn in turns:
-                cum.append(cum[-1] + count_tokens(_line(turn)) + nl)
+                cum.append(cum[-1] + count_tokens(_line(turn, history)) + nl)
             head_cost = count_tokens(_head(dialogue, with_metadata)) + nl2
         latest_seeker = None
         for t, turn in enumerate(turns):
@@ -297,7 +323,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
             response, strategy = turn.text, turn.strategy
             floor = t if latest_seeker is None else latest_seeker   # window must start <= floor
             if not budgeted:
-                examples.append(make_example(task, render_context(dialogue, t, 0, with_metadata),
+                examples.append(make_example(task, render_context(dialogue, t, 0, with_metadata, history),
                                              strategy, response, d, t, style))
                 continue
             target_cost = count_tokens(_target(task, strategy, response))
@@ -308,7 +334,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
             start = bisect.bisect_left(cum, cum[t] - available, 0, t + 1)
             start = min(start, floor)
             while True:   # exact check of the estimate; rarely needs more than one pass
-                example = make_example(task, render_context(dialogue, t, start, with_metadata),
+                example = make_example(task, render_context(dialogue, t, start, with_metadata, history),
                                        strategy, response, d, t, style)
                 total = system_cost + count_tokens(example.prompt) + target_cost + overhead
                 if total <= max_tokens or start >= floor:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from decesc.esc.inference import VANILLA_TAGS
 from decesc.esc.judges import JUDGES, check_judge_settings
-from decesc.esc.prompts import STYLES
+from decesc.esc.prompts import HISTORY_FORMATS, STYLES
 from decesc.formats.records import read_text
 from decesc.formats.redact import MASK, redact
 from decesc.train.config import DTYPES, PACKINGS
@@ -192,6 +192,11 @@ class PipelineConfig:
     prompt_style: str = _f("full", "prompts of the three tasks: full (a system prompt defining all "
                            "eight strategies, ~265 SmolLM2 tokens) or short (one instruction per "
                            "task, ~25 tokens; for trained modules)", choices=STYLES, read_by=("common",))
+    history: str = _f("plain", "past turns in every prompt's history: plain (speaker and text, the "
+                      "paper's planner prompt) or strategies (each past supporter turn also shows "
+                      "its gold strategy, 'Supporter: [Question] text', as BlenderBot-Joint's "
+                      "planner and the paper's vanilla model see it; for both paradigms alike, a "
+                      "deviation from the paper's planner)", choices=HISTORY_FORMATS, read_by=("common",))
     vanilla_tags: str = _f("constrained", "the vanilla model's [Strategy] tag: constrained (chosen "
                            "among the eight tags by sequence log-prob like the planner, the reply "
                            "generated after it) or free (generated as text and parsed back; may be "

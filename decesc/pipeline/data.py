@@ -56,7 +56,7 @@ def examples(config: PipelineConfig, memo: dict, tokenizer, split: str, task: st
         raise ValueError(f"max_seq_len {config.max_seq_len} leaves only {budget} tokens for the "
                          f"prompt after max_new_tokens {config.max_new_tokens}")
     out = build_examples(data[split], task, tokenizer.count_tokens, budget, overflow=overflow,
-                         style=config.prompt_style)
+                         style=config.prompt_style, history=config.history)
     turns = sum(t.speaker == "supporter" for d in data[split] for t in d.turns)
     if len(out) < turns / 2:  # most dropped: the budget cannot even hold the fixed prompt text
         fixed = (tokenizer.count_tokens(system_prompt(task, config.prompt_style))
