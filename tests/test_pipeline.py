@@ -327,20 +327,32 @@ def fake_esconv(directory: Path) -> Path:
 
 def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     """The command of the README's results (--data DIR --profile cpu), shrunk to seconds with
-    the tiny model: short prompts, bf16 inference, constrained vanilla tags (never unparseable),
-    strategies scored on every test turn and replies on a subset, chance rows, intervals; then
-    tools.evaluate on the valid split without retraining, strategy metrics only."""
+    the tiny model and 2 training dialogues: every supporter turn of the same dialogues for each
+    SFT module, as dialogue trees of one tree per forward pass, short prompts, bf16 inference,
+    constrained vanilla tags (never unparseable), strategies scored on every test turn and
+    replies on a subset, chance rows, intervals; then tools.evaluate on the valid split without
+    retraining, strategy metrics only."""
     from decesc.esc.esconv import load_splits
     from decesc.esc.prompts import SHORT_SYSTEMS
+    from decesc.pipeline.config import CPU
+    from decesc.pipeline.data import subset
 
     data, run = fake_esconv(tmp_path / "esconv"), tmp_path / "cpu"
-    shrink = ["--model", "tiny", "--max-new-tokens", "12", "--max-train-examples", "8", "--sft-batch-size", "4",
+    shrink = ["--model", "tiny", "--max-new-tokens", "12", "--max-train-dialogues", "2",
               "--mine-contexts", "4", "--max-pairs", "6", "--dpo-batch-size", "4", "--reply-turns", "3",
               "--bootstrap-replicates", "40", "--gen-batch-size", "8"]
     assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
     capsys.readouterr()
     config = json.loads((run / "config.json").read_text())
     assert (config["prompt_style"], config["inference_dtype"], config["vanilla_tags"]) == ("short", "bf16", "constrained")
+    assert (config["packing"], config["micro_batch_size"], config["max_train_examples"]) == ("tree", 1, None)
+    assert (config["history"], config["sft_batch_size"]) == (CPU.get("history", "plain"), CPU["sft_batch_size"])
+    train_dialogues = load_splits(data)["train"]
+    kept = subset(train_dialogues, 2, config["seed"])
+    turns = sum(t.speaker == "supporter" for d in kept for t in d.turns)
+    for module in ("sp", "rg", "vanilla"):
+        done = json.loads((run / f"sft-{module}" / "DONE.json").read_text())
+        assert done["summary"]["examples"] == turns
     pair = json.loads((run / "mine" / "sp_pairs.jsonl").read_text().splitlines()[0])
     assert pair["system"] == SHORT_SYSTEMS["sp"]
     assert all(json.loads(line)["strategy"] is not None
