@@ -414,3 +414,19 @@ def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsy
     assert train(run, "--stages", "sft-sp", "--max-train-dialogues", "2") == 0
     assert evaluate_cli.main([str(run), *sft, "--systems", "Decoupled SFT"]) == 0
     assert json.loads(stored.read_text())["settings"] != json.loads(before)["settings"]
+
+
+def test_chat_renders_the_history_format_the_modules_were_trained_with():
+    """tools.chat keeps the planned strategy of each of its replies: with --history strategies
+    (or a run trained so) the next prompt's history shows it as training showed gold strategies;
+    plain leaves it out."""
+    from decesc.esc.esconv import Turn
+    from toy import toy_tokenizer
+
+    turns = [Turn("seeker", "I failed my exam."), Turn("supporter", "What happened?", "Question"),
+             Turn("seeker", "I did not study.")]
+    tagged = chat_cli.fit_context(turns, toy_tokenizer(), 4096, "short", "strategies")
+    assert "Supporter: [Question] What happened?" in tagged and "Seeker: I failed my exam." in tagged
+    assert "[Question]" not in chat_cli.fit_context(turns, toy_tokenizer(), 4096, "short")
+    args = chat_cli.build_parser().parse_args(["--model", "tiny", "--sp", "a", "--rg", "b", "--history", "strategies"])
+    assert chat_cli.module_adapters(args)[3:] == ("full", "strategies")

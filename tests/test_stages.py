@@ -50,6 +50,10 @@ _SFT += ("max_train_dialogues", "micro_batch_tokens")
 _DPO += ("micro_batch_tokens",)
 # and the token budget of a batch of dialogue trees in mine and eval
 _GEN += ("gen_batch_tokens",)
+# and issue 17's history format, read by every stage (it changes every prompt)
+_SFT += ("history",)
+_DPO += ("history",)
+_GEN += ("history",)
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
