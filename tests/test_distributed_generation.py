@@ -81,10 +81,14 @@ out = {"scores": score_strategies(model, tok, examples, max_tokens=0, shard=shar
        "vanilla": [vars(r) for r in vanilla(model, tok, examples, sampling, rounds=(0, 5),
                                             tag_temperature=1.0, shard=shard)]}
 if shard.is_main:
-    open(sys.argv[1], "w").write(json.dumps(out))
+    with open(sys.argv[1], "w") as f:
+        f.write(json.dumps(out))
 if len(sys.argv) > 2:
+    from decesc.train.fsdp import exit_worker
+
     dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
+    exit_worker(0)
 """
 
 

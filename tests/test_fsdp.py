@@ -138,10 +138,12 @@ def test_fsdp_matches_single_process(tmp_path):
 if __name__ == "__main__":  # torchrun worker: python test_fsdp.py OUT SFT_ADAPTER
     import torch.distributed as dist
 
-    from decesc.train.fsdp import setup_distributed
+    from decesc.train.fsdp import exit_worker, setup_distributed
 
     info = setup_distributed("cpu")
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
     run_stages(Path(sys.argv[1]), micro=1, sft_adapter=Path(sys.argv[2]), checkpointing=True)
     crash_and_resume_sft(Path(sys.argv[1]) / "sft_resumed")
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
+    exit_worker(0)

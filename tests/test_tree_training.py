@@ -381,13 +381,14 @@ def test_smollm2_tree_sft_loss_equals_turn_level_on_esconv(smollm2):
 if __name__ == "__main__":  # torchrun worker: python test_tree_training.py OUT SFT_ADAPTER
     import torch.distributed as dist
 
-    from decesc.train.fsdp import setup_distributed
+    from decesc.train.fsdp import exit_worker, setup_distributed
 
     info = setup_distributed("cpu")
     print(f"rank {info.rank}: world_size={info.world_size}", flush=True)
     run_tree_stages(Path(sys.argv[1]), Path(sys.argv[2]))
     dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
+    exit_worker(0)
 
 
 def test_trees_per_step_holds_the_batch_size_in_examples_on_average():

@@ -232,4 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from decesc.train.fsdp import exit_worker, launched_by_torchrun
+
+    status = main()
+    if launched_by_torchrun():  # the process group is destroyed: skip torch's exit-time abort
+        exit_worker(status)
+    raise SystemExit(status)

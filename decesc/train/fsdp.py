@@ -18,6 +18,7 @@ a collective: every rank calls it, rank 0 receives the tensors, the others an em
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,17 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_worker(code: int = 0):
+    """End a torchrun worker whose process group is destroyed with exit status ``code``, without
+    running C++ static destructors: torch 2.13's gloo sometimes aborts in them ("terminate called
+    without an active exception", SIGABRT; about one 2-process run in six on this project's CPU),
+    and torchrun then reports a failed run after every output was written. Flushes Python's
+    standard streams first; files must already be closed (every stage writes atomically)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
