@@ -232,9 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from decesc.train.fsdp import exit_worker, launched_by_torchrun
-
-    status = main()
-    if launched_by_torchrun():  # the process group is destroyed: skip torch's exit-time abort
-        exit_worker(status)
-    raise SystemExit(status)
+    raise SystemExit(main())

@@ -58,7 +58,7 @@ def exit_worker(code: int = 0):
     running C++ static destructors: torch 2.13's gloo sometimes aborts in them ("terminate called
     without an active exception", SIGABRT; about one 2-process run in six on this project's CPU),
     and torchrun then reports a failed run after every output was written. Flushes Python's
-    standard streams first; files must already be closed (every stage writes atomically)."""
+    standard streams first; files must already be closed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
