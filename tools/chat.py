@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from decesc.esc.prompts import HISTORY_FORMATS, STYLES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.chat", description=__doc__,
@@ -39,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt budget: the oldest turns are dropped to fit (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--prompt-style", choices=("full", "short"), default="full",
+    p.add_argument("--prompt-style", choices=STYLES, default="full",
                    help="without --run: the prompt style the adapters were trained with (default full; "
                         "with --run: the run's)")
-    p.add_argument("--history", choices=("plain", "strategies"), default="plain",
+    p.add_argument("--history", choices=HISTORY_FORMATS, default="plain",
                    help="without --run: the history format the adapters were trained with (plain: "
                         "speaker and text; strategies: past supporter turns also show their "
                         "strategy; default plain; with --run: the run's)")

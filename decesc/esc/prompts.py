@@ -38,8 +38,9 @@ which is what ESConv planners that learn from the history of strategies see (Ble
 prepends a strategy token to each past supporter turn) and what the paper's vanilla model sees in
 its released data format (past assistant messages read "[Strategy] text"), while the paper's
 planner reads a plain transcript.  In the pipeline it applies to every task alike, so both
-paradigms see the same history; it is a deviation from the paper's planner prompt.  The strategies shown are the gold
-ones of the data (ESConv evaluation always conditions on the gold history).
+paradigms see the same history; it is a deviation from the paper's planner prompt.  The
+strategies shown are the gold ones of the data (ESConv evaluation always conditions on the gold
+history).
 
 Metadata.  By default the prompt does NOT show the situation / problem / emotion fields: in
 ESConv they come from the seeker's pre-chat survey, not from the conversation, so a deployed
