@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "CausalLM": "decesc.core.model",
-    "ModelConfig": "decesc.core.model",
+    "ModelConfig": "decesc.core.config",
     "Tokenizer": "decesc.core.tokenizer",
     "sequence_logprobs": "decesc.core.logprobs",
     "load_pretrained": "decesc.formats.loading",

@@ -19,7 +19,8 @@ from conftest import REPO, tiny_hf_config, write_hf_model, write_toy_tokenizer
 
 from decesc import load_pretrained
 from decesc.core.lora import LoRAConfig, apply_lora
-from decesc.core.model import CausalLM, ConfigError, ModelConfig
+from decesc.core.config import ConfigError, ModelConfig
+from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 from decesc.formats.peft import load_adapter, lora_config_from_peft, save_adapter
 

@@ -17,7 +17,8 @@ from test_gguf import llama_cpp_permute, tiny_vocab
 
 from decesc import load_pretrained
 from decesc.core.families import FAMILIES, GGUF_FAMILIES
-from decesc.core.model import SUPPORTED_MODEL_TYPES, CausalLM, ModelConfig
+from decesc.core.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from decesc.core.model import CausalLM
 from decesc.formats.gguf import SUPPORTED_ARCHITECTURES, gguf_to_hf, hf_parameter_name
 
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_hf_config
 
 from decesc.core.generate import generate, sample_next, truncate_at_stop
-from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.config import ModelConfig
+from decesc.core.model import CausalLM
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from decesc.core.lora import (
     set_lora_enabled,
     unmerge_lora,
 )
-from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.config import ModelConfig
+from decesc.core.model import CausalLM
 from decesc.formats.peft import export_merged, load_adapter, save_adapter
 
 MODEL_TYPES = ("llama", "qwen2")

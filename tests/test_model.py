@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_hf_config, write_hf_model
 
 from decesc import load_pretrained
-from decesc.core.model import CausalLM, ConfigError, ModelConfig
+from decesc.core.config import ConfigError, ModelConfig
+from decesc.core.model import CausalLM
 
 transformers = pytest.importorskip("transformers")
 

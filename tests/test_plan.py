@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from decesc.core.model import ModelConfig
+from decesc.core.config import ModelConfig
 from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, generate_estimate,
                                   load_memory, lora_params, model_params, train_estimate,
                                   train_memory)

@@ -7,7 +7,7 @@ import torch
 from decesc.core.logprobs import IGNORE_INDEX as X
 from decesc.core.logprobs import model_sequence_logprobs
 from decesc.core.lora import apply_lora
-from decesc.core.model import TreeMask
+from decesc.core.attention import TreeMask
 from decesc.core.tree import Tree, TreeTooLongError, collate_trees, layout, pack_trees, tree_logprobs
 from decesc.formats.zoo import load_tiny
 

@@ -46,7 +46,7 @@ def test_shared_prefix_attention_equals_attention_over_each_row_s_own_keys():
     softmax: the same as SDPA over that row's keys gathered into a row of their own (GQA)."""
     import torch.nn.functional as F
 
-    from decesc.core.model import SharedPrefix, shared_prefix_attention
+    from decesc.core.attention import SharedPrefix, shared_prefix_attention
 
     g = torch.Generator().manual_seed(0)
     R, nh, nkv, hd, S, n = 3, 4, 2, 8, 10, 2

@@ -16,7 +16,8 @@ from conftest import tiny_hf_config
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.config import ModelConfig
+from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

@@ -35,7 +35,7 @@ import torch
 
 from decesc import load_pretrained
 from decesc.core.generate import generate
-from decesc.core.model import TORCH_DTYPES
+from decesc.core.config import TORCH_DTYPES
 from decesc.esc.esconv import builtin_sample_path, load_dialogues
 from decesc.esc.inference import Sampling, generate_replies, score_strategies
 from decesc.esc.prompts import build_examples

@@ -11,7 +11,7 @@ import time
 
 from decesc import load_pretrained
 from decesc.core.generate import generate, truncate_at_stop
-from decesc.core.model import TORCH_DTYPES
+from decesc.core.config import TORCH_DTYPES
 from decesc.core.tokenizer import check_utf8
 
 

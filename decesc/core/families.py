@@ -4,7 +4,7 @@ Every family is the same decoder (:mod:`decesc.core.model`: RMSNorm, GQA attenti
 rotate-half RoPE, SwiGLU MLP, HF parameter names); a family only sets the switches below. What
 derives from this table:
 
-- :class:`decesc.core.model.ModelConfig` accepts ``config.json`` files whose ``model_type`` is a
+- :class:`decesc.core.config.ModelConfig` accepts ``config.json`` files whose ``model_type`` is a
   key of :data:`FAMILIES`, sets the fixed q/k/v bias from :attr:`Family.qkv_bias`, and writes
   ``architectures`` and the family's own fields back in ``to_hf``;
 - :mod:`decesc.formats.gguf` accepts GGUF files whose ``general.architecture`` is a

@@ -12,7 +12,7 @@ From a shared trunk (:func:`generate_tree`): the prompts are the sequences of to
 (:mod:`decesc.core.tree`; e.g. every turn of a dialogue, its history shared). One tree forward
 fills one cache with every tree token's keys/values; each decode step then feeds one token per
 row, which attends to its own path of that shared cache and to its own generated tokens
-(:class:`decesc.core.model.SharedPrefix`), at position prompt length + step. The tokens equal
+(:class:`decesc.core.attention.SharedPrefix`), at position prompt length + step. The tokens equal
 those of :func:`generate` on the flattened prompts, up to float rounding (greedy: the same).
 """
 
@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 
 from decesc.core.kv_cache import KVCache
-from decesc.core.model import CausalLM, SharedPrefix
+from decesc.core.attention import SharedPrefix
+from decesc.core.model import CausalLM
 from decesc.core.tree import Tree, batch_to, collate_trees, sequence_columns
 
 
@@ -175,9 +176,9 @@ def generate_tree(
     pieces), one row per sequence in batch order (tree by tree, in insertion order), as
     :func:`generate` continues them one row each.
 
-    The trees are encoded once (one tree forward, :class:`decesc.core.model.TreeMask`) into one
+    The trees are encoded once (one tree forward, :class:`decesc.core.attention.TreeMask`) into one
     shared cache; the rows then decode as one batch, each over its own path of that cache (its
-    history up to its turn and its own prompt branch, :class:`decesc.core.model.SharedPrefix`)
+    history up to its turn and its own prompt branch, :class:`decesc.core.attention.SharedPrefix`)
     and its own generated tokens, at positions prompt length + step. ``seeds``: one per row, as
     in :func:`generate` (the same seed gives the same tokens in both).
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from decesc.core.model import ModelConfig
+from decesc.core.config import ModelConfig
 
 
 class KVCache:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decesc.core.model import CheckpointError
+from decesc.core.config import CheckpointError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The largest scale alpha / r accepted. Adapters use 0.25 to 4 (the paper: 16 / 16 = 1); a

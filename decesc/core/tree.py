@@ -17,7 +17,7 @@ branch nodes, parents before children. Each token
 So every token sees the same keys at the same RoPE positions as in its own sequence, laid out
 alone: log-probs, losses and gradients equal those of the sequences one row each, up to float
 rounding. The trunk's queries need only plain causal attention; only branch queries need an
-explicit mask (:class:`decesc.core.model.TreeMask`), a (branch tokens x row) block.
+explicit mask (:class:`decesc.core.attention.TreeMask`), a (branch tokens x row) block.
 
 A label's predicting position is the token before it on its path: the previous token of its
 node, or, for a node's first token, its parent's last token, which may so predict the first
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decesc.core.logprobs import IGNORE_INDEX, indexed_logprobs
-from decesc.core.model import TreeMask
+from decesc.core.attention import TreeMask
 
 Piece = tuple[list[int], list[int]]  # (ids, labels), the same length
 

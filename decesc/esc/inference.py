@@ -58,7 +58,8 @@ from tqdm import tqdm
 
 from decesc.core.generate import generate, generate_tree, left_pad, truncate_at_stop
 from decesc.core.kv_cache import KVCache
-from decesc.core.model import TORCH_DTYPES, CausalLM
+from decesc.core.config import TORCH_DTYPES
+from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer, chat_messages
 from decesc.core.tree import (
     Piece,

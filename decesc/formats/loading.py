@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from decesc.core.model import CausalLM, CheckpointError, ConfigError, ModelConfig
+from decesc.core.config import CheckpointError, ConfigError, ModelConfig
+from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 from decesc.formats.atomic import atomic_path, atomic_write_text
 from decesc.formats.zoo import SMOLLM2_NAME, TINY_NAME, load_tiny, smollm2_gguf_path

@@ -34,7 +34,8 @@ from decesc.core.lora import (
     merged_state_dict,
     remove_lora,
 )
-from decesc.core.model import CausalLM, CheckpointError
+from decesc.core.config import CheckpointError
+from decesc.core.model import CausalLM
 from decesc.formats.atomic import atomic_path, atomic_write_text
 from decesc.formats.loading import read_safetensors, save_pretrained
 

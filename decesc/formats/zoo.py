@@ -19,7 +19,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from decesc.core.model import CausalLM, ModelConfig
+from decesc.core.config import ModelConfig
+from decesc.core.model import CausalLM
 from decesc.core.tokenizer import Tokenizer
 
 TINY_NAME = "tiny"

@@ -27,7 +27,8 @@ import torch
 
 from decesc.core.generate import generate
 from decesc.core.lora import apply_lora
-from decesc.core.model import TORCH_DTYPES, CausalLM, ModelConfig
+from decesc.core.config import TORCH_DTYPES, ModelConfig
+from decesc.core.model import CausalLM
 from decesc.pipeline.cost import Setting, UnitCosts, model_params
 from decesc.pipeline.memory import peak_growth, resident_bytes
 

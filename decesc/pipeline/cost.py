@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from decesc.core.lora import DEFAULT_TARGETS
-from decesc.core.model import TORCH_DTYPES, ModelConfig
+from decesc.core.config import TORCH_DTYPES, ModelConfig
 
 GiB = 1024 ** 3
 

@@ -30,7 +30,7 @@ import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from decesc.core.model import ModelConfig
+from decesc.core.config import ModelConfig
 from decesc.core.tokenizer import chat_messages
 from decesc.pipeline.calibrate import calibrate, calibration_bytes
 from decesc.pipeline.config import PipelineConfig

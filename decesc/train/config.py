@@ -18,7 +18,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 from decesc.core.lora import MAX_SCALE, LoRAConfig
-from decesc.core.model import TORCH_DTYPES
+from decesc.core.config import TORCH_DTYPES
 from decesc.train.losses import PREFERENCE_LOSSES
 
 SCHEDULES = ("cosine", "linear", "constant")
