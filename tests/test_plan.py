@@ -287,3 +287,30 @@ def test_gpu_memory_from_the_shapes_of_qwen25_7b():
     assert shape_train_memory(c, s, 4096, 500, world=1, checkpointing=False) > 24 * 1024 ** 3
     four = shape_train_memory(c, s, 4096, 500, world=4, checkpointing=True)
     assert four < one / 2  # FSDP shards the weights and adapters
+
+
+def test_dpo_plan_spreads_its_pairs_over_as_many_contexts_as_it_can():
+    """Three contexts of three dialogues, two samples each, at most three pairs: the stage keeps
+    a seeded subset of the pairs of all contexts, so the bound takes one pair of each context
+    (three histories), not both samples of the first two contexts (two); without a cap, all six
+    pairs, two per history. Every pair is its own tree here, as no two contexts share a
+    dialogue, and each tree holds its context's prompt once, so the bound's tokens grow with the
+    number of distinct contexts."""
+    from decesc.pipeline.config import build_config
+    from decesc.pipeline.data import examples
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.work import pair_items
+
+    c = build_config(overrides={"model": "tiny"})
+    tok = Models("tiny", "cpu").tokenizer
+    by_dialogue = {}
+    for e in examples(c, {}, tok, "train", "rg"):
+        by_dialogue.setdefault(e.dialogue, e)
+    ctx = list(by_dialogue.values())[:3]
+    assert len({e.dialogue for e in ctx}) == 3
+    capped = pair_items(tok, ctx, "rg", 2, 3, 8, "tree", c.max_seq_len)
+    assert len(capped) == 3 and all(len(it["keys"]) == 2 for it in capped)  # one pair per history
+    every = pair_items(tok, ctx, "rg", 2, None, 8, "tree", c.max_seq_len)
+    assert len(every) == 3 and all(len(it["keys"]) == 4 for it in every)  # two pairs per history
+    one_each = {it["trunk"] for it in capped}
+    assert one_each == {it["trunk"] for it in every}  # the same three histories

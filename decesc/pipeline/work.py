@@ -113,18 +113,25 @@ def pair_items(tok, contexts, module: str, samples: int, max_pairs: int | None, 
                packing: str, max_seq_len: int) -> list[dict]:
     """An upper bound of a DPO stage's items: every mined context x sample a pair, its chosen
     reply the gold target and its rejected one ``max_new_tokens`` long (the planner's: a
-    strategy name as long as the gold one)."""
+    strategy name as long as the gold one). With ``max_pairs`` the pairs are taken a round at a
+    time, one per context, so they spread over as many contexts as they can: the stage keeps a
+    seeded subset of the pairs of all contexts, and each context brings its own history (taking
+    every sample of the first contexts instead planned a 128-pair stage on 64 histories where
+    the stage trained on up to 109)."""
     units = []
+    per_context = []
     for e in contexts:
         ex = task_example(e, module)
         chosen = chat_sequence(tok, chat_messages(ex.prompt, ex.system), ex.target)
         prompt, gold = chosen[:-1], chosen[-1]
         rejected = gold if module == "sp" else target_piece([0] * (max_new_tokens + 1))
-        for _ in range(samples):
+        per_context.append((e.dialogue, chosen, prompt + [rejected]))
+    for _ in range(samples):
+        for dialogue, chosen, rejected in per_context:
             if max_pairs is not None and len(units) >= max_pairs:
                 break
             i = len(units)
-            units.append((e.dialogue, [(2 * i, chosen), (2 * i + 1, prompt + [rejected])]))
+            units.append((dialogue, [(2 * i, chosen), (2 * i + 1, rejected)]))
     if packing == "tree":
         return tree_items(units, max_seq_len)
     return [{"chosen_ids": [t for ids, _ in c for t in ids], "chosen_labels": [y for _, ys in c for y in ys],
