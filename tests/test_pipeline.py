@@ -340,7 +340,8 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     data, run = fake_esconv(tmp_path / "esconv"), tmp_path / "cpu"
     shrink = ["--model", "tiny", "--max-new-tokens", "12", "--max-train-dialogues", "2",
               "--mine-contexts", "4", "--max-pairs", "6", "--dpo-batch-size", "4", "--reply-turns", "3",
-              "--bootstrap-replicates", "40", "--gen-batch-size", "8"]
+              "--bootstrap-replicates", "40", "--gen-batch-size", "8",
+              "--stage-process", "same"]  # the profile's fresh processes: their own test, below
     assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
     capsys.readouterr()
     config = json.loads((run / "config.json").read_text())
@@ -384,6 +385,31 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (run / "eval").iterdir()} == before  # the test-split report untouched
     assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
     assert capsys.readouterr().out.count("up to date, skipped") == 8  # nothing was retrained
+
+
+def test_a_stage_in_a_fresh_process_trains_what_it_trains_in_this_one(tmp_path):
+    """--stage-process fresh (the cpu profile's) runs each stage in a new Python process: with
+    the same seed its adapter is the one the stage trains in this process, byte for byte, its
+    DONE.json records the stage process's memory, and an error raised there is raised here with
+    its type (lr 1e30: the first update makes the weights overflow, the second step's loss is
+    not finite)."""
+    from decesc.pipeline.config import CPU, build_config
+    from decesc.pipeline.run import run_pipeline
+    from decesc.train.trainer import NonFiniteLossError
+
+    assert CPU["stage_process"] == "fresh"
+    common = dict(model="tiny", max_train_examples=4, sft_batch_size=2, sft_epochs=2, dtype="fp32")
+    for mode in ("same", "fresh"):
+        config = build_config(overrides=dict(common, run_dir=str(tmp_path / mode), stage_process=mode))
+        assert run_pipeline(config, ["sft-sp"], log=lambda *a: None) == {"sft-sp": "ran"}
+    same, fresh = ((tmp_path / m / "sft-sp" / "adapter_model.safetensors").read_bytes() for m in ("same", "fresh"))
+    assert same == fresh
+    done = json.loads((tmp_path / "fresh" / "sft-sp" / "DONE.json").read_text())
+    assert done["memory"]["peak_rss_mb"] > 0 and done["summary"]["steps"] >= 2
+    bad = build_config(overrides=dict(common, run_dir=str(tmp_path / "bad"), stage_process="fresh", sft_lr=1e30))
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        run_pipeline(bad, ["sft-sp"], log=lambda *a: None)
+    assert not (tmp_path / "bad" / "sft-sp" / "DONE.json").exists()
 
 
 def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsys):

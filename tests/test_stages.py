@@ -86,7 +86,7 @@ def test_settings_read_by_each_stage_are_derived_from_field_metadata():
     assert undeclared_settings() == []
     not_read = {f.name for f in fields(PipelineConfig) if f.metadata["read_by"] == NO_STAGE}
     assert not_read == {"run_dir", "profile", "device", "save_every", "judge_url", "judge_api_key_env",
-                        "activation_checkpointing"}
+                        "activation_checkpointing", "stage_process"}
     assert {f.name for f in fields(PipelineConfig)} == not_read | {k for s in STAGES for k in s.reads}
 
 

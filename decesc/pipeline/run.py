@@ -22,14 +22,20 @@ Under torchrun every stage runs in every process: training stages shard the mode
 generating stages (mine, eval) their batches (:mod:`decesc.pipeline.shard`); rank 0 writes the
 markers. ``DONE.json`` also records the stage's resident memory (:mod:`decesc.pipeline.memory`),
 printed in its "done" line. After each stage its models are freed and the freed heap returned to
-the system, so the next stage starts with little more than the base model resident.
+the system, so the next stage starts with little more than the base model resident. With
+``--stage-process fresh`` (the ``cpu`` profile's) each stage of a single-process call runs in a
+new Python process instead (:func:`run_in_fresh_process`), which starts with an empty heap and
+gives everything back when it ends; this process holds the lock and writes the markers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import shutil
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -173,6 +179,75 @@ class Run:
         atomic_write_text(self.stage_dir(stage) / "DONE.json", json.dumps(record, indent=2))
 
 
+def run_stage(run: Run, stage: str, models) -> tuple[dict, float, dict]:
+    """Run one stage in this process: (its summary, wall seconds, resident memory). Its models
+    are freed at the end and the freed heap given back to the system."""
+    memory = StageMemory().start()
+    t0 = time.perf_counter()
+    summary = BY_NAME[stage].run(run, stage, models)
+    seconds = time.perf_counter() - t0
+    release()
+    return summary, seconds, memory.summary()
+
+
+def _stage_process(config: PipelineConfig, stage: str, conn) -> None:
+    """The body of a fresh stage process: run the stage, send back ("ok", outcome) or
+    ("error", exception). It ends with its parent (Linux: the parent-death signal)."""
+    from decesc.pipeline.models import Models
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    try:
+        models = Models(config.model, config.device)
+        models.hand_over = True
+        try:
+            outcome = ("ok", run_stage(Run(config), stage, models))
+        finally:
+            models.close()
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
+        outcome = ("error", e)
+    try:
+        conn.send(outcome)
+    except Exception as e:  # an exception that does not pickle: its text instead
+        conn.send(("error", RuntimeError(f"stage {stage}: {type(outcome[1]).__name__}: {outcome[1]} "
+                                         f"(not sent whole: {e})")))
+    conn.close()
+
+
+def run_in_fresh_process(config: PipelineConfig, stage: str) -> tuple[dict, float, dict]:
+    """:func:`run_stage` in a new Python process (``--stage-process fresh``): the stage starts with
+    an empty heap and gives all its memory back when it ends. Its progress prints to the same
+    terminal; an exception it raises is raised again here. Its seconds are the wall time of the
+    whole process, its start-up (importing torch, reading the model) included."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_stage_process, args=(config, stage, send), name=f"decesc {stage}")
+    child.start()
+    send.close()
+    try:
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise RuntimeError(f"stage {stage}: its process ended without a result (exit code "
+                               f"{child.exitcode})") from None
+        child.join()
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    if kind == "error":
+        raise value
+    summary, _, used = value
+    return summary, time.perf_counter() - t0, used
+
+
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=print) -> dict:
     """Run the requested stages (all by default) in order; return {stage: "ran" | "skipped"}.
 
@@ -216,12 +291,11 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
                     run.begin(stage)
                 if distributed:
                     barrier()
-                memory = StageMemory().start()
-                t0 = time.perf_counter()
-                summary = BY_NAME[stage].run(run, stage, models)
-                seconds = time.perf_counter() - t0
-                release()  # the stage's models are gone: give their memory back now
-                used = memory.summary()
+                if config.stage_process == "fresh" and not distributed:
+                    models.close()  # the stage's process reads the model itself
+                    summary, seconds, used = run_in_fresh_process(config, stage)
+                else:
+                    summary, seconds, used = run_stage(run, stage, models)
                 if is_main:
                     run.finish(stage, summary, seconds, used)
                     run.log(f"[{stage}] done in {seconds:.0f} s, peak RSS {used['peak_rss_mb']} MB")
