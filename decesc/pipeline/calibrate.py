@@ -20,8 +20,9 @@ an undercount.
 Times are what a stage will see, not the best the machine can do: the median of the repeats, and
 each training repeat on rows of a length the process has not run yet, as a stage's rows are.
 Measured on this project's 2-core CPU (SmolLM2, bf16), the same step's time varies by about 20%
-either way from call to call; the minimum of two, which the plan used before, put the SFT stages
-of a small ``cpu``-profile run at 0.6-0.7 of their measured time.
+either way from call to call; the minimum of two, which the plan used before, predicted a
+1,201-token step of the real model at 5.3 s from the 2- and 8-block models, their medians 6.3 s,
+and the real model's own median was 6.4 s.
 """
 
 from __future__ import annotations
@@ -64,14 +65,14 @@ def _typical_of(fn, repeats: int) -> float:
 
 
 def _fresh_shape_step(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
-                      repeats: int) -> float:
-    """The typical time of a training step on ``ids``' rows, each repeat on rows a token shorter
-    than the last (its first k tokens dropped, the labelled tail kept) and scaled back to their
+                      repeats: int, first: int = 1) -> float:
+    """The typical time of a training step on ``ids``' rows, repeat k on rows ``first`` + k
+    tokens shorter (their first tokens dropped, the labelled tail kept), scaled back to their
     length: a stage's rows differ in length from step to step, and a length not seen before pays
     for new kernels (about 8% of a step on SmolLM2)."""
     T = ids.shape[1]
     times = []
-    for k in range(1, repeats + 1):
+    for k in range(first, first + repeats):
         t0 = time.perf_counter()
         _train_step(model, ids[:, k:], keep[:, k:], autocast)
         times.append((time.perf_counter() - t0) * T / (T - k))
@@ -135,7 +136,7 @@ def _train_costs(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocas
     step = _step_bytes(model, ids, keep, autocast)
     model.set_activation_checkpointing(True)
     checkpointed = _step_bytes(model, ids, keep, autocast)
-    train_checkpointed = _fresh_shape_step(model, ids, keep, autocast, repeats)
+    train_checkpointed = _fresh_shape_step(model, ids, keep, autocast, repeats, first=repeats + 1)
     model.set_activation_checkpointing(False)
     return train, train_checkpointed, step, checkpointed
 
@@ -148,8 +149,8 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
     and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
     (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
-    tokens and 8 decoding steps. Takes 25-45 s for SmolLM2 on a 2-core CPU, plus about 30 s
-    with ``long_len`` 2,048."""
+    tokens and 8 decoding steps, each timed ``repeats`` times (the median). Takes 84-91 s for
+    SmolLM2 on a 2-core CPU with ``long_len`` 2,048."""
     t_start = time.perf_counter()
     runtime = resident_bytes()
     seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
