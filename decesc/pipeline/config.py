@@ -82,11 +82,9 @@ class PipelineConfig:
     seed: int = _f(42, "seed for splits, sampling, adapter init and data order", read_by=("common",),
                    minimum=0, maximum=2**32 - 1)  # derived seeds (seed * 100003 + step ...) fit in 64 bits
     device: str | None = _f(None, "cpu or cuda (default: cuda if available)", read_by=NO_STAGE)
-    stage_process: str = _f("same", "where each stage runs: same (this process) or fresh (a new "
-                            "Python process per stage, so every stage starts with an empty heap: "
-                            "one long process grew to 15 GB and slowed its later stages; single-"
-                            "process runs only, under torchrun every stage runs in the ranks' own "
-                            "processes)", choices=("same", "fresh"), read_by=NO_STAGE)
+    stage_process: str = _f("same", "same: every stage in this process; fresh: each in a new Python "
+                            "process that starts with an empty heap (single-process runs; under "
+                            "torchrun the ranks run every stage)", choices=("same", "fresh"), read_by=NO_STAGE)
     dtype: str = _f("fp32", "training compute: fp32, or bf16 autocast (LoRA weights and optimizer "
                     "state stay fp32)", choices=DTYPES, read_by=("train",))
     base_dtype: str | None = _f(None, "stored dtype of the frozen base weights while training: fp32 "
