@@ -2,6 +2,7 @@
 directories that hold only a config.json (no weights, no tokenizer)."""
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 
 from decesc.core.config import ModelConfig
 from decesc.pipeline.cost import (GenerateWork, Setting, TrainWork, UnitCosts, generate_estimate,
-                                  load_memory, lora_params, model_params, train_estimate,
-                                  train_memory)
+                                  load_memory, lora_params, model_params, row_attention_pairs,
+                                  train_estimate, train_memory)
 from tools.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +95,6 @@ def test_long_rows_cost_more_per_token_by_hand():
     b0 = 1,000 and b2 = 0.1 a token per token): the 3,000-token micro-batch holds
     3,000 x (500 + 32 x (1,000 + 0.1 x 2,000)) bytes beyond the fixed part. The rest's time (the
     output head) scales with labelled tokens when the calibration says which share it labelled."""
-    from decesc.pipeline.work import row_attention_pairs
-
     c = ModelConfig.from_hf(LLAMA31_8B)
     s = Setting(dtype="bf16", base_dtype="bf16")
     u = UnitCosts(**{**asdict(COSTS), "seq_len": 1000, "train_block_s_per_token2": 1e-8,
@@ -121,6 +120,41 @@ def test_long_rows_cost_more_per_token_by_hand():
     flat = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000)
     assert train_estimate(c, COSTS, s, flat, 1, False).seconds == pytest.approx(4000 * 3.4e-3)
 
+
+def test_long_prefill_rows_cost_more_per_token_by_hand():
+    """Prefill calibrated on prompts of 256 tokens (rest 1e-5 + 32 blocks x 3e-5 = 9.7e-4 s a
+    token) with a growth c2 = 1e-8 s per token of row length: a scoring row of trunk 1,000 and
+    branches 1,000 has 1,000^2 / 2 + 1,000 x 2,000 = 2.5e6 query-key pairs and costs
+    2,000 x 9.7e-4 + 32 x 1e-8 x (2 x 2.5e6 - 256 x 2,000) = 1.94 + 1.43616 s. A costs file
+    without ``prefill_len`` (older than the growth) plans 1.94 s, as before."""
+    c = ModelConfig.from_hf(LLAMA31_8B)
+    s = Setting(dtype="bf16", base_dtype="bf16")
+    grown = UnitCosts(**{**asdict(COSTS), "prefill_len": 256, "prefill_block_s_per_token2": 1e-8})
+    pairs = row_attention_pairs(1000, 1000)
+    assert pairs == 2_500_000
+    scoring = GenerateWork(prompts=8, prompt_tokens=0, batch=8, max_new_tokens=0, scored_tokens=2000,
+                           attention_pairs=pairs)
+    assert generate_estimate(c, grown, s, scoring, 1).seconds == pytest.approx(1.94 + 1.43616)
+    assert generate_estimate(c, COSTS, s, scoring, 1).seconds == pytest.approx(1.94)
+
+
+def test_tree_rows_count_the_slots_and_pairs_the_scoring_pass_runs():
+    """Tree A: a 3-token root and two 2-token labelled children (trunk 3 + 2 = 5, branches 2);
+    tree B: a 5-token root and a 1-token child (trunk 6, no branches). In one batch both rows
+    pad to the longest trunk and the longest branches, 6 + 2 = 8 slots: 16 tokens, and
+    2 x (6^2 / 2 + 2 x 8) = 68 pairs; the same batch as ``collate_trees`` lays it out."""
+    from decesc.core.tree import Tree, collate_trees, prompt_pieces, target_piece
+    from decesc.pipeline.work import causal_rows, tree_rows
+
+    a, b = Tree(), Tree()
+    a.add(prompt_pieces([[1, 2, 3]]) + [target_piece([4, 5])])
+    a.add(prompt_pieces([[1, 2, 3]]) + [target_piece([6, 7])])
+    b.add(prompt_pieces([[1, 2, 3, 4, 5]]) + [target_piece([6])])
+    assert tree_rows([[a, b]]) == (16, 68)
+    assert collate_trees([a, b], pad_token_id=0)["input_ids"].numel() == 16
+    assert tree_rows([[a], [b]]) == (7 + 6, (12 + 2 * 7) + 18)  # alone: no padding
+    # prompts one causal row each: 3 + 5 tokens, 3^2 // 2 + 5^2 // 2 = 4 + 12 pairs
+    assert causal_rows([prompt_pieces([[1, 2, 3]]), prompt_pieces([[1, 2], [3, 4, 5]])]) == (8, 16)
 
 def test_training_work_with_micro_batches_by_tokens_by_hand():
     """Four trees of 100, 200, 300 and 400 tokens, one step of all four, micro-batches of 4:
@@ -226,6 +260,8 @@ def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
     assert main(["--model", "tiny", "--run-dir", str(tmp_path / "r"), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "| eval | 26 turns x 4 systems |" in out and '"train_block_s_per_token"' in out
+    # the prefill's growth is calibrated from the prompts' length (a long tree row measured too)
+    assert int(re.search(r'"prefill_len": (\d+)', out).group(1)) > 0
 
 
 def _plan_peak_gib(out: str, stage: str) -> float:

@@ -37,7 +37,8 @@ from decesc.core.generate import generate
 from decesc.core.lora import apply_lora
 from decesc.core.config import TORCH_DTYPES, ModelConfig
 from decesc.core.model import CausalLM
-from decesc.pipeline.cost import Setting, UnitCosts, model_params
+from decesc.core.tree import Tree, collate_trees, prompt_pieces, target_piece, tree_logprobs
+from decesc.pipeline.cost import Setting, UnitCosts, model_params, row_attention_pairs
 from decesc.pipeline.memory import peak_growth, resident_bytes
 
 
@@ -128,6 +129,18 @@ def _rows(c: ModelConfig, rows: int, length: int, target_len: int) -> tuple[torc
     return ids, keep
 
 
+def _tree_row(c: ModelConfig, length: int) -> tuple[dict, int]:
+    """A batch of one tree row of ``length`` tokens shaped like a scoring row (a dialogue's
+    history, then each turn's instruction and candidates): a trunk of half of them and eight
+    branches sharing the rest; and its query-key pairs."""
+    trunk, each = length // 2, max(1, (length - length // 2) // 8)
+    ids = torch.randint(0, c.vocab_size, (trunk + 8 * each,)).tolist()
+    tree = Tree()
+    for k in range(8):
+        tree.add(prompt_pieces([ids[:trunk]]) + [target_piece(ids[trunk + k * each:trunk + (k + 1) * each])])
+    return collate_trees([tree], pad_token_id=0), row_attention_pairs(trunk, 8 * each)
+
+
 def _train_costs(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
                  repeats: int) -> tuple[float, float, int, int]:
     """(time, checkpointed time, step bytes, checkpointed step bytes) of a training step."""
@@ -149,17 +162,19 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
     and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
     (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
-    tokens and 8 decoding steps, each timed ``repeats`` times (the median). Takes 84-91 s for
-    SmolLM2 on a 2-core CPU with ``long_len`` 2,048."""
+    tokens and 8 decoding steps, and a scoring pass over a tree row of ``long_len`` tokens (the
+    prefill's growth), each timed ``repeats`` times (the median). Takes 90-105 s for SmolLM2 on a
+    2-core CPU with ``long_len`` 2,048."""
     t_start = time.perf_counter()
     runtime = resident_bytes()
     seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
     ids, keep = _rows(c, micro_batch, seq_len, target_len)
     long = _rows(c, 1, long_len, target_len) if long_len > seq_len else None
+    tree, tree_pairs = _tree_row(c, long_len) if long_len > prompt_len else (None, 0)
     prompts = torch.randint(0, c.vocab_size, (gen_batch, prompt_len)).tolist()
     autocast = setting.dtype == "bf16"
     steps = 8
-    measured, measured_long = {}, {}
+    measured, measured_long, measured_tree = {}, {}, {}
     for depth in blocks:
         model = _tiny_copy(c, depth, setting)
         train, train_checkpointed, step, checkpointed = _train_costs(model, ids, keep, autocast, repeats)
@@ -174,6 +189,10 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
         prefill = _typical_of(lambda: run(1), repeats)
         decode = (_typical_of(lambda: run(steps + 1), repeats) - prefill) / steps
         measured[depth] = (train, train_checkpointed, step, checkpointed, prefill, max(decode, 0.0))
+        if tree is not None:
+            with torch.inference_mode():
+                tree_logprobs(model, tree)  # warm-up
+                measured_tree[depth] = _typical_of(lambda: tree_logprobs(model, tree), repeats)
         del model
     tokens, prompt_tokens = micro_batch * seq_len, gen_batch * prompt_len
     small, large = blocks
@@ -189,5 +208,12 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
         for i in range(4):
             block = max(measured_long[large][i] - measured_long[small][i], 0.0) / (large - small)
             growth[i] = max(block / long_len - per_token[i][0], 0.0) / (long_len - seq_len)
+    prefill_growth = 0.0  # per token of row length (cost module: c2 (2 pairs - prompt_len tokens))
+    if tree is not None:
+        n = tree["input_ids"].numel()
+        block = max(measured_tree[large] - measured_tree[small], 0.0) / (large - small)
+        prefill_growth = max(block - n * pb, 0.0) / max(2 * tree_pairs - prompt_len * n, 1)
     return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
-                     time.perf_counter() - t_start, seq_len, target_len / seq_len, *growth)
+                     time.perf_counter() - t_start, seq_len, target_len / seq_len, *growth,
+                     prefill_len=prompt_len if tree is not None else 0,
+                     prefill_block_s_per_token2=prefill_growth)

@@ -11,7 +11,7 @@ tokens, a block costs c(L) = c0 + c2 (L - seq_len) per token of a row of L token
 row's tokens read L / 2 keys on average, so in time the growth counts the query-key pairs
 attention computes: a stage costs tokens c0 + c2 (2 pairs - seq_len tokens), where a causal
 row has L^2 / 2 pairs and a tree row of trunk Tt and branches Tb has Tt^2 / 2 + Tb (Tt + Tb)
-(:func:`decesc.pipeline.work.row_attention_pairs`: a branch query reads every key through the
+(:func:`row_attention_pairs`: a branch query reads every key through the
 tree mask). Memory takes the largest micro-batch at its own row length. What is not in the
 blocks (``rest``: the output head and the loss, run at labelled positions only, and the
 embeddings) is measured on rows whose last tenth is labelled and its time scaled to a stage's
@@ -35,7 +35,13 @@ and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.mode
 figures carry glibc's allocator overhead rather than the CUDA caching allocator's.
 
 Generation: prompts are prefilled in batches, then decoded step by step; a batch decodes until
-its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound). Its
+its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound). A
+prefill (and a scoring pass) grows with the row length as training does, c(L) = c0 + c2 (L -
+prefill_len) per token, calibrated on prompts of ``prefill_len`` tokens and on one tree row of
+``long_len`` tokens, half trunk and half branches: a dialogue tree of the eight candidates of
+every turn is mostly branches (each turn's instruction and candidates), whose queries read the
+whole row through the tree mask; costed at the price of 256-token prompts, the planner's scoring
+of 240 test turns in 4,096-token tree rows was planned at 77 s where it took 153. Its
 memory: the weights in the inference dtype and a batch's KV cache, plus, on the CPU, the fp32
 base that the merged copies are made from.
 """
@@ -155,6 +161,10 @@ class UnitCosts:
     checkpointed_block_s_per_token2: float = 0.0
     step_block_bytes_per_token2: float = 0.0
     checkpointed_block_bytes_per_token2: float = 0.0
+    # The same growth of the prefill's per-token block cost, from prompts of ``prefill_len``
+    # tokens (0: no growth, as an older costs file says nothing).
+    prefill_len: int = 0
+    prefill_block_s_per_token2: float = 0.0
 
     def block_per_token(self, cost: str, row_len: int) -> float:
         """The per-token block cost ``cost`` (a field name, e.g. "train_block_s_per_token") in a
@@ -165,6 +175,13 @@ class UnitCosts:
 
 
 # ----------------------------------------------------------------------------- estimates
+
+
+def row_attention_pairs(trunk: int, branches: int) -> int:
+    """Query-key pairs of one row: its trunk attends causally, trunk^2 / 2, and each branch
+    query reads every key of the row through the tree mask, branches x (trunk + branches)
+    (a turn-level row is all trunk: L^2 / 2)."""
+    return trunk * trunk // 2 + branches * (trunk + branches)
 
 
 @dataclass(frozen=True)
@@ -194,13 +211,14 @@ class TrainWork:
 class GenerateWork:
     """Generation: ``prompts`` prompts of ``prompt_tokens`` tokens in all, in batches of
     ``batch``, each batch decoding at most ``max_new_tokens`` steps; ``scored_tokens`` of
-    prompt-only scoring (the planner)."""
+    prompt-only scoring (the planner); tree rows count their padded tokens."""
 
     prompts: int
     prompt_tokens: int
     batch: int
     max_new_tokens: int
     scored_tokens: int = 0
+    attention_pairs: int = 0  # query-key pairs of the prefill and scoring passes (0: not counted)
 
 
 @dataclass(frozen=True)
@@ -274,8 +292,11 @@ def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Gene
     batches = math.ceil(work.prompts / max(work.batch, 1))
     step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at decode_batch rows
     step *= max(1.0, work.batch / max(u.decode_batch, 1))  # larger batches: up to proportionally more
-    seconds = ((work.prompt_tokens + work.scored_tokens) * per_prompt_token
-               + batches * work.max_new_tokens * step) / world
+    tokens = work.prompt_tokens + work.scored_tokens
+    prefill = tokens * per_prompt_token
+    if work.attention_pairs and u.prefill_len:  # module docstring: c2 (2 pairs - prefill_len tokens)
+        prefill += L * u.prefill_block_s_per_token2 * (2 * work.attention_pairs - u.prefill_len * tokens)
+    seconds = (max(prefill, 0.0) + batches * work.max_new_tokens * step) / world
     size = TORCH_DTYPES[setting.inference_dtype].itemsize
     weights = model_params(c) * size  # inference: a full copy per device
     kv = 2 * L * c.num_key_value_heads * c.head_dim * size * work.batch * (

@@ -19,7 +19,7 @@ from decesc.core.tree import prompt_pieces, target_piece
 from decesc.esc.inference import tree_batches
 from decesc.esc.prompts import task_example
 from decesc.esc.strategies import STRATEGIES
-from decesc.pipeline.cost import GenerateWork, TrainWork
+from decesc.pipeline.cost import GenerateWork, TrainWork, row_attention_pairs
 from decesc.train.data import chat_sequence, tree_items, trees_per_step
 from decesc.train.trainer import epoch_order, micro_batches
 
@@ -34,13 +34,6 @@ class Padded:
     largest: int  # padded tokens of the largest micro-batch
     largest_row: int  # its padded row length (of the largest micro-batches, the longest)
     attention_pairs: int  # query-key pairs attention computes over all steps
-
-
-def row_attention_pairs(trunk: int, branches: int) -> int:
-    """Query-key pairs of one row: its trunk attends causally, trunk^2 / 2, and each branch
-    query reads every key of the row through the tree mask, branches x (trunk + branches)
-    (a turn-level row is all trunk: L^2 / 2)."""
-    return trunk * trunk // 2 + branches * (trunk + branches)
 
 
 def padded_tokens(lengths: list[int], batch: int, micro: int, epochs: int, seed: int,
@@ -144,20 +137,38 @@ def _prompts(tok, examples, task: str) -> list:
             for x in (task_example(e, task) for e in examples)]
 
 
+def causal_rows(prompts) -> tuple[int, int]:
+    """(tokens, query-key pairs) of prompts encoded one causal row each."""
+    lengths = [sum(len(ids) for ids, _ in p) for p in prompts]
+    return sum(lengths), sum(row_attention_pairs(n, 0) for n in lengths)
+
+
+def tree_rows(batches) -> tuple[int, int]:
+    """(padded tokens, query-key pairs) of tree batches as :func:`decesc.core.tree.collate_trees`
+    lays them out: each tree a row of the batch's longest trunk and longest branches."""
+    tokens = pairs = 0
+    for batch in batches:
+        trunks = [sum(len(t.nodes[i].ids) for i in t.trunk()) for t in batch]
+        Tt = max(trunks)
+        Tb = max(t.num_tokens - n for t, n in zip(batch, trunks))
+        tokens += len(batch) * (Tt + Tb)
+        pairs += len(batch) * row_attention_pairs(Tt, Tb)
+    return tokens, pairs
+
+
 def scoring_work(tok, examples, task: str, c) -> GenerateWork:
     """Scoring the eight strategies (or tags) after every example's ``task`` prompt: prompts
     only with "turn" packing (the candidates come from the cache), the trees of prompts and
     candidates with "tree"."""
     prompts = _prompts(tok, examples, task)
     if c.packing == "turn":
-        return GenerateWork(len(examples), 0, c.gen_batch_size, 0,
-                            scored_tokens=sum(len(ids) for p in prompts for ids, _ in p))
-    candidates = [tok.target_ids(s) for s in STRATEGIES]
-    seqs = [(e.dialogue, (i, k), p + [target_piece(cand)]) for i, (e, p) in enumerate(zip(examples, prompts))
-            for k, cand in enumerate(candidates)]
-    batches = tree_batches(seqs, c.gen_batch_tokens)
-    return GenerateWork(len(examples), 0, c.gen_batch_size, 0,
-                        scored_tokens=sum(t.num_tokens for b in batches for t in b))
+        tokens, pairs = causal_rows(prompts)
+    else:
+        candidates = [tok.target_ids(s) for s in STRATEGIES]
+        seqs = [(e.dialogue, (i, k), p + [target_piece(cand)])
+                for i, (e, p) in enumerate(zip(examples, prompts)) for k, cand in enumerate(candidates)]
+        tokens, pairs = tree_rows(tree_batches(seqs, c.gen_batch_tokens))
+    return GenerateWork(len(examples), 0, c.gen_batch_size, 0, scored_tokens=tokens, attention_pairs=pairs)
 
 
 def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
@@ -166,13 +177,14 @@ def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
     each prefilled once and decoded as one batch of all its turns."""
     prompts = _prompts(tok, examples, task)
     if c.packing == "turn" or not examples:
-        return GenerateWork(len(examples) * rounds, sum(len(ids) for p in prompts for ids, _ in p) * rounds,
-                            c.gen_batch_size, c.max_new_tokens)
+        tokens, pairs = causal_rows(prompts)
+        return GenerateWork(len(examples) * rounds, tokens * rounds, c.gen_batch_size, c.max_new_tokens,
+                            attention_pairs=pairs * rounds)
     batches = tree_batches([(e.dialogue, i, p) for i, (e, p) in enumerate(zip(examples, prompts))],
                            c.gen_batch_tokens)
-    rows = len(examples) * rounds
-    return GenerateWork(rows, sum(t.num_tokens for b in batches for t in b) * rounds,
-                        math.ceil(len(examples) / len(batches)), c.max_new_tokens)
+    tokens, pairs = tree_rows(batches)
+    return GenerateWork(len(examples) * rounds, tokens * rounds, math.ceil(len(examples) / len(batches)),
+                        c.max_new_tokens, attention_pairs=pairs * rounds)
 
 
 def vanilla_work(tok, examples, replied, c, rounds: int = 1) -> list[GenerateWork]:
