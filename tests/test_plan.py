@@ -264,6 +264,26 @@ def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
     assert int(re.search(r'"prefill_len": (\d+)', out).group(1)) > 0
 
 
+def test_a_decoding_step_is_the_median_of_steps_timed_one_by_one(monkeypatch):
+    """A generate call of 24 + 1 tokens whose steps take 0.1 s, but one 1.0 s: the median step
+    is 0.1 s, where the mean over the call, as measured before, reads (23 x 0.1 + 1.0) / 24 =
+    0.1375 s. Only row 0's tokens mark the steps (a batch of 2 calls back twice per step)."""
+    from types import SimpleNamespace
+
+    from decesc.pipeline import calibrate
+
+    now = [0.0]
+    monkeypatch.setattr(calibrate, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def run(n, on_token):
+        for i in range(n):
+            now[0] += 1.0 if i == 7 else 0.1
+            on_token(0, 5)
+            on_token(1, 5)
+
+    assert calibrate._decode_step(run, 24) == pytest.approx(0.1)
+
+
 def _plan_peak_gib(out: str, stage: str) -> float:
     row = next(line for line in out.splitlines() if line.startswith(f"| {stage} |"))
     return float(row.split("|")[5].split()[0])

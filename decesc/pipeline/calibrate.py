@@ -65,6 +65,16 @@ def _typical_of(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _decode_step(run, steps: int) -> float:
+    """The median time between two consecutive new tokens of one generate call of ``steps`` + 1
+    tokens: a decoding step (its forward pass and its sampling), each step timed on its own.
+    Taken as the difference of two noisy generate calls divided by 8 steps, as before, the same
+    machine's step measured 0.15 s in one calibration and 0.32 s in the next."""
+    clock: list[float] = []
+    run(steps + 1, lambda row, token: clock.append(time.perf_counter()) if row == 0 else None)
+    return statistics.median(b - a for a, b in zip(clock, clock[1:]))
+
+
 def _fresh_shape_step(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, autocast: bool,
                       repeats: int, first: int = 1) -> float:
     """The typical time of a training step on ``ids``' rows, repeat k on rows ``first`` + k
@@ -162,9 +172,9 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
     and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
     (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
-    tokens and 8 decoding steps, and a scoring pass over a tree row of ``long_len`` tokens (the
-    prefill's growth), each timed ``repeats`` times (the median). Takes 90-105 s for SmolLM2 on a
-    2-core CPU with ``long_len`` 2,048."""
+    tokens, 8 x ``repeats`` decoding steps after it (the median step), and a scoring pass over a
+    tree row of ``long_len`` tokens (the prefill's growth), each timed ``repeats`` times (the
+    median). Takes 90-105 s for SmolLM2 on a 2-core CPU with ``long_len`` 2,048."""
     t_start = time.perf_counter()
     runtime = resident_bytes()
     seq_len, target_len = max(seq_len, 2), max(1, min(target_len, seq_len - 1))
@@ -182,13 +192,13 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
             measured_long[depth] = _train_costs(model, *long, autocast, repeats)
         model.eval().to(TORCH_DTYPES[setting.inference_dtype])
 
-        def run(n, model=model):
-            generate(model, prompts, max_new_tokens=n, temperature=0.0)
+        def run(n, on_token=None, model=model):
+            generate(model, prompts, max_new_tokens=n, temperature=0.0, on_token=on_token)
 
         run(1)  # warm-up
         prefill = _typical_of(lambda: run(1), repeats)
-        decode = (_typical_of(lambda: run(steps + 1), repeats) - prefill) / steps
-        measured[depth] = (train, train_checkpointed, step, checkpointed, prefill, max(decode, 0.0))
+        measured[depth] = (train, train_checkpointed, step, checkpointed, prefill,
+                           _decode_step(run, steps * repeats))
         if tree is not None:
             with torch.inference_mode():
                 tree_logprobs(model, tree)  # warm-up
