@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from decesc.esc.inference import Sampling
 from decesc.esc.prompts import HISTORY_FORMATS, STYLES
 
 
@@ -34,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "a DPO adapter alone brings its SFT adapter)")
     p.add_argument("--rg", nargs="+", default=None, metavar="ADAPTER",
                    help="Response Generator adapters, merged in order")
-    p.add_argument("--temperature", type=float, default=0.7, help="reply sampling temperature (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="reply nucleus sampling mass (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="longest reply in tokens (default 96)")
+    p.add_argument("--temperature", type=float, default=Sampling.temperature,
+                   help=f"reply sampling temperature (default {Sampling.temperature}, the paper's released code's)")
+    p.add_argument("--top-p", type=float, default=Sampling.top_p,
+                   help=f"reply nucleus sampling mass (default {Sampling.top_p})")
+    p.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens,
+                   help=f"longest reply in tokens (default {Sampling.max_new_tokens})")
     p.add_argument("--max-context-tokens", type=int, default=1024,
                    help="prompt budget: the oldest turns are dropped to fit (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decesc.core.tokenizer import check_utf8
     from decesc.esc.esconv import Turn
-    from decesc.esc.inference import Sampling, decoupled
+    from decesc.esc.inference import decoupled
     from decesc.esc.prompts import make_example
 
     try:

@@ -48,7 +48,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from decesc.esc.inference import VANILLA_TAGS
+from decesc.core.lora import LoRAConfig
+from decesc.esc.inference import VANILLA_TAGS, Sampling
 from decesc.esc.judges import JUDGES, check_judge_settings
 from decesc.esc.prompts import HISTORY_FORMATS, STYLES
 from decesc.formats.records import read_text
@@ -105,9 +106,9 @@ class PipelineConfig:
                       "the checked reference; the same per-turn losses and scores up to rounding",
                       choices=PACKINGS, read_by=("common",))
     # ------------------------------------------------------------------ LoRA / SFT (eqs. 3, 4)
-    lora_r: int = _f(16, "LoRA rank", read_by=("train",), minimum=1)
-    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)", read_by=("train",), above=0)
-    lora_dropout: float = _f(0.05, "LoRA dropout", read_by=("train",), minimum=0, below=1)
+    lora_r: int = _f(LoRAConfig.r, "LoRA rank", read_by=("train",), minimum=1)
+    lora_alpha: float = _f(float(LoRAConfig.alpha), "LoRA alpha (scale = alpha / r)", read_by=("train",), above=0)
+    lora_dropout: float = _f(LoRAConfig.dropout, "LoRA dropout", read_by=("train",), minimum=0, below=1)
     sft_epochs: int = _f(3, "SFT epochs", read_by=("sft",), minimum=1)
     sft_lr: float = _f(1e-5, "SFT peak learning rate", read_by=("sft",), above=0)
     sft_batch_size: int = _f(32, "SFT effective batch in examples per optimizer step (with "
@@ -162,9 +163,9 @@ class PipelineConfig:
     dpo_sft_weight: float = _f(0.0, "weight of an SFT term on the chosen reply added to the "
                                "preference loss (RPO; 0 = off)", read_by=("dpo",), minimum=0)
     # ------------------------------------------------------------------ generation
-    temperature: float = _f(0.7, "sampling temperature of replies (and of mined strategies)",
+    temperature: float = _f(Sampling.temperature, "sampling temperature of replies (and of mined strategies)",
                             read_by=("generate",), minimum=0)
-    top_p: float = _f(0.95, "nucleus sampling mass", read_by=("generate",), above=0, maximum=1)
+    top_p: float = _f(Sampling.top_p, "nucleus sampling mass", read_by=("generate",), above=0, maximum=1)
     # every example's context budget is max_seq_len - max_new_tokens, so SFT reads it too
     max_new_tokens: int = _f(128, "longest generated reply, in tokens", read_by=("sft", "generate"),
                              minimum=1)

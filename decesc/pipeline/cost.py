@@ -53,7 +53,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from decesc.core.lora import DEFAULT_TARGETS
+from decesc.core.lora import DEFAULT_TARGETS, LoRAConfig
 from decesc.core.config import TORCH_DTYPES, ModelConfig
 
 GiB = 1024 ** 3
@@ -126,8 +126,8 @@ class Setting:
     dtype: str = "fp32"  # compute: fp32, or bf16 autocast
     base_dtype: str = "fp32"  # stored dtype of the frozen weights
     inference_dtype: str = "fp32"  # the weights' dtype while generating (no autocast)
-    lora_r: int = 16
-    lora_dropout: float = 0.05
+    lora_r: int = LoRAConfig.r
+    lora_dropout: float = LoRAConfig.dropout
     targets: tuple[str, ...] = DEFAULT_TARGETS
 
 

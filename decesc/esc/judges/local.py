@@ -2,10 +2,11 @@
 
 Same prompt as the OpenAI-compatible judge (:mod:`decesc.esc.judges.prompt`), chat-formatted by the
 model's tokenizer.  Uncached items are generated in batches of ``batch_size``: first greedily;
-the replies that are not a valid judgment are generated again by sampling (temperature 0.7,
-top-p 0.95, seed = attempt number, so a rerun gives the same replies), up to ``max_retries``
-attempts in all, then `JudgeError`.  Small models (SmolLM2-135M) rarely write valid judgment
-JSON; this judge is meant for instruction-tuned models of a few billion parameters.
+the replies that are not a valid judgment are generated again by sampling (the temperature and
+top-p of :class:`decesc.esc.inference.Sampling`, seed = attempt number, so a rerun gives the same
+replies), up to ``max_retries`` attempts in all, then `JudgeError`.  Small models
+(SmolLM2-135M) rarely write valid judgment JSON; this judge is meant for instruction-tuned
+models of a few billion parameters.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Sequence
 from .base import InvalidReply, JudgeItem, Judgment, parse_judgment
 from .fanout import Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
-
-RETRY_TEMPERATURE, RETRY_TOP_P = 0.7, 0.95
 
 
 def generate_chat(*args, **kwargs) -> list[str]:
@@ -57,7 +56,9 @@ class LocalJudge(Judge):
         if attempt == 0:
             sampling = dict(temperature=0.0)
         else:
-            sampling = dict(temperature=RETRY_TEMPERATURE, top_p=RETRY_TOP_P, seed=attempt)
+            from decesc.esc.inference import Sampling  # the paper's reply sampling (torch: first use)
+
+            sampling = dict(temperature=Sampling.temperature, top_p=Sampling.top_p, seed=attempt)
         replies = generate_chat(self.model, self.tokenizer, [judge_messages(i) for i in items],
                                 max_new_tokens=self.max_new_tokens, **sampling)
         outcomes: list[tuple[Judgment, str] | Failure] = []
