@@ -3,7 +3,7 @@ directories that hold only a config.json (no weights, no tokenizer)."""
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -119,6 +119,51 @@ def test_long_rows_cost_more_per_token_by_hand():
     # without the growth terms (or without pairs) the row length changes nothing
     flat = TrainWork(examples=2, tokens=4000, steps=1, micro_batch=1, max_row_tokens=3000)
     assert train_estimate(c, COSTS, s, flat, 1, False).seconds == pytest.approx(4000 * 3.4e-3)
+
+
+def test_a_decoding_step_grows_with_its_rows_between_the_two_calibrated_batches():
+    """Calibrated: a step of 8 rows 2e-3 + 32 x 1e-3 = 0.034 s, of 2 rows 1e-3 + 32 x 2.5e-4 =
+    0.009 s. The line through them: 0.025 / 6 s a row and 0.009 - 2 x 0.025 / 6 = 0.0006667 s
+    fixed, so a step of 5 rows costs 0.0006667 + 5 x 0.0041667 = 0.0215 s and one of 16 rows
+    0.0673 s. Twenty prompts of 100 tokens in batches of 5 whose replies end after 6, 9, 4 and 10
+    steps: 2,000 x 9.7e-4 + 29 x 0.0215 s. A costs file without the small batch costs a step of 5
+    rows as one of 8 (0.034 s) and decodes every batch for max_new_tokens."""
+    c = ModelConfig.from_hf(LLAMA31_8B)
+    s = Setting(dtype="bf16", base_dtype="bf16")
+    two = UnitCosts(**{**asdict(COSTS), "decode_small_batch": 2, "decode_small_block_s_per_step": 2.5e-4,
+                       "decode_small_rest_s_per_step": 1e-3})
+    assert two.decode_step(32, 8) == pytest.approx(0.034)
+    assert two.decode_step(32, 2) == pytest.approx(0.009)
+    assert two.decode_step(32, 5) == pytest.approx(0.0215)
+    assert two.decode_step(32, 16) == pytest.approx(0.0006667 + 16 * 0.025 / 6, rel=1e-4)
+    gen = GenerateWork(prompts=20, prompt_tokens=2000, batch=5, max_new_tokens=10, decode_steps=29)
+    assert generate_estimate(c, two, s, gen, 1).seconds == pytest.approx(2000 * 9.7e-4 + 29 * 0.0215)
+    assert generate_estimate(c, COSTS, s, replace(gen, decode_steps=0), 1).seconds == pytest.approx(
+        2000 * 9.7e-4 + 4 * 10 * 0.034)
+
+
+def test_reply_work_decodes_each_batch_as_long_as_its_longest_gold_reply():
+    """Gold replies of 4, 8 and 2 tokens (end-of-turn included) in batches {0, 1} and {2}: 8 +
+    2 = 10 steps; with max_new_tokens 5, 5 + 2 = 7. On the built-in sample with the tiny model's
+    tokenizer, turn packing in batches of 2: max_new_tokens 1 makes every batch one step, so 13
+    replies twice take 2 x 7 steps."""
+    from types import SimpleNamespace
+
+    from decesc.esc.esconv import builtin_sample_path, load_dialogues
+    from decesc.esc.prompts import build_examples
+    from decesc.pipeline.models import Models
+    from decesc.pipeline.work import decode_steps, reply_work
+
+    assert decode_steps([4, 8, 2], [[0, 1], [2]], 48) == 10
+    assert decode_steps([4, 8, 2], [[0, 1], [2]], 5) == 7
+    tok = Models("tiny", "cpu").tokenizer
+    examples = build_examples(load_dialogues(builtin_sample_path())[:3], "rg", style="short")[:13]
+    assert len(examples) == 13
+    cfg = SimpleNamespace(packing="turn", gen_batch_size=2, max_new_tokens=1)
+    assert reply_work(tok, examples, "rg", cfg, rounds=2).decode_steps == 14
+    gold = [len(tok.target_ids(e.target)) for e in examples]
+    cfg.max_new_tokens = 10_000
+    assert reply_work(tok, examples, "rg", cfg).decode_steps == sum(max(gold[i:i + 2]) for i in range(0, 13, 2))
 
 
 def test_long_prefill_rows_cost_more_per_token_by_hand():

@@ -172,7 +172,8 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     rows of ``seq_len`` tokens (loss on the last ``target_len``; its time and its memory, without
     and with activation checkpointing), the same for one row of ``long_len`` tokens if longer
     (the growth with the row length), a prefill of ``gen_batch`` prompts of ``prompt_len``
-    tokens, 8 x ``repeats`` decoding steps after it (the median step), and a scoring pass over a
+    tokens, 8 x ``repeats`` decoding steps after it and as many of a quarter of the prompts (the
+    median step of each: a step's cost grows with its rows), and a scoring pass over a
     tree row of ``long_len`` tokens (the prefill's growth), each timed ``repeats`` times (the
     median). Takes 90-105 s for SmolLM2 on a 2-core CPU with ``long_len`` 2,048."""
     t_start = time.perf_counter()
@@ -183,7 +184,7 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     tree, tree_pairs = _tree_row(c, long_len) if long_len > prompt_len else (None, 0)
     prompts = torch.randint(0, c.vocab_size, (gen_batch, prompt_len)).tolist()
     autocast = setting.dtype == "bf16"
-    steps = 8
+    steps, small_batch = 8, max(1, gen_batch // 4)
     measured, measured_long, measured_tree = {}, {}, {}
     for depth in blocks:
         model = _tiny_copy(c, depth, setting)
@@ -192,13 +193,14 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
             measured_long[depth] = _train_costs(model, *long, autocast, repeats)
         model.eval().to(TORCH_DTYPES[setting.inference_dtype])
 
-        def run(n, on_token=None, model=model):
-            generate(model, prompts, max_new_tokens=n, temperature=0.0, on_token=on_token)
+        def run(n, on_token=None, rows=gen_batch, model=model):
+            generate(model, prompts[:rows], max_new_tokens=n, temperature=0.0, on_token=on_token)
 
         run(1)  # warm-up
         prefill = _typical_of(lambda: run(1), repeats)
         measured[depth] = (train, train_checkpointed, step, checkpointed, prefill,
-                           _decode_step(run, steps * repeats))
+                           _decode_step(run, steps * repeats),
+                           _decode_step(lambda n, on: run(n, on, small_batch), steps * repeats))
         if tree is not None:
             with torch.inference_mode():
                 tree_logprobs(model, tree)  # warm-up
@@ -212,7 +214,7 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
         return block / per, max(measured[small][i] - small * block, 0.0) / per
 
     per_token = [split(i, tokens) for i in range(4)]  # train, checkpointed, their bytes
-    (pb, pr), (db, dr) = split(4, prompt_tokens), split(5, 1)
+    (pb, pr), (db, dr), (sb, sr) = split(4, prompt_tokens), split(5, 1), split(6, 1)
     growth = [0.0] * 4  # per token of row length, for the four block costs per token
     if long is not None:
         for i in range(4):
@@ -226,4 +228,5 @@ def calibrate(c: ModelConfig, setting: Setting, seq_len: int, target_len: int, m
     return UnitCosts(*(x for pair in per_token for x in pair), pb, pr, db, dr, gen_batch, runtime,
                      time.perf_counter() - t_start, seq_len, target_len / seq_len, *growth,
                      prefill_len=prompt_len if tree is not None else 0,
-                     prefill_block_s_per_token2=prefill_growth)
+                     prefill_block_s_per_token2=prefill_growth, decode_small_batch=small_batch,
+                     decode_small_block_s_per_step=sb, decode_small_rest_s_per_step=sr)

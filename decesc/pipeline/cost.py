@@ -35,7 +35,13 @@ and on the CPU, where the pipeline first reads the base in fp32 (``pipeline.mode
 figures carry glibc's allocator overhead rather than the CUDA caching allocator's.
 
 Generation: prompts are prefilled in batches, then decoded step by step; a batch decodes until
-its longest reply stops, at most ``max_new_tokens`` steps (the estimate uses that bound). A
+its longest reply stops, at most ``max_new_tokens`` steps. The estimate takes each batch's
+longest gold reply for it (:class:`GenerateWork` ``decode_steps``): the SFT models write replies
+about as long as the ones they learnt from (the profile's eval: batches of 7 sampled replies
+stopped after 34-37 steps of 48 on average). A decoding step's cost grows with its rows, linearly
+between two calibrated batch sizes (SmolLM2 in bf16 on this project's CPU: 4 rows 0.084 s, 16
+rows 0.177 s; counted at 16 rows and 48 steps a batch, the eval's replies were planned at 358 s
+where they took 176-199, and at 190-199 s now). A
 prefill (and a scoring pass) grows with the row length as training does, c(L) = c0 + c2 (L -
 prefill_len) per token, calibrated on prompts of ``prefill_len`` tokens and on one tree row of
 ``long_len`` tokens, half trunk and half branches: a dialogue tree of the eight candidates of
@@ -165,6 +171,21 @@ class UnitCosts:
     # tokens (0: no growth, as an older costs file says nothing).
     prefill_len: int = 0
     prefill_block_s_per_token2: float = 0.0
+    # A decoding step of ``decode_small_batch`` rows (0: not measured, as an older costs file:
+    # a step of fewer rows than ``decode_batch`` then costs as much as one of ``decode_batch``).
+    decode_small_batch: int = 0
+    decode_small_block_s_per_step: float = 0.0
+    decode_small_rest_s_per_step: float = 0.0
+
+    def decode_step(self, layers: int, rows: int) -> float:
+        """Seconds of one decoding step of ``rows`` rows on a model of ``layers`` blocks: the line
+        through the two calibrated batch sizes, a fixed part (never below 0) plus a part per row."""
+        big = self.decode_rest_s_per_step + layers * self.decode_block_s_per_step
+        if not 0 < self.decode_small_batch < self.decode_batch:
+            return big * max(1.0, rows / max(self.decode_batch, 1))
+        small = self.decode_small_rest_s_per_step + layers * self.decode_small_block_s_per_step
+        per_row = max(big - small, 0.0) / (self.decode_batch - self.decode_small_batch)
+        return max(small - per_row * self.decode_small_batch, 0.0) + per_row * rows
 
     def block_per_token(self, cost: str, row_len: int) -> float:
         """The per-token block cost ``cost`` (a field name, e.g. "train_block_s_per_token") in a
@@ -219,6 +240,7 @@ class GenerateWork:
     max_new_tokens: int
     scored_tokens: int = 0
     attention_pairs: int = 0  # query-key pairs of the prefill and scoring passes (0: not counted)
+    decode_steps: int = 0  # decoding steps of all batches (0: each batch max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -290,13 +312,12 @@ def generate_estimate(c: ModelConfig, u: UnitCosts, setting: Setting, work: Gene
     L = c.num_hidden_layers
     per_prompt_token = u.prefill_rest_s_per_token + L * u.prefill_block_s_per_token
     batches = math.ceil(work.prompts / max(work.batch, 1))
-    step = u.decode_rest_s_per_step + L * u.decode_block_s_per_step  # measured at decode_batch rows
-    step *= max(1.0, work.batch / max(u.decode_batch, 1))  # larger batches: up to proportionally more
+    steps = work.decode_steps or batches * work.max_new_tokens
     tokens = work.prompt_tokens + work.scored_tokens
     prefill = tokens * per_prompt_token
     if work.attention_pairs and u.prefill_len:  # module docstring: c2 (2 pairs - prefill_len tokens)
         prefill += L * u.prefill_block_s_per_token2 * (2 * work.attention_pairs - u.prefill_len * tokens)
-    seconds = (max(prefill, 0.0) + batches * work.max_new_tokens * step) / world
+    seconds = (max(prefill, 0.0) + steps * u.decode_step(L, work.batch)) / world
     size = TORCH_DTYPES[setting.inference_dtype].itemsize
     weights = model_params(c) * size  # inference: a full copy per device
     kv = 2 * L * c.num_key_value_heads * c.head_dim * size * work.batch * (

@@ -8,10 +8,10 @@ machine for ``nproc`` devices, from unit costs measured in a few seconds
 the measured ones as JSON, so a later plan can reuse them).
 
 What the stages will do is counted from the same functions the stages use (their examples,
-subsets, batch sizes), with two bounds where the work is only known after the fact:
+subsets, batch sizes), with an estimate and a bound where the work is only known after the fact:
 
-- a generated reply is counted at ``max_new_tokens`` (a batch decodes until its longest reply
-  stops), so generation time is an upper bound;
+- a batch of generated replies decodes until its longest reply stops: it is counted as long as
+  its longest gold reply, at most ``max_new_tokens`` (an estimate, not a bound);
 - IPM keeps only the SFT models' mistakes, so each DPO module gets at most ``mine_contexts x
   mine_samples`` pairs (capped by ``max_pairs``), each counted with a rejected reply of
   ``max_new_tokens``.
@@ -249,8 +249,8 @@ def format_plan(plans: list[StagePlan], config: PipelineConfig, nproc: int, shap
     lines.append(f"| all | | {sum(p.tokens for p in plans):,} | {sum(p.steps for p in plans)} | "
                  f"{max((p.peak_bytes for p in plans), default=0) / GiB:.1f} GiB | "
                  f"{_duration(sum(p.seconds for p in plans))} |")
-    lines.append(f"(unit costs {costs_source}; generation counts every reply at max_new_tokens and "
-                 "DPO every mined sample as a pair: upper bounds)")
+    lines.append(f"(unit costs {costs_source}; generation counts each batch as long as its longest gold "
+                 "reply, and DPO every mined sample as a pair: an upper bound)")
     return "\n".join(line for line in lines if line is not None)
 
 

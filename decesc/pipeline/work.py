@@ -171,6 +171,14 @@ def scoring_work(tok, examples, task: str, c) -> GenerateWork:
     return GenerateWork(len(examples), 0, c.gen_batch_size, 0, scored_tokens=tokens, attention_pairs=pairs)
 
 
+def decode_steps(lengths: list[int], batches: list[list[int]], max_new_tokens: int) -> int:
+    """Decoding steps of ``batches`` (lists of indices into ``lengths``, the tokens of each
+    item's gold reply with its end-of-turn token), each as long as its longest gold reply, at most
+    ``max_new_tokens``: a batch decodes until its longest reply stops, and an SFT model's replies
+    are about as long as the replies it learnt from (cost module docstring)."""
+    return sum(min(max_new_tokens, max(lengths[i] for i in b)) for b in batches if b)
+
+
 def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
     """Sampling a reply after every example's ``task`` prompt, ``rounds`` times: batches of
     ``gen_batch_size`` prompts with "turn" packing; with "tree" the batches of prompt trees,
@@ -178,13 +186,18 @@ def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
     prompts = _prompts(tok, examples, task)
     if c.packing == "turn" or not examples:
         tokens, pairs = causal_rows(prompts)
-        return GenerateWork(len(examples) * rounds, tokens * rounds, c.gen_batch_size, c.max_new_tokens,
-                            attention_pairs=pairs * rounds)
-    batches = tree_batches([(e.dialogue, i, p) for i, (e, p) in enumerate(zip(examples, prompts))],
-                           c.gen_batch_tokens)
-    tokens, pairs = tree_rows(batches)
-    return GenerateWork(len(examples) * rounds, tokens * rounds, math.ceil(len(examples) / len(batches)),
-                        c.max_new_tokens, attention_pairs=pairs * rounds)
+        size = c.gen_batch_size
+        groups = [list(range(b, min(b + size, len(examples)))) for b in range(0, len(examples), size)]
+    else:
+        batches = tree_batches([(e.dialogue, i, p) for i, (e, p) in enumerate(zip(examples, prompts))],
+                               c.gen_batch_tokens)
+        tokens, pairs = tree_rows(batches)
+        size = math.ceil(len(examples) / len(batches))
+        groups = [[k for tree in batch for k in tree.keys] for batch in batches]
+    gold = [len(tok.target_ids(task_example(e, task).target)) for e in examples]
+    steps = decode_steps(gold, groups, c.max_new_tokens)
+    return GenerateWork(len(examples) * rounds, tokens * rounds, size, c.max_new_tokens,
+                        attention_pairs=pairs * rounds, decode_steps=steps * rounds)
 
 
 def vanilla_work(tok, examples, replied, c, rounds: int = 1) -> list[GenerateWork]:
