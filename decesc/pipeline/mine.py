@@ -27,7 +27,7 @@ from decesc.core.tokenizer import chat_messages
 from decesc.esc.inference import decoupled, vanilla
 from decesc.esc.ipm import Candidate, fit_pairs, route, statistics
 from decesc.esc.judges import ERROR_TYPES, Judgment
-from decesc.esc.prompts import task_example
+from decesc.esc.prompts import TASKS, task_example
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.records import write_pairs
 from decesc.pipeline.data import examples, sampling, subset
@@ -37,8 +37,6 @@ from decesc.pipeline.shard import process_shard, stored_or_generated
 from decesc.pipeline import work
 from decesc.pipeline.cost import StageWork
 from decesc.pipeline.stage import Stage
-
-TASKS = ("sp", "rg", "vanilla")
 
 
 def reply_seed_offsets(k: int) -> tuple[int, ...]:
