@@ -244,8 +244,8 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
             activation_checkpointing="on", micro_batch_size=2)  # both: less resident memory, the same numbers
 
 
-# The ``cpu`` profile: the paper's question on real ESConv in about 2 hours on an idle 2-core CPU
-# (SmolLM2-135M-Instruct, rule judge). Its name says what it is sized for - this machine class -
+# The ``cpu`` profile: the paper's question on real ESConv on an idle 2-core CPU (SmolLM2-135M-
+# Instruct, rule judge); sized for 2 hours, it takes about 3.5 (README, "Wall time against --plan"). Its name says what it is sized for - this machine class -
 # and is the one command the README's results cite: --data ../shared/data/esconv --profile cpu.
 # Chosen on the VALID split by a rule written down before any point was seen (README, "Choosing
 # the cpu profile on valid"; never test):
@@ -254,9 +254,8 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
 # (the same dialogues for all three), with full history (max_seq_len 4096: no turn's history is
 # cut; short prompts, ~25 tokens of system prompt) as dialogue trees, one tree per forward pass
 # (micro_batch_size 1: trees differ in length, so padding them together wastes work).
-# 300 dialogues is the most that fits 2 hours: the SFT stages took 19.5 min (planner) and 28 min
-# (vanilla) at 300 on this machine, the generator about as long as the vanilla model, and mining,
-# DPO and evaluation on all 2,895 test turns take the rest; 600 would not fit.
+# 300 dialogues was sized to fit 2 hours from the curve's SFT stages (19.5 min planner, 28 min
+# vanilla); the profile's run took 128 min for its three SFT stages alone, 3.56 h in all.
 #
 # Optimizer. One dialogue per step (sft_batch_size 14 turns ~ one tree), lr 2e-4, one epoch:
 # 300 steps. On valid the planner's Q_W was 24.8 at 300 dialogues, 24.3 at 600; lr 4e-4 gave
@@ -267,10 +266,9 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
 # the paper's plain history (24.8), so the rule picked it. A deviation from the paper's planner
 # prompt (its vanilla model sees past strategies in its data format).
 #
-# Mining and DPO. 128 training contexts x 2 samples, at most 128 pairs per module. The DPO lr /
-# beta below were chosen on valid for the previous profile (384 turns, 320-token window, whose
-# SFT models all predicted Question); choose them again on the re-sized profile's SFT models.
-#   SP 1e-4 / beta 0.1 (from 2e-5 / 0.5, the paper's SP/RG ratio), RG and vanilla 5e-5 / 0.2.
+# Mining and DPO. 128 training contexts x 2 samples, at most 128 pairs per module. SP 1e-4 / beta
+# 0.1, RG and vanilla 5e-5 / 0.2: chosen on valid for the previous profile, and SP's checked again
+# on valid in this profile's first run, where no other candidate qualified (README, "On valid").
 #
 # Evaluation. The strategy metrics of every system on all 2,895 test turns (planner scoring for
 # the decoupled systems, constrained tag scoring for the vanilla ones: no reply needed); replies,
