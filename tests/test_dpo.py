@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from toy import preference_pairs, tiny_model, toy_tokenizer
 
 from decesc.core.lora import apply_lora, lora_disabled
 from decesc.formats.peft import load_adapter, save_adapter
-from decesc.train import dpo
+from decesc.train import dpo, reference
 from decesc.train.config import PreferenceConfig
+from decesc.train.losses import PREFERENCE_LOSSES
 from decesc.train.trainer import TrainConfig
 
 
@@ -168,4 +170,62 @@ def test_loss_from_the_table_and_resume_checks_preference_settings(tmp_path):
         dpo.train_dpo(tiny_model(), tok, preference_pairs(), cfg, tmp_path / "ipo",
                       preference=PreferenceConfig(loss="ipo", beta=0.2, sft_weight=0.25), resume=True)
     with pytest.raises(ValueError, match="loss must be one of sigmoid, ipo, hinge"):
-        PreferenceConfig(loss="kto").validate()
+        PreferenceConfig(loss="orpo").validate()
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 0\.5\)"):
+        PreferenceConfig(loss="robust", epsilon=0.5).validate()
+
+
+def _shared_pairs():
+    """The six toy pairs and two more on pair 0's prompt (with pairs 1 and 2's replies): with
+    one group, pairs 0, 6 and 7 share a tree."""
+    pairs = preference_pairs()
+    return pairs + [replace(pairs[0], chosen=pairs[k].chosen, rejected=pairs[k].rejected)
+                    for k in (1, 2)]
+
+
+def _one_step(tmp_path, name, loss, packing, groups=None):
+    """One DPO step on :func:`_shared_pairs` (one batch, one micro-batch): its metrics row."""
+    pairs = _shared_pairs()
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=len(pairs), micro_batch_size=len(pairs),
+                      max_steps=1, packing=packing, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                      progress=False)
+    result = dpo.train_dpo(tiny_model(), toy_tokenizer(), pairs, cfg, tmp_path / name,
+                           preference=PreferenceConfig(loss=loss), groups=groups)
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return result, rows[0]
+
+
+@pytest.mark.parametrize("loss", [n for n, e in PREFERENCE_LOSSES.items() if not e.needs_reference])
+def test_reference_free_losses_never_compute_the_reference(tmp_path, monkeypatch, loss):
+    """reference-free and simpo: no fingerprint of the reference weights, no reference pass, no
+    cache file (the functions that would do them fail the test if called)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"{loss}: the reference was computed")
+
+    for where, name in ((dpo, "reference_fingerprint"), (dpo, "reference_logps"),
+                        (reference, "compute_reference_logps")):
+        monkeypatch.setattr(where, name, forbidden)
+    result, row = _one_step(tmp_path, loss, loss, "turn")
+    assert result.reference_forward_passes == 0 and not (tmp_path / "ref_cache").exists()
+    assert math.isfinite(row["loss"])
+
+
+def test_simpo_step_is_the_same_in_tree_and_turn_packing(tmp_path):
+    """SimPO reads both replies' token counts: one step on eight toy pairs, as two rows a pair
+    (turn) and as trees (tree: three pairs share one), logs the same loss and rewards to float
+    tolerance; both collations count the same tokens of every chosen and rejected reply."""
+    pairs, groups = _shared_pairs(), [0] * 8
+    _, turn = _one_step(tmp_path, "turn", "simpo", "turn")
+    _, tree = _one_step(tmp_path, "tree", "simpo", "tree", groups)
+    assert abs(turn["loss"] - tree["loss"]) <= 1e-5
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert abs(turn[key] - tree[key]) <= 1e-4 * max(1.0, abs(turn[key])), key
+    tok = toy_tokenizer()
+    by_turn = dpo.collate_pairs(dpo.tokenize_pairs(pairs, tok, 2048), tok.pad_token_id)
+    items = dpo.tree_pairs(pairs, tok, 2048, groups)
+    assert len(items) == 6  # pairs 0, 6, 7 in one tree
+    by_tree = dpo.collate(items, tok.pad_token_id, "tree")
+    order = [j for i, it in enumerate(items) for j in dpo.item_pairs(it, i)]  # tree's pair order
+    for side in ("chosen_tokens", "rejected_tokens"):
+        assert by_tree[side].tolist() == by_turn[side][order].tolist(), side
+    assert by_turn["rejected_tokens"].tolist() != by_turn["chosen_tokens"].tolist()

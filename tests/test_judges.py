@@ -1,5 +1,6 @@
-"""Judges: reply parsing, the OpenAI-compatible client against a real local HTTP server, the local
-model judge (scripted generation), the rule judge on hand-made replies, and the on-disk cache."""
+"""Judges: answer parsing (one label, the rubric scores), the OpenAI-compatible client against a
+real local HTTP server (two requests per item), the local model judge (scripted generation), the
+rule judge on hand-made replies (one label each), and the on-disk cache."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 from conftest import ESCONV_DIR
 
 import decesc.esc.judges.local as local_module
+import decesc.esc.judges.openai as openai_module
 from decesc.esc.judges import (
     ERROR_TYPES,
+    LABELS,
+    NO_ERROR,
     RUBRIC,
-    SYSTEM_PROMPT,
+    SYSTEM_PROMPTS,
     InvalidReply,
     JudgeError,
     JudgeItem,
@@ -25,8 +29,11 @@ from decesc.esc.judges import (
     LocalJudge,
     OpenAIJudge,
     RuleJudge,
-    parse_judgment,
+    cache_key,
+    combine,
+    parse_answer,
 )
+from decesc.esc.judges.prompt import ERROR_DEFINITIONS, ERROR_EXAMPLES, RUBRIC_LEVELS, prompt_text
 
 CONTEXT = ("Conversation so far:\n"
            "Supporter: Hi there, how are you doing today?\n"
@@ -34,41 +41,79 @@ CONTEXT = ("Conversation so far:\n"
 ITEM = JudgeItem(CONTEXT, "Layoffs happen every year.", strategy="Question",
                  reference="That sounds exhausting. What worries you most?")
 
-GOOD = {"errors": ["lack of empathy", "Strategy_Mismatch"],
-        "scores": {"Fluency": 4, "Professionalism": 2, "Empathy": 1, "Helpfulness": 1},
-        "rationale": "ignores the worry"}
-GOOD_REPLY = "Here is my judgment:\n```json\n" + json.dumps(GOOD) + "\n```\nHope this helps."
-EXPECTED = Judgment(("Strategy Mismatch", "Lack of Empathy"),
-                    {"Fluency": 4, "Professionalism": 2, "Empathy": 1, "Helpfulness": 1},
-                    "ignores the worry")
+SCORES = {"Fluency": 4, "Professionalism": 2, "Empathy": 1, "Helpfulness": 1}
+LABEL_REPLY = ("Here is my answer:\n```json\n" + json.dumps({"label": "lack_of EMPATHY",
+                                                             "rationale": "ignores the worry"})
+               + "\n```\nHope this helps.")
+SCORES_REPLY = json.dumps({"scores": SCORES, "rationale": "fluent but cold"})
+EXPECTED = Judgment("Lack of Empathy", SCORES, "ignores the worry | fluent but cold")
 
 
 # ---------------------------------------------------------------------------------- parsing
-def test_parse_judgment_accepts_fenced_json_and_normalises_names():
-    """Fence + prose around the object; error names in any case/spacing come back in
-    ERROR_TYPES order; "4.0" style integral numbers and digit strings are ints."""
-    assert parse_judgment(GOOD_REPLY) == EXPECTED
-    text = '{"errors": "none", "scores": {"fluency": "5", "PROFESSIONALISM": 4.0, "Empathy": 3, "Helpfulness": 0}}'
-    assert parse_judgment(text) == Judgment((), {"Fluency": 5, "Professionalism": 4, "Empathy": 3,
-                                                 "Helpfulness": 0}, "")
+def test_parse_label_answer_accepts_fenced_json_and_normalises_the_name():
+    assert parse_answer("error", LABEL_REPLY) == {"label": "Lack of Empathy", "rationale": "ignores the worry"}
+
+
+@pytest.mark.parametrize("given, label", [
+    ("Early-Emotion_shift", "Early Emotion Shift"), ("  template   RESPONSE ", "Template Response"),
+    ("none", NO_ERROR), ("No Error", NO_ERROR), ("no_error", NO_ERROR), ("NO-ERROR", NO_ERROR),
+    ("no errors", NO_ERROR), (None, NO_ERROR), ([], NO_ERROR), (["emotion misread"], "Emotion Misread"),
+])
+def test_label_spellings(given, label):
+    assert parse_answer("error", json.dumps({"label": given}))["label"] == label
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"label": ["Lack of Empathy", "Template Response"]},
+     'field "label": expected exactly one label, got 2 (["Lack of Empathy", "Template Response"])'),
+    ({"label": "Lack of Empathy, Template Response"},
+     "field \"label\": unknown label 'Lack of Empathy, Template Response' (expected one of Strategy "
+     "Mismatch, Lack of Empathy, Early Emotion Shift, Template Response, Emotion Misread, No Error)"),
+    ({"label": "Rudeness"}, "field \"label\": unknown label 'Rudeness'"),
+    ({"label": 3}, 'field "label": unknown label 3'),
+    ({"errors": ["Lack of Empathy"]}, 'field "label" is missing'),
+])
+def test_label_answer_rejects_several_or_unknown_labels_naming_the_field(payload, message):
+    with pytest.raises(InvalidReply) as err:
+        parse_answer("error", json.dumps(payload))
+    assert str(err.value).startswith(message)
+
+
+def test_parse_rubric_answer():
+    """Integral floats and digit strings are ints; keys in any case; extra keys ignored."""
+    text = '{"scores": {"fluency": "5", "PROFESSIONALISM": 4.0, "Empathy": 3, "Helpfulness": 0}, "label": "x"}'
+    assert parse_answer("rubric", text) == {"scores": {"Fluency": 5, "Professionalism": 4, "Empathy": 3,
+                                                       "Helpfulness": 0}, "rationale": ""}
 
 
 @pytest.mark.parametrize("payload, field", [
-    ({"errors": ["Rudeness"], "scores": GOOD["scores"]}, "errors"),
-    ({"errors": [], "scores": {**GOOD["scores"], "Empathy": 7}}, "scores.Empathy"),
-    ({"errors": [], "scores": {**GOOD["scores"], "Fluency": 2.5}}, "scores.Fluency"),
-    ({"errors": [], "scores": {"Fluency": 3, "Empathy": 3, "Helpfulness": 3}}, "scores.Professionalism"),
-    ({"scores": GOOD["scores"]}, "errors"),
-    ({"errors": [], "scores": [1, 2, 3, 4]}, "scores"),
+    ({"scores": {**SCORES, "Empathy": 7}}, "scores.Empathy"),
+    ({"scores": {**SCORES, "Fluency": 2.5}}, "scores.Fluency"),
+    ({"scores": {"Fluency": 3, "Empathy": 3, "Helpfulness": 3}}, "scores.Professionalism"),
+    ({"label": "No Error"}, "scores"),
+    ({"scores": [1, 2, 3, 4]}, "scores"),
 ])
-def test_parse_judgment_rejects_bad_fields_by_name(payload, field):
+def test_rubric_answer_rejects_bad_fields_by_name(payload, field):
     with pytest.raises(InvalidReply, match=f'"{field}'):
-        parse_judgment(json.dumps(payload))
+        parse_answer("rubric", json.dumps(payload))
 
 
-def test_parse_judgment_without_object():
+def test_answer_without_object_and_unknown_question():
     with pytest.raises(InvalidReply, match="no JSON object"):
-        parse_judgment("I think the reply lacks empathy.")
+        parse_answer("error", "I think the reply lacks empathy.")
+    with pytest.raises(ValueError, match="unknown judge question 'both'"):
+        parse_answer("both", LABEL_REPLY)
+
+
+def test_judgment_round_trip_and_old_multi_label_form():
+    judgment = combine({"error": {"label": "Template Response", "rationale": ""},
+                        "rubric": {"scores": SCORES, "rationale": "generic"}})
+    assert judgment == Judgment("Template Response", SCORES, "generic")
+    assert judgment.to_dict() == {"label": "Template Response", "scores": SCORES, "rationale": "generic"}
+    assert Judgment.from_dict(json.loads(json.dumps(judgment.to_dict()))) == judgment
+    with pytest.raises(InvalidReply, match='field "label" is missing'):
+        Judgment.from_dict({"errors": ["Template Response"], "scores": SCORES})
+    assert LABELS == ERROR_TYPES + ("No Error",) and NO_ERROR == "No Error"
 
 
 # ---------------------------------------------------------------------------------- HTTP server
@@ -79,17 +124,27 @@ def completion(content: str) -> str:
     return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
 
 
+def question_of(body: dict) -> str:
+    """Which question a chat request asks: its system prompt is one of `SYSTEM_PROMPTS`."""
+    return next(q for q, text in SYSTEM_PROMPTS.items() if body["messages"][0]["content"] == text)
+
+
+# a valid answer to each question (what the server answers by default)
+GOOD = {"error": completion(LABEL_REPLY), "rubric": completion(SCORES_REPLY)}
+
+
 class ScriptedServer:
     """An OpenAI-compatible endpoint on 127.0.0.1 (port 0) that plays back scripted answers.
 
-    ``script`` holds (status, body, delay_seconds) answers used in order; once it is empty every
-    request gets ``default``.  A delay of ``HANG`` never answers (until the server closes).
-    ``requests`` records (path, headers, decoded JSON body).
+    ``script`` holds (status, body, delay_seconds) answers used in order, whatever the question;
+    once it is empty every request gets ``default``.  A body may be a dict {question: body}: the
+    one for the request's question (`question_of`) is sent.  A delay of ``HANG`` never answers
+    (until the server closes).  ``requests`` records (path, headers, decoded JSON body).
     """
 
     def __init__(self):
-        self.script: list[tuple[int, str, float]] = []
-        self.default = (200, completion(GOOD_REPLY), 0.0)
+        self.script: list[tuple[int, str | dict, float]] = []
+        self.default = (200, GOOD, 0.0)
         self.requests: list[tuple[str, dict, dict]] = []
         self.release = threading.Event()   # ends the HANG answers
         lock, server = threading.Lock(), self
@@ -100,6 +155,8 @@ class ScriptedServer:
                 with lock:
                     server.requests.append((self.path, dict(self.headers), body))
                     status, text, delay = server.script.pop(0) if server.script else server.default
+                if isinstance(text, dict):
+                    text = text[question_of(body)]
                 if delay == HANG:
                     server.release.wait()
                     return
@@ -138,7 +195,8 @@ def server():
 
 
 def openai_judge(server, tmp_path=None, **kw):
-    """A judge on the scripted server (fast backoff; the missing-key warning is not checked here)."""
+    """A judge on the scripted server (fast backoff, one worker so the two requests of an item
+    come in order; the missing-key warning is not checked here)."""
     kw = {"timeout": 5.0, "backoff": 0.01, "max_retries": 3, "workers": 1, **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -146,64 +204,94 @@ def openai_judge(server, tmp_path=None, **kw):
                            cache_dir=tmp_path, **kw)
 
 
-def test_openai_parses_fenced_answer_and_sends_the_prompt(server):
+def test_openai_asks_the_two_questions_and_combines_the_answers(server):
+    """One item: an error request (the five definitions with an example each, one label asked
+    for) and a rubric request (every level of the four criteria); neither shows the gold reply."""
     judge = openai_judge(server)
     assert judge.judge(ITEM) == EXPECTED
-    (path, headers, body), = server.requests
-    assert path == "/v1/chat/completions"
-    assert body["model"] == "judge-model" and body["temperature"] == 0.0
-    assert "response_format" not in body
-    assert [m["role"] for m in body["messages"]] == ["system", "user"]
-    assert body["messages"][0]["content"] == SYSTEM_PROMPT
-    user = body["messages"][1]["content"]
-    for part in (ITEM.response, ITEM.reference, "Question", "so anxious I can't sleep"):
-        assert part in user
+    (path, headers, error), (_, _, rubric) = server.requests
+    assert path == "/v1/chat/completions" and judge.requests == 2
+    for body in (error, rubric):
+        assert body["model"] == "judge-model" and body["temperature"] == 0.0
+        assert "response_format" not in body
+        assert [m["role"] for m in body["messages"]] == ["system", "user"]
+        user = body["messages"][1]["content"]
+        for part in (ITEM.response, "asked to use: Question (", "so anxious I can't sleep"):
+            assert part in user
+        assert ITEM.reference not in user and "Reference reply" not in user
+    system = error["messages"][0]["content"]
+    assert system == SYSTEM_PROMPTS["error"] and question_of(rubric) == "rubric"
+    for name in ERROR_TYPES:
+        assert f'"{name}": {ERROR_DEFINITIONS[name]}.\n  Example: {ERROR_EXAMPLES[name]}' in system
+    assert "Choose exactly ONE label" in system and '"No Error"' in system
+    assert system.endswith('{"label": one of "Strategy Mismatch", "Lack of Empathy", "Early Emotion '
+                           'Shift", "Template Response", "Emotion Misread", "No Error", "rationale": '
+                           '"one sentence"}')
+    criteria = rubric["messages"][0]["content"]
+    assert "Fluency:\n  0 = " in criteria and "Helpfulness:\n" in criteria
+    for dim in RUBRIC:
+        for level, text in enumerate(RUBRIC_LEVELS[dim]):
+            assert f"  {level} = {text}\n" in criteria + "\n"
+    assert "scores" not in system and "label" not in criteria
+
+
+def test_openai_shows_the_gold_reply_only_when_asked(server):
+    openai_judge(server, show_reference=True).judge(ITEM)
+    for _, _, body in server.requests:
+        assert ("Reference reply (for comparison only; the candidate need not match it):\n"
+                + ITEM.reference) in body["messages"][1]["content"]
 
 
 def test_openai_json_mode_flag(server):
     openai_judge(server, json_mode=True).judge(ITEM)
-    assert server.requests[0][2]["response_format"] == {"type": "json_object"}
+    assert all(body["response_format"] == {"type": "json_object"} for _, _, body in server.requests)
 
 
 @pytest.mark.parametrize("first", [
     (200, completion("Sure! The reply is fine."), 0.0),                       # no JSON object
-    (200, completion('{"errors": [], "scores": {"Fluency": 9}}'), 0.0),     # schema
+    (200, completion('{"errors": ["Lack of Empathy"]}'), 0.0),               # the old form
+    (200, completion('{"label": ["Lack of Empathy", "Emotion Misread"]}'), 0.0),   # two labels
     (200, "<html>not a completion</html>", 0.0),                             # body
     (500, '{"error": {"message": "overloaded"}}', 0.0),                     # 5xx
     (429, '{"error": {"message": "slow down"}}', 0.0),                      # rate limit
-], ids=["bad-json", "bad-schema", "bad-body", "http-500", "http-429"])
+], ids=["bad-json", "old-form", "two-labels", "bad-body", "http-500", "http-429"])
 def test_openai_retries_then_succeeds(server, first):
+    """The error request fails once and is sent again; then the rubric request: 3 in all."""
     server.script = [first]
     judge = openai_judge(server)
     assert judge.judge(ITEM) == EXPECTED
-    assert len(server.requests) == 2 == judge.requests
+    assert len(server.requests) == 3 == judge.requests
+    assert [question_of(b) for _, _, b in server.requests] == ["error", "error", "rubric"]
 
 
 def test_openai_retries_after_timeout(server):
     """The server answers the first request after 1 s; the client gives up after 0.3 s."""
-    server.script = [(200, completion(GOOD_REPLY), 1.0)]
+    server.script = [(200, GOOD, 1.0)]
     judge = openai_judge(server, timeout=0.3)
     start = time.perf_counter()
     assert judge.judge(ITEM) == EXPECTED
-    assert len(server.requests) == 2
+    assert len(server.requests) == 3
     assert time.perf_counter() - start < 0.95   # did not wait for the slow answer
 
 
-def test_openai_gives_up_after_max_retries_and_caches_nothing(server, tmp_path):
-    server.default = (200, completion('{"errors": [], "scores": {"Fluency": 1, "Professionalism": 1, '
-                                      '"Empathy": 7, "Helpfulness": 1}}'), 0.0)
+def test_openai_gives_up_after_max_retries_and_caches_only_valid_answers(server, tmp_path):
+    """The rubric answer is always invalid: 1 error request + 3 rubric requests, then one error
+    naming the question and the field; only the label answer is cached, so a rerun asks the
+    rubric question alone."""
+    bad_scores = completion('{"scores": {"Fluency": 1, "Professionalism": 1, "Empathy": 7, "Helpfulness": 1}}')
+    server.default = (200, {**GOOD, "rubric": bad_scores}, 0.0)
     judge = openai_judge(server, tmp_path, max_retries=3)
     with pytest.raises(JudgeError) as err:
         judge.judge(ITEM)
     message = str(err.value)
-    assert judge.name in message and "Layoffs happen" in message and "scores.Empathy" in message
-    assert "3 attempt" in message
-    assert len(server.requests) == 3
-    assert len(JudgmentCache(tmp_path)) == 0
-    # nothing was cached: once the server behaves, the item is judged (one request)
-    server.default = (200, completion(GOOD_REPLY), 0.0)
-    assert openai_judge(server, tmp_path).judge(ITEM) == EXPECTED
+    assert message.startswith(f"{judge.name}: item 1 of 1 ('Layoffs happen every year.'), rubric question: "
+                              "no valid judgment after 3 attempt(s); last problem: invalid reply: "
+                              'field "scores.Empathy": 7 is outside 0-5')
     assert len(server.requests) == 4
+    assert len(JudgmentCache(tmp_path)) == 1
+    server.default = (200, GOOD, 0.0)
+    assert openai_judge(server, tmp_path).judge(ITEM) == EXPECTED
+    assert len(server.requests) == 5 and question_of(server.requests[-1][2]) == "rubric"
 
 
 @pytest.mark.parametrize("status, message", [(401, "Incorrect API key provided"),
@@ -223,8 +311,8 @@ def test_openai_connection_refused_is_retried_then_reported():
         port = s.getsockname()[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff=0.01)
-    with pytest.raises(JudgeError, match="2 attempt.*connection error"):
+        judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff=0.01, workers=1)
+    with pytest.raises(JudgeError, match="error question: no valid judgment after 2 attempt.*connection error"):
         judge.judge(ITEM)
     assert judge.requests == 2
 
@@ -251,21 +339,46 @@ def test_openai_without_key_warns_once_and_sends_no_header(server, monkeypatch):
 
 
 def test_openai_cache_makes_reruns_free(server, tmp_path):
-    """5 items with one duplicate -> 4 requests from 3 worker threads; a new judge on the same
-    cache directory makes 0 requests and returns the same judgments in the same order."""
+    """5 items with one duplicate -> 4 x 2 = 8 requests from 3 worker threads; a new judge on the
+    same cache directory makes 0 requests and returns the same judgments in the same order."""
     items = [JudgeItem(CONTEXT, f"reply number {i}", "Question") for i in range(4)]
     items.append(items[1])
     first = openai_judge(server, tmp_path, workers=3).judge_many(items, progress=False)
-    assert len(server.requests) == 4 and len(JudgmentCache(tmp_path)) == 4
+    assert len(server.requests) == 8 and len(JudgmentCache(tmp_path)) == 8
+    assert sorted(question_of(b) for _, _, b in server.requests) == ["error"] * 4 + ["rubric"] * 4
     again = openai_judge(server, tmp_path, workers=3).judge_many(items, progress=False)
-    assert len(server.requests) == 4
+    assert len(server.requests) == 8
     assert again == first == [EXPECTED] * 5
-    # another model is another judge: its judgments are not shared
+    # another model is another judge: its answers are not shared
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # no key set
         OpenAIJudge(server.url, "other-model", api_key_env="DECESC_TEST_KEY",
                     cache_dir=tmp_path).judge(items[0])
-    assert len(server.requests) == 5
+    assert len(server.requests) == 10
+
+
+def test_cache_key_changes_with_the_question_and_the_prompt_version(server, tmp_path, monkeypatch):
+    """Judged under the old prompt version "p1" the item is cached; the current judge (another
+    name, so other keys) does not reuse those answers and asks both questions again; an old
+    multi-label judgment planted under a current key is not reused either."""
+    text = prompt_text([{"role": "user", "content": "x"}])
+    assert cache_key("j", "error", text) != cache_key("j", "rubric", text) != cache_key("k", "rubric", text)
+    monkeypatch.setattr(openai_module, "PROMPT_VERSION", "p1")
+    old = openai_judge(server, tmp_path)
+    assert old.name == "openai/judge-model/t0/p1"
+    server.default = (200, {"error": completion('{"label": "Template Response"}'), "rubric": GOOD["rubric"]}, 0.0)
+    assert old.judge(ITEM).label == "Template Response"
+    monkeypatch.undo()
+    server.default = (200, GOOD, 0.0)
+    new = openai_judge(server, tmp_path)
+    assert new.name == "openai/judge-model/t0/p2"
+    assert new.judge(ITEM) == EXPECTED and len(server.requests) == 4
+    assert len(JudgmentCache(tmp_path)) == 4
+    key = cache_key(new.name, "error", new.cache_text(ITEM, "error"))
+    new.cache.put(key, new.name, {"errors": ["Template Response"], "scores": SCORES})
+    assert new.judge(ITEM) == EXPECTED and len(server.requests) == 5
+    assert question_of(server.requests[-1][2]) == "error"
+    assert new.cache.get(key) == {"label": "Lack of Empathy", "rationale": "ignores the worry"}
 
 
 # ---------------------------------------------------------------------------------- local judge
@@ -292,33 +405,37 @@ def local_items(n):
 
 
 def test_local_judge_retries_invalid_replies_by_sampling(tiny, monkeypatch, tmp_path):
-    """Batch of 2: item 0 answers garbage greedily, then valid JSON on the sampled retry."""
-    gen = ScriptedGenerate(["I cannot judge this.", GOOD_REPLY, GOOD_REPLY])
+    """2 items = 4 asks in batches of 2 (an item's error and rubric asks together): item 0's
+    label answer is garbage greedily, then valid JSON on the sampled retry."""
+    gen = ScriptedGenerate(["I cannot judge this.", SCORES_REPLY, LABEL_REPLY, LABEL_REPLY, SCORES_REPLY])
     monkeypatch.setattr(local_module, "generate_chat", gen)
     judge = LocalJudge(*tiny, name="tiny", cache_dir=tmp_path, batch_size=2)
     assert judge.judge_many(local_items(2), progress=False) == [EXPECTED, EXPECTED]
-    (convs0, s0), (convs1, s1) = gen.calls
-    assert len(convs0) == 2 and s0["temperature"] == 0.0 and "seed" not in s0
-    assert len(convs1) == 1 and s1["temperature"] == 0.7 and s1["seed"] == 1
-    assert convs0[0][0] == {"role": "system", "content": SYSTEM_PROMPT}
+    (convs0, s0), (convs1, s1), (convs2, s2) = gen.calls
+    assert [len(c) for c in (convs0, convs1, convs2)] == [2, 1, 2]
+    assert s0["temperature"] == s2["temperature"] == 0.0 and "seed" not in s0
+    assert s1["temperature"] == 0.7 and s1["seed"] == 1
+    assert convs0[0][0] == {"role": "system", "content": SYSTEM_PROMPTS["error"]}
+    assert convs0[1][0] == {"role": "system", "content": SYSTEM_PROMPTS["rubric"]}
     assert convs1[0] == convs0[0]
+    assert judge.generations == 5 and len(JudgmentCache(tmp_path)) == 4
     # cached: a new judge on the same directory generates nothing
     again = LocalJudge(*tiny, name="tiny", cache_dir=tmp_path, batch_size=2)
     assert again.judge_many(local_items(2), progress=False) == [EXPECTED, EXPECTED]
-    assert len(gen.calls) == 2 and again.generations == 0
+    assert len(gen.calls) == 3 and again.generations == 0
 
 
 def test_local_judge_gives_up_and_caches_only_valid(tiny, monkeypatch, tmp_path):
-    """Item 1 is always invalid: JudgeError after max_retries generations of it; item 0's
-    valid judgment from the same batch is cached, item 1 is not."""
-    gen = ScriptedGenerate([GOOD_REPLY, "nope", "{}", '{"errors": ["Sarcasm"]}'])
+    """Item 1's label answer is always invalid: JudgeError after max_retries generations of it;
+    the three valid answers made before (item 0's two, item 1's scores) are cached."""
+    gen = ScriptedGenerate([LABEL_REPLY, SCORES_REPLY, "nope", SCORES_REPLY, "{}", '{"label": "Sarcasm"}'])
     monkeypatch.setattr(local_module, "generate_chat", gen)
     judge = LocalJudge(*tiny, name="tiny", cache_dir=tmp_path, batch_size=2, max_retries=3)
-    with pytest.raises(JudgeError, match=r"local/tiny.*'local reply 1'.*3 attempt.*Sarcasm"):
+    with pytest.raises(JudgeError, match=r"local/tiny.*'local reply 1'\), error question.*3 attempt.*Sarcasm"):
         judge.judge_many(local_items(2), progress=False)
-    assert [len(c) for c, _ in gen.calls] == [2, 1, 1]
-    assert [s.get("seed") for _, s in gen.calls] == [None, 1, 2]
-    assert len(JudgmentCache(tmp_path)) == 1
+    assert [len(c) for c, _ in gen.calls] == [2, 2, 1, 1]
+    assert [s.get("seed") for _, s in gen.calls] == [None, None, 1, 2]
+    assert len(JudgmentCache(tmp_path)) == 3
 
 
 def test_local_judge_runs_real_generation(tiny):
@@ -326,7 +443,7 @@ def test_local_judge_runs_real_generation(tiny):
     judge = LocalJudge(*tiny, name="tiny-random", max_new_tokens=3, max_retries=2)
     with pytest.raises(JudgeError, match="2 attempt"):
         judge.judge(JudgeItem("Seeker: i feel sad", "that sounds hard."))
-    assert judge.generations == 2
+    assert judge.generations == 4   # both questions, twice
 
 
 # ---------------------------------------------------------------------------------- rule judge
@@ -368,9 +485,29 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("item, error", ERROR_CASES, ids=[f"{e}-{i}" for i, (_, e) in enumerate(ERROR_CASES)])
 def test_rule_judge_finds_the_written_error(item, error):
+    """Exactly one label per reply: the error it was written to show."""
     judgment = RuleJudge().judge(item)
-    assert error in judgment.errors, judgment.rationale
-    assert error in judgment.rationale
+    assert judgment.label == error, judgment.rationale
+    assert judgment.rationale.startswith(f"{error}: ")
+
+
+@pytest.mark.parametrize("item, label, also", [
+    # cheerful before any acknowledgement, and the feeling left unacknowledged: the shift is the label
+    (JudgeItem(seeker("I failed my driving test again and I feel useless."),
+               "Look on the bright side, you will surely pass the test next time!"),
+     "Early Emotion Shift", "Lack of Empathy"),
+    # rude and cheerful: rudeness comes first
+    (JudgeItem(LAYOFFS, "Stop whining. Look on the bright side!"), "Lack of Empathy", "Early Emotion Shift"),
+    # the feeling ignored and no question asked: the response-level error wins over the strategy's
+    (JudgeItem(seeker("My cat died this morning and I keep crying."),
+               "Cats usually live about fifteen years.", "Question"), "Lack of Empathy", "Strategy Mismatch"),
+    (JudgeItem(seeker("I got the job but I'm terrified I will mess it up."),
+               "How exciting, you must be thrilled!", "Providing Suggestions"), "Emotion Misread",
+     "Strategy Mismatch"),
+])
+def test_rule_judge_priority_when_several_rules_fire(item, label, also):
+    judgment = RuleJudge().judge(item)
+    assert judgment.label == label and f"(also: {also}: " in judgment.rationale, judgment.rationale
 
 
 @pytest.mark.parametrize("item", [
@@ -387,7 +524,7 @@ def test_rule_judge_finds_the_written_error(item, error):
 ])
 def test_rule_judge_good_replies_show_no_error(item):
     judgment = RuleJudge().judge(item)
-    assert judgment.errors == (), judgment.rationale
+    assert (judgment.label, judgment.rationale) == (NO_ERROR, "no rule fired")
 
 
 def test_rule_judge_scores_order_replies_sensibly():
@@ -407,10 +544,10 @@ def test_rule_judge_is_deterministic_in_range_and_varied():
     first, second = RuleJudge().judge_many(items), RuleJudge().judge_many(items)
     assert first == second
     for j in first:
-        assert set(j.errors) <= set(ERROR_TYPES) and list(j.scores) == list(RUBRIC)
+        assert j.label in LABELS and list(j.scores) == list(RUBRIC)
         assert all(isinstance(v, int) and 0 <= v <= 5 for v in j.scores.values())
     assert len({j.scores["Empathy"] for j in first}) >= 3
-    assert len({j.errors for j in first}) >= 5
+    assert {j.label for j in first} == set(LABELS)
 
 
 def test_rule_judge_empty_reply_and_unknown_strategy():
@@ -421,21 +558,24 @@ def test_rule_judge_empty_reply_and_unknown_strategy():
 
 
 def test_rule_judge_cache_and_speed(tmp_path, monkeypatch):
-    """2,000 judgments well under 10 s (measured ~5,000/s); cached reruns skip the rules."""
+    """2,000 judgments well under 10 s (measured ~5,000/s); cached reruns skip the rules; the
+    gold reference is not part of what the rule judge reads (nor of its cache key)."""
     items = [JudgeItem(LAYOFFS, f"That sounds hard. How long have the layoff rumours gone on? ({i})",
                        "Question") for i in range(2000)]
     start = time.perf_counter()
     RuleJudge().judge_many(items)
     assert time.perf_counter() - start < 10.0
     first = RuleJudge(cache_dir=tmp_path).judge_many(items[:5])
+    assert len(JudgmentCache(tmp_path)) == 10   # two answers per item
     calls = []
     monkeypatch.setattr(RuleJudge, "_judge", lambda self, item: calls.append(item))
-    assert RuleJudge(cache_dir=tmp_path).judge_many(items[:5]) == first and calls == []
+    with_reference = [JudgeItem(i.context, i.response, i.strategy, reference="gold") for i in items[:5]]
+    assert RuleJudge(cache_dir=tmp_path).judge_many(with_reference) == first and calls == []
 
 
 def test_rule_judge_on_esconv_gold_replies():
-    """Real supporter turns: every error type occurs, most gold replies have no response-level
-    error, and the scores spread over the scale."""
+    """Real supporter turns: every label occurs, most gold replies have no response-level
+    error label, and the scores spread over the scale."""
     path = ESCONV_DIR / "valid.jsonl"
     if not path.is_file():
         pytest.skip(f"ESConv not available at {path}")
@@ -446,10 +586,9 @@ def test_rule_judge_on_esconv_gold_replies():
              for d in load_dialogues(path)[:120] for t, turn in enumerate(d.turns)
              if turn.speaker != "seeker" and t > 0]
     judgments = RuleJudge().judge_many(items)
-    seen = {e for j in judgments for e in j.errors}
-    assert seen == set(ERROR_TYPES)
+    assert {j.label for j in judgments} == set(LABELS)
     response_level = ("Lack of Empathy", "Early Emotion Shift", "Template Response", "Emotion Misread")
-    assert sum(any(e in j.errors for e in response_level) for j in judgments) < 0.4 * len(judgments)
+    assert sum(j.label in response_level for j in judgments) < 0.4 * len(judgments)
     for dim in RUBRIC:
         assert len({j.scores[dim] for j in judgments}) >= 4
 
@@ -460,24 +599,31 @@ def test_rule_judge_reads_contexts_in_several_forms():
     judge = RuleJudge()
     opening = judge.judge(JudgeItem("Conversation so far:\n(The conversation is just starting.)",
                                     "Hi there, how are you doing today?", "Question"))
-    assert opening.errors == ()
+    assert opening.label == NO_ERROR
     free = judge.judge(JudgeItem("My cat died this morning and I keep crying.",
                                  "Cats usually live about fifteen years."))
-    assert "Lack of Empathy" in free.errors
+    assert free.label == "Lack of Empathy"
     labels = judge.judge(JudgeItem("sys: Hello!\nusr: My cat died this morning and I keep crying.",
                                    "Cats usually live about fifteen years."))
-    assert labels.errors == free.errors
+    assert labels.label == free.label
     header = ("Emotion: sadness\nProblem: pet loss\nSituation: I am heartbroken since my cat died.\n"
               "Conversation so far:\nSeeker: hi")
-    assert "Emotion Misread" in judge.judge(JudgeItem(header, "How exciting, you must be thrilled!")).errors
+    assert judge.judge(JudgeItem(header, "How exciting, you must be thrilled!")).label == "Emotion Misread"
 
 
 def test_user_prompt_parts():
     from decesc.esc.judges import user_prompt
 
-    text = user_prompt(JudgeItem(CONTEXT, "Reply.", strategy="questions", situation="Layoffs at work."))
-    assert "Seeker's situation: Layoffs at work." in text and "asked to use: Question (" in text
-    assert "Reference reply" not in text
-    assert "not given" in user_prompt(JudgeItem(CONTEXT, "Reply."))
+    item = JudgeItem(CONTEXT, "Reply.", strategy="questions", situation="Layoffs at work.", reference="Gold.")
+    for question, ask in (("error", "Give the one label of the candidate reply as the JSON object."),
+                          ("rubric", "Give your JSON scores of the candidate reply.")):
+        text = user_prompt(item, question)
+        assert "Seeker's situation: Layoffs at work." in text and "asked to use: Question (" in text
+        assert "Reference reply" not in text and "Gold." not in text and text.endswith(ask)
+        assert "Reference reply (for comparison only; the candidate need not match it):\nGold." in \
+            user_prompt(item, question, reference=True)
+    assert "not given" in user_prompt(JudgeItem(CONTEXT, "Reply."), "error")
     with pytest.raises(ValueError, match="Cheerleading"):
-        user_prompt(JudgeItem(CONTEXT, "Reply.", strategy="Cheerleading"))
+        user_prompt(JudgeItem(CONTEXT, "Reply.", strategy="Cheerleading"), "rubric")
+    with pytest.raises(ValueError, match="unknown judge question 'both'"):
+        user_prompt(item, "both")

@@ -19,11 +19,12 @@ import pytest
 from test_judges import (  # noqa: F401 - server is a fixture
            CONTEXT,
            EXPECTED,
-           GOOD_REPLY,
+           GOOD,
            HANG,
            ITEM,
            ScriptedGenerate,
            completion,
+           question_of,
            server,
            tiny,
 )
@@ -37,7 +38,7 @@ from decesc.esc.judges import (
            LocalJudge,
            OpenAIJudge,
            RuleJudge,
-           parse_judgment,
+           parse_answer,
 )
 
 BOUND = 30.0  # seconds a call may take before the test calls it a hang
@@ -90,10 +91,14 @@ def judge_on(server, **kw):
 
 
 def scores_reply(fluency: str) -> str:
-    """A reply whose Fluency score is the raw JSON text ``fluency`` (NaN is not valid JSON text
-    for json.dumps, so the reply is written by hand)."""
-    return ('{"errors": [], "scores": {"Fluency": ' + fluency
-            + ', "Professionalism": 3, "Empathy": 3, "Helpfulness": 3}}')
+    """A rubric reply whose Fluency score is the raw JSON text ``fluency`` (NaN is not valid JSON
+    text for json.dumps, so the reply is written by hand)."""
+    return '{"scores": {"Fluency": ' + fluency + ', "Professionalism": 3, "Empathy": 3, "Helpfulness": 3}}'
+
+
+def bad_rubric(score: str) -> dict:
+    """Server answers: a valid label, and scores with Fluency ``score``."""
+    return {**GOOD, "rubric": completion(scores_reply(score))}
 
 
 # ---------------------------------------------------------------------------------- HTTP failures
@@ -102,17 +107,17 @@ def test_server_answering_500_ends_with_one_error(server):
     judge = judge_on(server)
     message = raises_judge_error(lambda: judge.judge_many(items10(), progress=False))
     assert message.startswith(judge.name + ": item ")
-    assert " of 10 ('reply number " in message
+    assert " of 10 ('reply number " in message and " question: " in message
     assert "no valid judgment after 3 attempt(s)" in message
     assert "HTTP 500 Internal Server Error: overloaded: shard 7 is down" in message
-    # no new attempt after the first item failed for good: at most 3 per item in flight
+    # no new attempt after the first request failed for good: at most 3 per worker
     assert 3 <= len(server.requests) == judge.requests <= 3 * 4
     assert_no_worker_left()
 
 
 def test_hanging_server_ends_after_the_request_timeouts(server):
     """Never answers: each request ends at the 0.5 s client timeout, 2 attempts, one error."""
-    server.default = (200, completion(GOOD_REPLY), HANG)
+    server.default = (200, GOOD, HANG)
     judge = judge_on(server, timeout=0.5, max_retries=2)
     message = raises_judge_error(lambda: judge.judge_many(items10(), progress=False))
     assert judge.name in message and "of 10 ('reply number" in message
@@ -124,25 +129,26 @@ def test_hanging_server_ends_after_the_request_timeouts(server):
 def test_total_timeout_cuts_requests_in_flight_off(server):
     """Per-request timeout 60 s, total 1 s: the call ends with the total-timeout error and the
     hanging requests are cut off (their worker threads end at once, not after 60 s)."""
-    server.default = (200, completion(GOOD_REPLY), HANG)
+    server.default = (200, GOOD, HANG)
     judge = judge_on(server, timeout=60.0, total_timeout=1.0, workers=3)
     message = raises_judge_error(lambda: judge.judge_many(items10(), progress=False), timeout=8.0)
     assert judge.name in message and "total timeout of 1 s" in message
-    assert "10 item(s) unjudged; first: item 1 of 10 ('reply number 0')" in message
+    assert "10 item(s) unjudged; first: item 1 of 10 ('reply number 0'), error question" in message
     assert "last problem: no answer yet" in message
     assert len(server.requests) == 3          # one per worker; nothing else started
     assert_no_worker_left()
 
 
 def test_total_timeout_keeps_what_was_judged(server, tmp_path):
-    """Items answered before the deadline are cached; the rest are reported."""
-    server.script = [(200, completion(GOOD_REPLY), 0.0)] * 4
-    server.default = (200, completion(GOOD_REPLY), HANG)
+    """Answers made before the deadline are cached; the rest are reported. 5 answers: items 1-2
+    both questions, item 3 its label; item 3 counts as unjudged (its rubric answer is missing)."""
+    server.script = [(200, GOOD, 0.0)] * 5
+    server.default = (200, GOOD, HANG)
     judge = judge_on(server, timeout=60.0, total_timeout=1.5, workers=1, cache_dir=tmp_path)
     message = raises_judge_error(lambda: judge.judge_many(items10(), progress=False), timeout=8.0)
-    assert "6 item(s) unjudged; first: item 5 of 10 ('reply number 4')" in message
+    assert "8 item(s) unjudged; first: item 3 of 10 ('reply number 2'), rubric question" in message
     with JudgmentCache(tmp_path) as cache:
-        assert len(cache) == 4
+        assert len(cache) == 5
     assert_no_worker_left()
 
 
@@ -160,44 +166,47 @@ def test_401_fails_at_once_without_retries(server):
 def test_non_finite_and_out_of_range_scores_are_invalid_replies(score):
     """Rejected as InvalidReply naming the field (never a ValueError/OverflowError traceback)."""
     with pytest.raises(InvalidReply, match='"scores.Fluency"'):
-        parse_judgment(scores_reply(score))
+        parse_answer("rubric", scores_reply(score))
 
 
 def test_valid_scores_after_the_rounding_rule():
     """Integral floats and digit strings are integers; nothing else is rounded."""
-    assert parse_judgment(scores_reply("4.0")).scores["Fluency"] == 4
-    assert parse_judgment(scores_reply('"0"')).scores["Fluency"] == 0
-    assert parse_judgment(scores_reply("5")).scores["Fluency"] == 5
+    assert parse_answer("rubric", scores_reply("4.0"))["scores"]["Fluency"] == 4
+    assert parse_answer("rubric", scores_reply('"0"'))["scores"]["Fluency"] == 0
+    assert parse_answer("rubric", scores_reply("5"))["scores"]["Fluency"] == 5
 
 
 @pytest.mark.parametrize("score", ["NaN", "1e999", "-1", "7"])
 def test_bad_scores_are_retried_then_reported(server, score):
-    """Always bad: one JudgeError naming the field after 3 attempts of the failing item."""
-    server.default = (200, completion(scores_reply(score)), 0.0)
+    """Always bad: one JudgeError naming the field after 3 attempts of the failing request (the
+    label requests in flight succeed: at most 3 x 2 workers + 2 of them)."""
+    server.default = (200, bad_rubric(score), 0.0)
     judge = judge_on(server, workers=2)
     message = raises_judge_error(lambda: judge.judge_many(items10(), progress=False))
-    assert judge.name in message and "of 10 ('reply number" in message
+    assert judge.name in message and "of 10 ('reply number" in message and "), rubric question: " in message
     assert "after 3 attempt(s); last problem: invalid reply: field \"scores.Fluency\"" in message
-    assert 3 <= len(server.requests) <= 3 * 2
+    assert 4 <= len(server.requests) <= 3 * 2 + 2
     assert_no_worker_left()
 
 
 @pytest.mark.parametrize("score", ["NaN", "1e999", "-1", "7"])
 def test_bad_scores_are_retried_like_bad_json(server, score):
-    """Two bad answers, then a valid one: the item is judged on its third request."""
-    server.script = [(200, completion(scores_reply(score)), 0.0)] * 2
+    """A valid label, then two bad rubric answers and a valid one: the rubric question is answered
+    on its third request, the fourth in all."""
+    server.script = [(200, bad_rubric(score), 0.0)] * 3
     judge = judge_on(server, workers=1)
     assert bounded(lambda: judge.judge(ITEM)) == ("ok", EXPECTED)
-    assert len(server.requests) == judge.requests == 3
+    assert len(server.requests) == judge.requests == 4
+    assert [question_of(b) for _, _, b in server.requests] == ["error", "rubric", "rubric", "rubric"]
 
 
 def test_bad_json_then_valid_reply_for_ten_items(server):
-    """3 garbage replies among 10 items: each is retried once and all 10 are judged."""
+    """3 garbage replies among 10 items (20 requests): each is retried once and all 10 are judged."""
     server.script = [(200, completion("I think it lacks empathy."), 0.0)] * 3
     judge = judge_on(server, workers=4)
     kind, results = bounded(lambda: judge.judge_many(items10(), progress=False))
     assert kind == "ok" and results == [EXPECTED] * 10
-    assert len(server.requests) == 13
+    assert len(server.requests) == 23
 
 
 # ---------------------------------------------------------------------------------- local judge
@@ -215,7 +224,7 @@ def test_local_judge_total_timeout(tiny, monkeypatch):
     items = [JudgeItem(CONTEXT, f"local reply {i}") for i in range(4)]
     message = raises_judge_error(lambda: judge.judge_many(items, progress=False))
     assert "local/tiny" in message and "total timeout of 0.5 s" in message
-    assert "first: item 1 of 4 ('local reply 0')" in message and "no JSON object" in message
+    assert "first: item 1 of 4 ('local reply 0'), error question" in message and "no JSON object" in message
 
 
 # ---------------------------------------------------------------------------------- cache files
@@ -234,7 +243,7 @@ def test_corrupt_cache_is_moved_aside_and_rebuilt(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the rebuilt cache opens without a warning
         with JudgmentCache(tmp_path) as cache:
-            assert len(cache) == 2
+            assert len(cache) == 4   # two items, two answers each
 
 
 def test_truncated_cache_is_moved_aside(tmp_path):

@@ -93,8 +93,9 @@ def test_redact_patterns(text, expected):
 
 
 def test_redact_leaves_ordinary_messages_alone():
-    for text in ('rule/r1: item 3 of 10 (\'reply number 2\'): invalid reply: field "scores.Empathy": '
-                 "7 is outside 0-5",
+    for text in ('openai/m/t0/p2: item 3 of 10 (\'reply number 2\'), rubric question: invalid reply: '
+                 'field "scores.Empathy": 7 is outside 0-5',
+                 'field "label": expected exactly one label, got 2 (["Lack of Empathy", "Emotion Misread"])',
                  "HTTP 500 Internal Server Error: overloaded: shard 7 is down",
                  "no answer within the 0.5 s timeout",
                  "$OPENAI_API_KEY is not set: calling http://127.0.0.1:8000/v1/chat/completions"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from test_judges import EXPECTED, ITEM, server  # noqa: F401 - server is a fixture
+from test_judges import EXPECTED, ITEM, question_of, server  # noqa: F401 - server is a fixture
 
 from decesc.esc.judges import (
            JUDGES,
@@ -42,7 +42,7 @@ def test_every_judge_in_the_table_builds_and_judges(name, server, tmp_path):
     assert judge.name.startswith(f"{name}/")
     assert judge.cache is not None and judge.cache.path.parent == tmp_path
     if name == "local":
-        assert judge.name == "local/tiny/n2/p1"
+        assert judge.name == "local/tiny/n2/p2"
         with pytest.raises(JudgeError, match="1 attempt"):   # a random tiny model writes no JSON
             judge.judge(ITEM)
     else:
@@ -57,11 +57,28 @@ def test_make_judge_passes_options():
         judge = make_judge("openai", model="m", url="http://localhost:1/v1", timeout=3.0,
                            max_retries=2, workers=7, total_timeout=9.0)
     assert (judge.timeout, judge.max_retries, judge.workers, judge.total_timeout) == (3.0, 2, 7, 9.0)
+    assert judge.show_reference is False
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_make_judge_shows_the_gold_reply_only_when_asked(server, show):
+    """The gold reply reaches both prompts of an LLM judge only with show_reference; the rule
+    judge takes the setting and reads no reference either way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        judge = make_judge("openai", model="judge-model", url=server.url, show_reference=show, workers=1)
+    judge.judge(ITEM)
+    assert sorted(question_of(b) for _, _, b in server.requests) == ["error", "rubric"]
+    assert all((ITEM.reference in b["messages"][1]["content"]) is show for _, _, b in server.requests)
+    rule = make_judge("rule", show_reference=show)
+    assert rule.judge(ITEM) == RuleJudge().judge(ITEM)
 
 
 @pytest.mark.parametrize("name, model, url, message", [
-    ("openai", None, None, "config: --judge openai needs --judge-url and --judge-model"),
-    ("openai", "m", None, "config: --judge openai needs --judge-url"),
+    ("openai", None, None, "config: --judge openai needs --judge-url and --judge-model, or choose "
+                           "--judge rule or --judge local --judge-model MODEL"),
+    ("openai", "m", None, "config: --judge openai needs --judge-url, or choose --judge rule or "
+                          "--judge local --judge-model MODEL"),
     ("openai", None, "http://localhost:8000/v1", "config: --judge openai needs --judge-model"),
     ("openai", "m", "localhost:8000/v1", "config: --judge-url must be an http(s) URL"),
     ("local", None, None, "config: --judge local needs --judge-model (a model source)"),

@@ -50,11 +50,21 @@ def test_every_stage_writes_its_outputs(run_dir, capsys):
     assert json.loads((run_dir / "mine" / "stats.json").read_text())["sp"]["pairs"] > 0
     assert list((run_dir / "ref_cache").glob("*.safetensors"))
     report = json.loads((run_dir / "eval" / "report.json").read_text())["systems"]
-    assert [r["system"] for r in report] == ["Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO",
-                                             "Chance: majority", "Chance: prior"]
-    assert {"D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "Q_W", "Q", "unparseable"} <= set(report[0])
+    nine = ["Vanilla Base", "Direct-Refine", "Self-Refine", "Emotion CoT", "Vanilla SFT", "Vanilla DPO",
+            "Decoupled Base", "Decoupled SFT", "Decoupled DPO"]  # Table 3's rows, in its order
+    assert [r["system"] for r in report] == nine + ["Chance: majority", "Chance: prior"]
+    for row in report[:9]:  # every Table-3 column, every strategy read, every reply judged
+        assert all(isinstance(row[k], float) for k in ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel",
+                                                        "TV", "Q_W", "Q")), row["system"]
+        assert "B" in row and row["unparseable"] == 0 and row["replied"] == row["judged"] > 0, row["system"]
+        # the recipes plan the replied turns, every other system all of them
+        assert row["turns"] == (row["replied"] if row["system"] in nine[1:4] else report[-1]["turns"])
     md = (run_dir / "eval" / "report.md").read_text()
-    assert "| Decoupled DPO |" in md and "unparseable" in md
+    assert all(f"| {name} |" in md for name in nine) and "unparseable" in md
+    outputs = json.loads((run_dir / "eval" / "outputs.json").read_text())["systems"]
+    # what a recipe's intermediate steps wrote is kept beside its replies, never as one
+    assert [list(t) for t in outputs["Self-Refine"]["steps"][:1]] == [["first reply", "feedback", "revision"]]
+    assert outputs["Self-Refine"]["replies"] != [t["feedback"] for t in outputs["Self-Refine"]["steps"]]
     assert (run_dir / "eval" / "strategy_distribution.svg").read_text().startswith("<svg")
 
 
@@ -181,7 +191,7 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     eval_report = (run_dir / "eval" / "report.json").read_text()
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
-    assert len(rows) == 6 and all(r["turns"] == 4 for r in rows)  # the four systems + two chance rows
+    assert len(rows) == 11 and all(r["turns"] == 4 for r in rows)  # the nine systems + two chance rows
     assert [r["Q"] for r in rows] == [r["Q"] for r in json.loads(eval_report)["systems"]]  # same outputs reused
     assert not list((run_dir / "evaluate").glob("outputs-*.json"))
     assert "report written to" in capsys.readouterr().out
@@ -195,6 +205,23 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
+def test_evaluate_reports_how_far_two_judges_agree(run_dir, tmp_path, capsys):
+    """--agreement JUDGE_A JUDGE_B judges the same replies twice: a judge against itself agrees
+    perfectly (kappa 1, or undefined where it gave every reply one value); a judge spec that
+    lacks a setting is refused before any work, naming the spec."""
+    out = tmp_path / "agree"
+    assert evaluate_cli.main([str(run_dir), "--out", str(out), "--no-progress", "--agreement", "rule", "rule"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (agreement,) = report["agreement"]
+    judged = sum(r["judged"] for r in report["systems"])
+    assert agreement["judges"] == ["rule", "rule"] and agreement["items"] == judged > 0
+    assert all(agreement[k] in (1.0, None) for k in ("label", "Fluency", "Professionalism", "Empathy", "Helpfulness"))
+    assert "## Judge agreement" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert evaluate_cli.main([str(run_dir), "--out", str(out), "--no-progress", "--agreement", "rule", "openai"]) == 1
+    assert "judge 'openai': config: --judge openai needs --judge-url" in capsys.readouterr().err
+
+
 def test_evaluate_names_runs_with_the_same_name_apart(run_dir, tmp_path, capsys):
     """Rows of several runs are prefixed by the shortest path suffix that tells them apart."""
     for name in ("x1/run", "x2/run", "x2/other"):
@@ -203,7 +230,7 @@ def test_evaluate_names_runs_with_the_same_name_apart(run_dir, tmp_path, capsys)
     assert evaluate_cli.main(runs + ["--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
     names = [r["system"] for r in rows]
-    assert len(set(names)) == len(names) == 18
+    assert len(set(names)) == len(names) == 33  # 3 runs x (9 systems + 2 chance rows)
     assert {n.split(": ")[0] for n in names} == {"x1/run", "x2/run", "other"}
     capsys.readouterr()
 
@@ -220,7 +247,10 @@ def test_truncated_eval_outputs_are_recomputed(run_dir, tmp_path, capsys):
     assert dict(line.split() for line in capsys.readouterr().out.splitlines())["eval"] == "stale"
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     assert f"warning: {outputs}: not valid JSON (" in capsys.readouterr().out
-    (own,) = (run_dir / "evaluate").glob(f"outputs-{json.loads((run_dir / 'eval' / 'DONE.json').read_text())['config']}.json")
+    from decesc.pipeline.eval import output_settings  # its outputs are named by what changes them
+    from decesc.pipeline.run import Run
+
+    (own,) = (run_dir / "evaluate").glob(f"outputs-{output_settings(Run.open(run_dir))}.json")
     own.write_text(own.read_text()[:50])
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -361,19 +391,23 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     n_turns = {k: sum(t.speaker == "supporter" for d in v for t in d.turns) for k, v in load_splits(data).items()}
     report = json.loads((run / "eval" / "report.json").read_text())
     rows = {r["system"]: r for r in report["systems"]}
-    assert all(r["turns"] == n_turns["test"] for r in rows.values())
-    assert [r["replied"] for r in rows.values()] == [3, 3, 3, 3, 0, 0]
-    assert rows["Vanilla SFT"]["unparseable"] == rows["Vanilla DPO"]["unparseable"] == 0
+    recipes = ("Direct-Refine", "Self-Refine", "Emotion CoT")  # they plan the replied turns only
+    assert all(r["turns"] == (3 if name in recipes else n_turns["test"]) for name, r in rows.items())
+    assert [r["replied"] for r in rows.values()] == [3] * 9 + [0, 0]
+    assert all(r["unparseable"] == 0 for r in rows.values())  # constrained tags, planner scores
     assert all(set(r["ci"]) == {"B", "TV", "Q_W", "Q"} for r in rows.values())
+    every_turn = ("Vanilla Base", "Vanilla SFT", "Vanilla DPO", "Decoupled Base", "Decoupled SFT", "Decoupled DPO")
     assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
-        ("Decoupled SFT", "Vanilla SFT", "B"), ("Decoupled SFT", "Vanilla SFT", "TV"),
-        ("Decoupled DPO", "Decoupled SFT", "B"), ("Decoupled DPO", "Decoupled SFT", "TV"),
-        ("Vanilla DPO", "Vanilla SFT", "B"), ("Vanilla DPO", "Vanilla SFT", "TV"),
-        *((name, "Chance: prior", "Q_W") for name in ("Vanilla SFT", "Vanilla DPO", "Decoupled SFT", "Decoupled DPO"))]
+        (a, b, m) for a, b in (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"),
+                               ("Vanilla DPO", "Vanilla SFT"), ("Vanilla SFT", "Vanilla Base"),
+                               ("Decoupled SFT", "Decoupled Base")) for m in ("B", "TV")] + [
+        *((name, "Chance: prior", "Q_W") for name in every_turn),
+        *((name, "Chance: prior, same 3 turns", "Q_W") for name in recipes)]
     qw = {d["a"]: d for d in report["differences"] if d["metric"] == "Q_W"}
     assert qw["Vanilla SFT"]["value"] == pytest.approx(rows["Vanilla SFT"]["Q_W"] - rows["Chance: prior"]["Q_W"])
     assert not any("Smoke-scale" in note for note in report["notes"])
     assert f"on all {n_turns['test']} test turns" in report["notes"][0]
+    assert "they plan the 3 replied turns only" in report["notes"][0]
 
     before = {p: p.read_bytes() for p in (run / "eval").iterdir()}
     assert evaluate_cli.main([str(run), "--split", "valid", "--reply-turns", "0", "--out", str(tmp_path / "valid"),
@@ -382,6 +416,7 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     valid = json.loads((tmp_path / "valid" / "report.json").read_text())
     assert valid["title"] == f"DecoupledESC evaluation: {run} (valid)"
     assert all(r["turns"] == n_turns["valid"] and r["replied"] == 0 and r["D-1"] is None for r in valid["systems"])
+    assert [r["system"] for r in valid["systems"]][:6] == list(every_turn)  # no recipe without replies
     assert {p: p.read_bytes() for p in (run / "eval").iterdir()} == before  # the test-split report untouched
     assert train_cli.main(["--data", str(data), "--profile", "cpu", "--run-dir", str(run)] + shrink) == 0
     assert capsys.readouterr().out.count("up to date, skipped") == 8  # nothing was retrained

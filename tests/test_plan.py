@@ -244,6 +244,7 @@ def test_plan_on_a_config_only_directory(tmp_path, capsys, config):
     model, costs = _config_only(tmp_path, config)
     run_dir = tmp_path / "run"
     args = ["--model", str(model), "--run-dir", str(run_dir), "--profile", "paper", "--plan",
+            "--judge-url", "http://localhost:8000/v1",
             "--plan-costs", str(costs), "--stages", "sft-rg,dpo-rg", "--dtype", "bf16",
             "--micro-batch-size", "4", "--device", "cuda", "--device-memory", "24"]
     assert main(args) == 0
@@ -257,6 +258,7 @@ def test_plan_on_a_config_only_directory(tmp_path, capsys, config):
 def test_plan_suggests_more_devices_only_when_needed(tmp_path, capsys):
     model, costs = _config_only(tmp_path, QWEN25_7B)
     base = ["--model", str(model), "--run-dir", str(tmp_path / "r"), "--profile", "paper", "--plan",
+            "--judge-url", "http://localhost:8000/v1",
             "--plan-costs", str(costs), "--stages", "sft-sp", "--dtype", "bf16",
             "--micro-batch-size", "1", "--activation-checkpointing", "on", "--device", "cuda"]
     assert main(base + ["--device-memory", "80"]) == 0
@@ -304,7 +306,7 @@ def test_plan_checks_the_config_against_the_weights(tmp_path, capsys):
 def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
     assert main(["--model", "tiny", "--run-dir", str(tmp_path / "r"), "--plan"]) == 0
     out = capsys.readouterr().out
-    assert "| eval | 26 turns x 4 systems |" in out and '"train_block_s_per_token"' in out
+    assert "| eval | 26 turns x 9 systems |" in out and '"train_block_s_per_token"' in out
     # the prefill's growth is calibrated from the prompts' length (a long tree row measured too)
     assert int(re.search(r'"prefill_len": (\d+)', out).group(1)) > 0
 

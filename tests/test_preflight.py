@@ -125,3 +125,61 @@ def test_data_that_is_not_text_fails_before_any_stage(tmp_path, capsys):
     assert train_cli.main(TINY + ["--data", "/dev/zero", "--run-dir", str(run_dir)]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: /dev/zero: not a regular file (a device, pipe or socket, which may never end); give a file"]
+
+
+# ----------------------------------------------------------------------------- the paper's judge
+PAPER_JUDGE_ERROR = ("error: config: --judge openai needs --judge-url, or choose --judge rule or --judge local "
+                     "--judge-model MODEL (--profile paper, which auto picks for real data, judges like the "
+                     "paper: openai with gpt-4.1-mini-2025-04-14 at an OpenAI-compatible --judge-url)")
+
+
+def split_data(path: Path) -> Path:
+    """The built-in sample as a train/valid/test directory (real data, as far as profiles go)."""
+    from decesc.esc.esconv import builtin_sample_path
+
+    lines = builtin_sample_path().read_text().splitlines()
+    path.mkdir()
+    for name, part in (("train", lines[:40]), ("valid", lines[40:49]), ("test", lines[49:])):
+        (path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("profile", [["--profile", "paper"], []], ids=["paper", "auto"])
+def test_paper_profile_without_judge_url_fails_in_one_line_before_anything(tmp_path, capsys, profile):
+    """--profile paper (and auto on real data) judges with openai: without --judge-url the
+    pipeline stops at the config, in one line naming both ways out; nothing is written."""
+    data, run_dir = split_data(tmp_path / "data"), tmp_path / "run"
+    for extra in (["--plan"], ["--stages", "sft-sp"]):
+        assert train_cli.main(["--data", str(data), "--run-dir", str(run_dir), *profile, *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [PAPER_JUDGE_ERROR]
+    assert not run_dir.exists()
+
+
+def test_paper_profile_judge_defaults_and_the_ways_out(tmp_path):
+    from decesc.pipeline.config import build_config
+
+    data = str(split_data(tmp_path / "data"))
+    paper = build_config(overrides={"data": data, "judge_url": "http://localhost:8000/v1"})
+    assert (paper.resolved_profile(), paper.judge, paper.judge_model) == ("paper", "openai", "gpt-4.1-mini-2025-04-14")
+    assert paper.judge_reference == "off"
+    own = build_config(overrides={"data": data, "judge_url": "http://localhost:8000/v1", "judge_model": "m"})
+    assert own.judge_model == "m"
+    rule = build_config(overrides={"data": data, "judge": "rule"})
+    assert (rule.judge, rule.judge_model) == ("rule", None)
+    with pytest.raises(ValueError, match=r"^config: --judge local needs --judge-model \(a model source\)$"):
+        build_config(overrides={"data": data, "judge": "local"})   # the paper's model is not a model source
+    for overrides in ({"data": data, "profile": "cpu"}, {}, {"data": data, "model": "tiny"}):
+        assert build_config(overrides=overrides).judge == "rule", overrides   # cpu, demo, --model tiny
+    assert build_config(overrides={"judge_reference": "on"}).judge_reference == "on"
+    with pytest.raises(ValueError, match="config: judge_reference must be one of off, on, got 'yes'"):
+        build_config(overrides={"judge_reference": "yes"})
+
+
+def test_help_tells_the_judge_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--judge {rule,openai,local} error/rubric judge (the paper profile's: openai, with --judge-model "
+            "gpt-4.1-mini-2025-04-14 unless given, at --judge-url)") in text
+    assert "(default: openai; demo profile: rule; cpu profile: rule; with --model tiny: rule)" in text
+    assert "--judge-reference {off,on} on: the evaluation's LLM judge also sees the gold reply" in text

@@ -106,3 +106,47 @@ def test_rows_without_replies_and_the_rendered_report(tmp_path):
     assert [r["system"] for r in record["systems"]] == ["Decoupled SFT", MAJORITY]
     assert record["systems"][1]["D-1"] is None and record["systems"][1]["ci"]["B"]["low"] is None
     assert {d["metric"] for d in record["differences"]} == {"B", "TV"}
+
+
+def test_error_shares_count_one_label_per_reply_and_the_error_chart(tmp_path):
+    """Error shares per system over LABELS, No Error included (the paper's Figs. 2 and 7).
+    By hand: A's 4 judged replies are Lack of Empathy, No Error, No Error, Template Response ->
+    25 / 50 / 25 and 0 for the rest (sum 100); B's 2 are Emotion Misread and Strategy Mismatch ->
+    50 / 50; the chance row judged nothing -> NaN (null in JSON, no row in the table, no bars).
+    Chart: the tallest share is 0.5, drawn 300 px high, so 0.25 is 150 px."""
+    from decesc.esc.judges import LABELS, NO_ERROR, Judgment
+
+    scores = {"Fluency": 3, "Professionalism": 3, "Empathy": 3, "Helpfulness": 3}
+    gold = [QU, OT, QU, OT]
+    a = score_system(SystemOutputs("A", [QU, OT, OT, QU], ["r1", "r2", "r3", "r4"],
+                                   [Judgment(label, scores) for label in
+                                    ("Lack of Empathy", NO_ERROR, NO_ERROR, "Template Response")],
+                                   [0, 1, 2, 3]), gold, ["g1", "g2", "g3", "g4"])
+    b = score_system(SystemOutputs("B", [QU] * 4, ["r1", "r2", "r3", "r4"],
+                                   [Judgment("Emotion Misread", scores), Judgment("Strategy Mismatch", scores)],
+                                   [0, 1]), gold, ["g1", "g2", "g3", "g4"])
+    chance = score_system(SystemOutputs(MAJORITY, [QU] * 4, None), gold, [])
+    assert list(a["error_share"]) == list(LABELS)
+    assert a["error_share"] == {"Strategy Mismatch": 0.0, "Lack of Empathy": 25.0, "Early Emotion Shift": 0.0,
+                                "Template Response": 25.0, "Emotion Misread": 0.0, "No Error": 50.0}
+    assert b["error_share"]["Emotion Misread"] == b["error_share"]["Strategy Mismatch"] == 50.0
+    assert sum(a["error_share"].values()) == sum(b["error_share"].values()) == 100.0
+    assert all(math.isnan(v) for v in chance["error_share"].values())
+    md = write_report([a, b, chance], tmp_path, "T").read_text()
+    table = md.split("## Error types")[1].split("## Strategy preference")[0]
+    assert ("| system | Strategy Mismatch | Lack of Empathy | Early Emotion Shift | Template Response | "
+            "Emotion Misread | No Error |") in table
+    assert "| A | 0.0 | 25.0 | 0.0 | 25.0 | 0.0 | 50.0 |" in table
+    assert "| B | 50.0 | 0.0 | 0.0 | 0.0 | 50.0 | 0.0 |" in table and MAJORITY not in table
+    assert "![error types](error_types.svg)" in md
+    record = json.loads((tmp_path / "report.json").read_text())["systems"]
+    assert record[0]["error_share"]["No Error"] == 50.0 and record[2]["error_share"]["No Error"] is None
+    svg = (tmp_path / "error_types.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert "Error types: share of judged replies per label" in svg
+    for label in LABELS:
+        assert f'text-anchor="middle">{label}</text>' in svg
+    assert svg.count("<rect") == 1 + 2 * 6 + 2   # background, 2 systems x 6 labels, 2 legend keys
+    assert svg.count('height="300.0"') == 3 and svg.count('height="150.0"') == 2   # 0.5 x 3, 0.25 x 2
+    assert ">A</text>" in svg and ">B</text>" in svg and MAJORITY not in svg
+    assert (tmp_path / "strategy_distribution.svg").is_file()

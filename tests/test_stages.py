@@ -54,6 +54,11 @@ _GEN += ("gen_batch_tokens",)
 _SFT += ("history",)
 _DPO += ("history",)
 _GEN += ("history",)
+# and issue 19's preference-loss parameters: SimPO's margin, the flip rate of robust / conservative
+_DPO += ("dpo_gamma", "dpo_epsilon")
+# and issue 18's systems of Table 3 and whether its judge sees the gold reply (eval: how it scores
+# its outputs, which are kept per system)
+_EVAL = ("systems", "judge_reference")
 BEFORE = {
     "sft-sp": _SFT, "sft-rg": _SFT, "sft-vanilla": _SFT,
     "mine": _COMMON + _GEN + _JUDGE + ("mine_contexts", "mine_samples"),
@@ -61,7 +66,7 @@ BEFORE = {
     "dpo-rg": _DPO + ("dpo_lr_rg", "dpo_beta_rg"),
     "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
     "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples", "reply_turns",
-                                       "bootstrap_replicates"),
+                                       "bootstrap_replicates") + _EVAL,
 }
 
 
@@ -125,7 +130,9 @@ def test_a_stage_hash_covers_exactly_the_fields_that_name_it(tmp_path):
         config = replace(base, **{f.name: _changed(f.name, getattr(base, f.name))})
         validate_config(config)
         changed = {s for s in NAMES if Run(config).config_hash(s) != hashes[s]}
-        assert changed == {s.name for s in STAGES if f.name in s.reads}, f.name
+        read_if = f.metadata.get("read_if")  # read only under some other setting: checked below
+        assert changed == ({s.name for s in STAGES if f.name in s.reads}
+                           if read_if is None or read_if(base) else set()), f.name
     judged = replace(base, judge="local", judge_model="tiny")
     assert {s for s in NAMES if Run(judged).config_hash(s) != hashes[s]} == {"mine", "eval"}
 
@@ -188,15 +195,16 @@ def test_max_train_dialogues_keeps_every_turn_of_the_same_dialogues_for_every_mo
     turn it keeps of the same 3 training dialogues (a seeded subset: another seed, others);
     --max-train-examples then subsets those turns."""
     from decesc.pipeline.data import examples, splits
-    from decesc.pipeline.sft import MODULES, training_examples
+    from decesc.esc.prompts import TASKS
+    from decesc.pipeline.sft import training_examples
     from toy import toy_tokenizer
 
     tok = toy_tokenizer()
 
     def chosen(seed, **kw):
         run = Run(PipelineConfig(run_dir=str(tmp_path), max_seq_len=4096, seed=seed, **kw))
-        everything = {task: examples(run.config, run.memo, tok, "train", task) for task in MODULES}
-        return run, everything, {task: training_examples(run, tok, task) for task in MODULES}
+        everything = {task: examples(run.config, run.memo, tok, "train", task) for task in TASKS}
+        return run, everything, {task: training_examples(run, tok, task) for task in TASKS}
 
     run, everything, picked = chosen(42, max_train_dialogues=3)
     assert len(splits(run.config, run.memo)["train"]) > 3
@@ -231,3 +239,18 @@ def test_history_setting_reaches_every_task_and_stage(tmp_path):
                 if turn.speaker == "supporter":
                     assert "Supporter: " + format_vanilla_target(turn.strategy, turn.text) in e.context
     assert all("history" in stage.reads for stage in STAGES)
+
+
+def test_a_loss_parameter_is_read_only_under_the_loss_that_uses_it(tmp_path):
+    """--dpo-gamma is SimPO's, --dpo-epsilon robust and conservative DPO's (their PreferenceLoss
+    entries say so): under another loss they are not in the DPO stages' settings, so changing
+    them reruns nothing, and a run made before they existed stays up to date."""
+    def settings(**kw):
+        return Run(PipelineConfig(run_dir=str(tmp_path), **kw)).settings("dpo-sp")
+
+    assert "dpo_gamma" not in settings() and "dpo_epsilon" not in settings()
+    assert settings(dpo_gamma=0.5) == settings(dpo_gamma=2.0)  # the paper's sigmoid reads neither
+    assert settings(dpo_loss="simpo", dpo_gamma=0.5) != settings(dpo_loss="simpo", dpo_gamma=2.0)
+    assert settings(dpo_loss="simpo", dpo_epsilon=0.1) == settings(dpo_loss="simpo", dpo_epsilon=0.2)
+    assert settings(dpo_loss="robust", dpo_epsilon=0.1) != settings(dpo_loss="robust", dpo_epsilon=0.2)
+    assert settings(dpo_loss="conservative")["dpo_epsilon"] == 0.1

@@ -156,7 +156,7 @@ def test_trajectory_settings_are_derived_from_field_metadata():
     assert free == {"micro_batch_size", "micro_batch_tokens", "activation_checkpointing",
                     "save_every", "keep_checkpoints", "progress", "device"}
     assert "packing" in trajectory_fields(TrainConfig)  # a tree is the unit of the data order
-    assert set(trajectory_fields(PreferenceConfig)) == {"beta", "loss", "sft_weight"}
+    assert set(trajectory_fields(PreferenceConfig)) == {"beta", "loss", "sft_weight", "gamma", "epsilon"}
 
 
 @dataclasses.dataclass

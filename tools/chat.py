@@ -62,11 +62,12 @@ def module_adapters(args) -> tuple[str, list, list, str, str]:
         if not (args.model and args.sp and args.rg):
             raise ValueError("give --run RUN_DIR, or --model with --sp and --rg adapters")
         return args.model, [Path(a) for a in args.sp], [Path(a) for a in args.rg], args.prompt_style, args.history
+    from decesc.esc.prompts import DECOUPLED_TASKS
     from decesc.pipeline.run import Run
 
     run = Run.open(args.run)
     chains = []
-    for module in ("sp", "rg"):
+    for module in DECOUPLED_TASKS:
         sft = run.adapter(f"sft-{module}")
         if sft is None:
             raise ValueError(f"{args.run}: no trained sft-{module} adapter; run python -m tools.train first")

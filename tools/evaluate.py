@@ -3,10 +3,11 @@
     python -m tools.evaluate runs/default
     python -m tools.evaluate runs/qwen runs/llama --out reports/compare --judge-samples 100
     python -m tools.evaluate runs/cpu --split valid --reply-turns 0     # select DPO settings
+    python -m tools.evaluate runs/cpu --agreement rule local:path/to/judge-model   # judge agreement
 
-For each run directory (made by ``python -m tools.train``) the four systems Vanilla SFT, Vanilla
-DPO, Decoupled SFT and Decoupled DPO (or those ``--systems`` names) are run on the evaluation
-turns (or their stored outputs are reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
+For each run directory (made by ``python -m tools.train``) the systems of Table 3 whose training
+stages are done (or those ``--systems`` names) are run on the evaluation turns (or their stored
+outputs are reused when nothing changed), judged, and scored: D-1, B-1, F1, R-L, Flu, Pro, Emp, Hel, B, TV,
 Q_W, Q, unparseable strategies, error-type shares, strategy preference and distribution, next to
 the two chance planners, with dialogue-bootstrap 95% intervals and paired differences. With
 several runs, system names are prefixed by the shortest end of each run directory's path that
@@ -35,14 +36,14 @@ from tools.train import interrupted, sigterm_interrupts
 
 def build_parser() -> argparse.ArgumentParser:
     from decesc.pipeline.config import PipelineConfig
-    from decesc.pipeline.eval import SYSTEM_NAMES
+    from decesc.pipeline.systems import BY_NAME
 
     choices = {name: f.metadata.get("choices") for name, f in PipelineConfig.__dataclass_fields__.items()}
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to evaluate")
     p.add_argument("--out", default=None,
-                   help="where to write report.md/.json and strategy_distribution.svg "
+                   help="where to write report.md/.json, strategy_distribution.svg and error_types.svg "
                         "(default: <RUN_DIR>/evaluate for one run, ./eval_report for several; the "
                         "pipeline's own eval stage output is never overwritten)")
     p.add_argument("--split", choices=choices["eval_split"], default=None,
@@ -61,13 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-api-key-env", default=None,
                    help="environment variable holding the judge API key (default: the run's, "
                         "OPENAI_API_KEY)")
+    p.add_argument("--judge-reference", choices=choices["judge_reference"], default=None,
+                   help="on: the LLM judge also sees the gold reply; off: it does not (default: "
+                        "the run's setting, off)")
     p.add_argument("--judge-samples", type=int, default=None,
                    help="replies per system scored by the judge (default: the run's setting, paper 100)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEM_NAMES, default=None, metavar="SYSTEM",
-                   help="evaluate only these systems (" + ", ".join(f"'{n}'" for n in SYSTEM_NAMES)
-                        + "; default all): a run needs only their training stages done (the "
-                        "Response Generator's only when replies are generated), e.g. the SFT "
-                        "stages of a learning curve with --reply-turns 0")
+    p.add_argument("--systems", nargs="+", choices=tuple(BY_NAME), default=None, metavar="SYSTEM",
+                   help="evaluate only these systems (" + ", ".join(f"'{n}'" for n in BY_NAME)
+                        + "; default: every system whose training stages are done): a run needs "
+                        "only their training stages done (the Response Generator's only when "
+                        "replies are generated; none for the prompted ones), e.g. the SFT stages "
+                        "of a learning curve with --reply-turns 0")
+    p.add_argument("--agreement", nargs=2, metavar="JUDGE", default=None,
+                   help="also judge the same replies with two judges and report how far they agree "
+                        "(Cohen's kappa of the error label, quadratic-weighted kappa per rubric "
+                        "score); a judge is NAME, NAME:MODEL or NAME:MODEL@URL, e.g. rule "
+                        "openai:gpt-4.1-mini@http://localhost:8000/v1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -94,12 +104,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from decesc.esc.report import write_report
     from decesc.pipeline.config import validate_config
     from decesc.pipeline.eval import STAGE as EVAL
-    from decesc.pipeline.eval import SYSTEMS, report_notes, score_run, turns
+    from decesc.pipeline.eval import chosen, judge_agreement, output_settings, report_notes, score_run, turns
     from decesc.pipeline.lock import RunLock
     from decesc.pipeline.models import Models
     from decesc.pipeline.run import Run
 
-    rows, differences, notes, names = [], [], [], []
+    rows, differences, notes, names, agreement = [], [], [], [], []
     try:
         for run_dir, short in zip(args.runs, run_names(args.runs)):
             run = Run.open(run_dir)
@@ -109,19 +119,31 @@ def evaluate(args: argparse.Namespace) -> int:
                                          "judge": args.judge, "judge_url": args.judge_url,
                                          "judge_model": args.judge_model,
                                          "judge_api_key_env": args.judge_api_key_env,
-                                         "judge_samples": args.judge_samples}.items() if v is not None}
+                                         "judge_samples": args.judge_samples,
+                                         "judge_reference": args.judge_reference,
+                                         "systems": ",".join(args.systems) if args.systems else "all"
+                                         }.items() if v is not None}
             run = Run(replace(run.config, **changes))
             validate_config(run.config)
-            systems = tuple(s for s in SYSTEMS if args.systems is None or s.name in args.systems)
             replies = run.config.reply_turns != 0
-            needed = dict.fromkeys(stage for system in systems for stage in system.stages(replies))
-            missing = [s for s in needed if run.status(s) != "done"]
-            if missing:
-                raise ValueError(f"{run_dir}: stage(s) {', '.join(missing)} are not done; "
+
+            def missing(system):
+                return [s for s in system.stages(replies) if run.status(s) != "done"]
+
+            systems = chosen(run)
+            if args.systems is None:  # every system the run's stages can provide
+                left = [s.name for s in systems if missing(s)]
+                systems = tuple(s for s in systems if not missing(s))
+                if left:
+                    print(f"{run_dir}: not evaluated, their training stages are not done: {', '.join(left)}",
+                          file=sys.stderr)
+            needed = dict.fromkeys(stage for system in systems for stage in missing(system))
+            if needed:
+                raise ValueError(f"{run_dir}: stage(s) {', '.join(needed)} are not done; "
                                  f"run python -m tools.train --run-dir {run_dir} first")
             # our own cache of outputs, per settings; the eval stage's outputs are reused (read
             # only) when they were made with the same settings
-            outputs = Path(run_dir) / "evaluate" / f"outputs-{run.config_hash(EVAL.name)}.json"
+            outputs = Path(run_dir) / "evaluate" / f"outputs-{output_settings(run)}.json"
             prefix = f"{short}: " if len(args.runs) > 1 else ""
             with RunLock(run_dir):  # it writes the run's judge cache and its own outputs
                 models = Models(run.config.model, run.config.device)
@@ -130,6 +152,10 @@ def evaluate(args: argparse.Namespace) -> int:
                                            reuse=run.stage_dir(EVAL.name) / "outputs.json",
                                            systems=systems)
                     tests = turns(run, models.tokenizer)
+                    if args.agreement:
+                        agreement.append({**judge_agreement(run, models, outputs, tuple(args.agreement),
+                                                            progress=not args.no_progress, systems=systems),
+                                          "run": str(run_dir)})
                 finally:
                     models.close()
             rows, differences = rows + got, differences + diffs
@@ -140,14 +166,14 @@ def evaluate(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else (Path(args.runs[0]) / "evaluate" if len(args.runs) == 1
                                                else Path("eval_report"))
         report = write_report(rows, out, title="DecoupledESC evaluation: " + ", ".join(names),
-                              differences=differences, notes=notes)
+                              differences=differences, notes=notes, agreement=agreement)
     except (ValueError, RuntimeError, OSError) as e:  # a write error names its file
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         return interrupted(e, f"run the same command again to resume (run directory {run_dir})")
     print(report.read_text())
-    print(f"report written to {report} (+ report.json, strategy_distribution.svg)")
+    print(f"report written to {report} (+ report.json, strategy_distribution.svg, error_types.svg)")
     return 0
 
 

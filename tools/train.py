@@ -217,7 +217,7 @@ def run_pipeline(argv: list[str]) -> int:
         if "eval" in stages and report.is_file():
             print()
             print(report.read_text())
-            print(f"report: {report} (also report.json, strategy_distribution.svg)")
+            print(f"report: {report} (also report.json, strategy_distribution.svg, error_types.svg)")
     return 0
 
 

@@ -106,6 +106,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         pref.add_argument("--sft-weight", type=float, default=pd.sft_weight,
                           help="weight of an SFT term added to the loss: the chosen reply's mean "
                                f"token NLL, RPO-style; 0 = off (default {pd.sft_weight:g})")
+        pref.add_argument("--gamma", type=float, default=pd.gamma,
+                          help="target reward margin of --loss simpo (SimPO's eq. 6; its authors "
+                               f"tune gamma / beta in [0, 1] from 0.5) (default {pd.gamma:g})")
+        pref.add_argument("--epsilon", type=float, default=pd.epsilon,
+                          help="assumed rate of flipped preference labels of --loss robust and "
+                               f"conservative, in [0, 0.5); 0: both are DPO (default {pd.epsilon:g})")
         pref.add_argument("--ref-cache", default=None,
                           help="directory of cached reference log-probs (default: "
                                "<out>/../ref_cache, shared by sibling runs of a sweep)")
@@ -166,6 +172,7 @@ def configs_from_args(args: argparse.Namespace,
     if stage == "sft":
         return config, None
     preference = PreferenceConfig(beta=args.beta, loss=args.loss, sft_weight=args.sft_weight,
+                                  gamma=args.gamma, epsilon=args.epsilon,
                                   ref_cache_dir=args.ref_cache).validate()
     return config, preference
 

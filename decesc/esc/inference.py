@@ -266,12 +266,19 @@ def tag_tokens(tokenizer: Tokenizer) -> list[list[int]]:
     return out
 
 
+def joint_prompt(example: Example) -> Example:
+    """The joint model's prompt for ``example``: the example itself when it is a vanilla example
+    (a prompted recipe's step builds its own, :mod:`decesc.esc.recipes`), else the vanilla
+    example of its context."""
+    return example if example.task == "vanilla" else task_example(example, "vanilla")
+
+
 def score_tags(model: CausalLM, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 8,
                progress: bool = False, share_prefix: bool = True, shard: Shard = SINGLE,
                packing: str = "tree", max_tokens: int = 4096) -> torch.Tensor:
-    """log p("[s]" | c) of the vanilla model for each example (its vanilla prompt) and each of
-    the 8 strategies' tags: (N, 8), fp32. ``packing`` as in :func:`score_strategies`."""
-    return _score(model, tokenizer, [task_example(ex, "vanilla") for ex in examples], tag_tokens(tokenizer),
+    """log p("[s]" | c) of the vanilla model for each example (its :func:`joint_prompt`) and each
+    of the 8 strategies' tags: (N, 8), fp32. ``packing`` as in :func:`score_strategies`."""
+    return _score(model, tokenizer, [joint_prompt(ex) for ex in examples], tag_tokens(tokenizer),
                   batch_size, progress, "tags", share_prefix, shard, packing, max_tokens)
 
 
@@ -345,7 +352,7 @@ class Round:
     outputs: list[str]
 
 
-def _use(model: ModelLike, dtype: str = "fp32") -> CausalLM:
+def use_model(model: ModelLike, dtype: str = "fp32") -> CausalLM:
     """The model (loaded if given as a loader), cast to ``dtype`` (in place)."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"Sampling.dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
@@ -384,7 +391,7 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
         raise ValueError("decoupled: give either a planner or the strategies")
     n_rounds = len(rounds)
     if planner is not None:
-        model = _use(planner, sampling.dtype)
+        model = use_model(planner, sampling.dtype)
         scores = score_strategies(model, tokenizer, [task_example(ex, "sp") for ex in examples],
                                   sampling.batch_size, progress, shard=shard, packing=packing,
                                   max_tokens=sampling.max_tokens)
@@ -395,7 +402,7 @@ def decoupled(planner: ModelLike | None, generator: ModelLike | None, tokenizer:
     n_replies = len(examples) if reply_indices is None else len(reply_indices)
     if generator is None or n_replies == 0:
         return [Round(p, [""] * n_replies, [""] * n_replies) for p in planned]
-    model = _use(generator, sampling.dtype)
+    model = use_model(generator, sampling.dtype)
     chosen = _pick(examples, reply_indices)
     out = []
     for r, offset in enumerate(rounds):
@@ -414,8 +421,8 @@ def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sam
             packing: str = "tree") -> list[Round]:
     """Joint inference: "[Strategy] reply" per context; one :class:`Round` per entry of
     ``rounds`` (round r samples replies with seed ``sampling.seed + rounds[r]``). ``examples``
-    may be of any task (their vanilla prompt is used). ``model`` may be a function that loads it
-    (see :func:`decoupled`).
+    may be of any task (their :func:`joint_prompt` is used). ``model`` may be a function that
+    loads it (see :func:`decoupled`).
 
     ``tags`` (module docstring): "constrained" scores the eight tags once and round r picks them
     exactly as the planner does (``tag_temperature`` 0: argmax, else a sample with seed
@@ -428,8 +435,8 @@ def vanilla(model: ModelLike, tokenizer: Tokenizer, examples: list[Example], sam
     """
     if tags not in VANILLA_TAGS:
         raise ValueError(f"vanilla: tags must be one of {', '.join(VANILLA_TAGS)}, got {tags!r}")
-    model = _use(model, sampling.dtype)
-    prompts = [task_example(ex, "vanilla") for ex in examples]
+    model = use_model(model, sampling.dtype)
+    prompts = [joint_prompt(ex) for ex in examples]
     label = lambda r: f"{desc} {r + 1}/{len(rounds)}" if len(rounds) > 1 else desc  # noqa: E731
     out = []
     if tags == "free":

@@ -6,16 +6,18 @@ chosen side is the gold annotation (the paper's "IPM-PrefDial"):
 - Strategy Planner: each predicted strategy that differs from the gold one is a Strategy
   Mismatch -> SP pair (context, chosen = gold strategy, rejected = predicted strategy).
 - Response Generator: k sampled replies per context, generated with the GOLD strategy, are
-  judged; a reply showing Lack of Empathy, Early Emotion Shift or Template Response -> RG pair
-  (context + strategy, chosen = gold reply, rejected = sampled reply). This is the paper's
-  dynamic data routing. A judged "Strategy Mismatch" on a reply is NOT routed to the RG data: the
-  generator was given the gold strategy, and strategy-level pairs come from the planner itself.
-  Emotion Misread is reported in the error analysis only, as in the paper.
+  judged; each gets ONE label (one of the five error types or "No Error", as the paper's judge
+  gives: :mod:`decesc.esc.judges.base`). A reply labelled Lack of Empathy, Early Emotion Shift
+  or Template Response -> RG pair (context + strategy, chosen = gold reply, rejected = sampled
+  reply, error_types = [its label]). This is the paper's dynamic data routing. A reply labelled
+  Strategy Mismatch is NOT routed to the RG data: the generator was given the gold strategy,
+  and strategy-level pairs come from the planner itself. Emotion Misread is reported in the
+  error analysis only, as in the paper; No Error gives no pair.
 - Vanilla (joint) model, for the Table 5 ablations: sampled "[Strategy] reply" outputs are
   labelled by P/N (positive/negative) for the strategy (s: equal to gold?) and the response
-  (r: free of the three routed error types?): PsPr samples are good and give no pair; PsNr, NsPr
-  and NsNr give pairs whose chosen side is the gold "[Strategy] reply" (which is PsPr). An
-  unreadable strategy tag counts as Ns.
+  (r: is its judged label none of the three routed error types?): PsPr samples are good and give
+  no pair; PsNr, NsPr and NsNr give pairs whose chosen side is the gold "[Strategy] reply"
+  (which is PsPr). An unreadable strategy tag counts as Ns.
 
 Rejected texts identical to the chosen text are dropped, and so are duplicate rejected texts for
 the same context.
@@ -32,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from decesc.core.tokenizer import Tokenizer, chat_messages
-from decesc.esc.prompts import Example, format_vanilla_target
+from decesc.esc.prompts import TASKS, Example, format_vanilla_target
 from decesc.formats.records import PreferencePair
 
 STRATEGY_MISMATCH = "Strategy Mismatch"
@@ -42,11 +44,12 @@ VANILLA_CATEGORIES = ("PsNr", "NsPr", "NsNr")
 
 @dataclass
 class Candidate:
-    """One SFT output to route: a planned strategy or a sampled reply, with its judged errors."""
+    """One SFT output to route: a planned strategy or a sampled reply, with its judged label."""
 
     example: Example  # the context it was produced for (task "sp", "rg" or "vanilla")
     output: str  # predicted strategy name, or reply text, or raw "[Strategy] reply" text
-    errors: tuple[str, ...] = ()  # judged error types (replies); planner outputs: computed here
+    label: str | None = None  # the judge's one label (replies; LABELS of decesc.esc.judges);
+    # planner outputs are not judged: their Strategy Mismatch is computed here
     strategy: str | None = None  # vanilla: the strategy parsed from the output (None = unreadable)
 
 
@@ -62,7 +65,7 @@ def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list
 
     Returns {"sp": [...], "rg": [...], "vanilla": [...]} (see the module docstring for the rules).
     """
-    out: dict[str, list[PreferencePair]] = {"sp": [], "rg": [], "vanilla": []}
+    out: dict[str, list[PreferencePair]] = {task: [] for task in TASKS}
     seen: set[tuple] = set()
     for c in candidates:
         ex, text = c.example, c.output.strip()
@@ -74,12 +77,11 @@ def route(candidates: list[Candidate], source_model: str = "") -> dict[str, list
             if text != ex.strategy:
                 out["sp"].append(_pair(ex, text, [STRATEGY_MISMATCH], source_model))
         elif ex.task == "rg":
-            routed = [e for e in RG_ROUTED if e in c.errors]
-            if routed and text != ex.response.strip():
-                out["rg"].append(_pair(ex, text, routed, source_model))
+            if c.label in RG_ROUTED and text != ex.response.strip():
+                out["rg"].append(_pair(ex, text, [c.label], source_model))
         elif ex.task == "vanilla":
             s_ok = c.strategy == ex.strategy
-            r_bad = [e for e in RG_ROUTED if e in c.errors]
+            r_bad = [c.label] if c.label in RG_ROUTED else []
             if s_ok and not r_bad:
                 continue  # PsPr: a good sample
             category = ("P" if s_ok else "N") + "s" + ("N" if r_bad else "P") + "r"

@@ -80,28 +80,32 @@ from typing import Callable
 from decesc.esc.esconv import SEEKER, SUPPORTER, Dialogue
 from decesc.esc.strategies import DEFINITIONS, STRATEGIES, parse_strategy
 
-TASKS = ("sp", "rg", "vanilla")
+# the three tasks (one trained module each) and the module each trains: every other list of
+# tasks (SFT and DPO stages, IPM's datasets, the systems' modules) is derived from this one
+TASKS = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "vanilla joint model"}
+DECOUPLED_TASKS = ("sp", "rg")  # the decoupled paradigm: planner, then generator
 HISTORY_FORMATS = ("plain", "strategies")   # module docstring, "History format"
 
-_ROLE = (
+# the supporter's role and the eight strategies' definitions: the start of every full-style system prompt
+ROLE = (
     "You are a warm, patient emotional supporter chatting with someone who is going through a "
     "hard time. You listen closely, take their feelings seriously, and help them feel understood "
     "and a little stronger. Every reply you give uses one of these support strategies:\n"
     + "\n".join(f"- {name}: {DEFINITIONS[name]}." for name in STRATEGIES)
 )
 
-SP_SYSTEM = _ROLE + (
+SP_SYSTEM = ROLE + (
     "\n\nYour job now is to plan, not to reply: read the conversation and decide which strategy "
     "the supporter's next reply should use. Answer with the strategy name only."
 )
 
-RG_SYSTEM = _ROLE + (
+RG_SYSTEM = ROLE + (
     "\n\nYou will be told which strategy to use for the next reply. Write that reply as the "
     "supporter: natural, caring and specific to this person, usually one to three sentences. "
     "Give only the reply text."
 )
 
-VANILLA_SYSTEM = _ROLE + (
+VANILLA_SYSTEM = ROLE + (
     "\n\nFor the next reply, first choose the most helpful strategy, then write the reply as the "
     "supporter: natural, caring and specific to this person, usually one to three sentences. "
     "Answer in the form \"[Strategy] reply\"."
@@ -136,7 +140,7 @@ def system_prompt(task: str, style: str = "full") -> str:
     """The system prompt of ``task`` in ``style`` (module docstring)."""
     _check_style(style)
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+        raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
     return (SYSTEMS if style == "full" else SHORT_SYSTEMS)[task]
 
 
@@ -160,7 +164,7 @@ def instruction(task: str, strategy: str | None = None, style: str = "full") -> 
         return rg_instruction(strategy, style)
     if task == "vanilla":
         return SHORT_VANILLA_INSTRUCTION if short else VANILLA_INSTRUCTION
-    raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+    raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
 
 
 def format_vanilla_target(strategy: str, response: str) -> str:
@@ -285,7 +289,7 @@ def build_examples(dialogues: list[Dialogue], task: str,
     history format ("plain" or "strategies").
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+        raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
     if overflow not in ("keep", "drop", "error"):
         raise ValueError(f"overflow must be 'keep', 'drop' or 'error', got {overflow!r}")
     if (count_tokens is None) != (max_tokens is None):

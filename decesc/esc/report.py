@@ -4,9 +4,11 @@ Columns (paper, Table 3): D-1, B-1, F1, R-L (text metrics on the reply text, x10
 (mean 0-5 judge scores on the judged sample), B (preference bias, eq. 8), Q_W and Q (weighted and
 macro strategy F1, x100); next to B the total-variation distance TV between the predicted and gold
 strategy shares, a bias measure that is always defined (:mod:`decesc.esc.metrics.uncertainty`).
-Also reported per system: the number of unparseable strategies, the share of judged replies
-showing each error type, and the strategy preference p and distribution (predicted vs gold
-shares, the paper's Fig. 3), drawn as an SVG bar chart.
+Also reported per system: the number of unparseable strategies, the error shares (the share of
+judged replies under each label of ``LABELS``: the five error types and No Error, one label per
+reply, so the shares sum to 100; the paper's Figs. 2 and 7), drawn as an SVG bar chart, and the
+strategy preference p and distribution (predicted vs gold shares, the paper's Fig. 3), drawn as
+another.
 
 A system may have strategies only (no replies: the chance planners, :mod:`decesc.esc.chance`);
 its text and judge columns are then "–". The strategy metrics may cover more turns than the
@@ -24,7 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from decesc.esc.judges import ERROR_TYPES, RUBRIC
+from decesc.esc.judges import LABELS, RUBRIC, label_shares
 from decesc.esc.metrics import (
     macro_f1,
     preference,
@@ -81,8 +83,7 @@ def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: l
     row["Acc"] = 100 * sum(p == g for p, g in zip(out.strategies, gold_strategies)) / max(len(gold_strategies), 1)
     row["unparseable"] = sum(s is None for s in out.strategies)
     row["judged"] = n
-    row["error_share"] = {e: (100 * sum(e in j.errors for j in out.judgments) / n if n else math.nan)
-                          for e in ERROR_TYPES}
+    row["error_share"] = label_shares(j.label for j in out.judgments)  # keyed by LABELS, sums to 100
     row["distribution"] = strategy_distribution(gold_strategies, out.strategies)
     return row
 
@@ -119,7 +120,7 @@ def _interval(value, ci: dict | None) -> str:
 
 
 def render_markdown(rows: list[dict], title: str = "Evaluation", differences: list[dict] = (),
-                    notes: list[str] = ()) -> str:
+                    notes: list[str] = (), agreement: list[dict] = ()) -> str:
     lines = [f"# {title}", ""]
     for note in notes:
         lines += [note, ""]
@@ -154,10 +155,18 @@ def render_markdown(rows: list[dict], title: str = "Evaluation", differences: li
             lines.append(f"| {d['metric']}({d['a']}) − {d['metric']}({d['b']}) | {_fmt(d['value'])} | "
                          f"[{_fmt(d['low'])}, {_fmt(d['high'])}] | {d['undefined']}/{d['replicates']} |")
     replied = [r for r in rows if r["replied"]]
-    lines += ["", "## Error types in judged replies (% of judged replies)", "",
-              "| system | " + " | ".join(ERROR_TYPES) + " |", "|---|" + "---|" * len(ERROR_TYPES)]
+    lines += ["", "## Error types in judged replies (% of judged replies; one label each, so a row sums to 100)", "",
+              "| system | " + " | ".join(LABELS) + " |", "|---|" + "---|" * len(LABELS)]
     for r in replied:
-        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["error_share"][e], 1) for e in ERROR_TYPES) + " |")
+        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["error_share"][e], 1) for e in LABELS) + " |")
+    if agreement:
+        lines += ["", "## Judge agreement (Cohen's kappa; the rubric's quadratic-weighted)", "",
+                  "| judges | replies | label | " + " | ".join(RUBRIC) + " |", "|---|---|---|" + "---|" * len(RUBRIC)]
+        for a in agreement:
+            lines.append(f"| {' vs '.join(a['judges'])} | {a['items']} | {_fmt(a['label'])} | "
+                         + " | ".join(_fmt(a[dim]) for dim in RUBRIC) + " |")
+        lines += ["", "1 = the judges always agree, 0 = as often as chance would, – = undefined (both "
+                  "gave one value to every reply)."]
     lines += ["", "## Strategy preference p (Bradley–Terry, mean 1)", "",
               "| system | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|" + "---|" * 8]
     for r in rows:
@@ -172,38 +181,57 @@ def render_markdown(rows: list[dict], title: str = "Evaluation", differences: li
     return "\n".join(lines) + "\n"
 
 
-PALETTE = ("#444444", "#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6")
+PALETTE = ("#444444", "#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6",
+           "#9D755D", "#EECA3B", "#BAB0AC", "#2F4B7C")
+LEGEND_COLUMNS = 6
+
+
+def bar_chart_svg(title: str, groups: list[str], series: list[tuple[str, list[float]]]) -> str:
+    """Grouped bar chart: one group per entry of ``groups`` (its label under it), one bar per
+    series (name, one share 0-1 per group) in `PALETTE` order, % grid lines and a legend."""
+    top = max([v for _, vals in series for v in vals] + [0.05])
+    legend_rows = -(-len(series) // LEGEND_COLUMNS)
+    W, left, plot_h = 900, 60, 300
+    bottom = 40 + 20 * max(legend_rows, 1)
+    H = 60 + plot_h + bottom
+    group_w = (W - left - 20) / len(groups)
+    bar_w = group_w * 0.8 / max(len(series), 1)
+    y = lambda v: H - bottom - v / top * plot_h  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15">{html.escape(title)}</text>']
+    for k in range(5):  # horizontal grid with % labels
+        v = top * k / 4
+        parts.append(f'<line x1="{left}" x2="{W - 20}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v * 100:.0f}%</text>')
+    for g, name in enumerate(groups):
+        x0 = left + g * group_w + group_w * 0.1
+        for k, (_, vals) in enumerate(series):
+            parts.append(f'<rect x="{x0 + k * bar_w:.1f}" y="{y(vals[g]):.1f}" width="{bar_w:.1f}" '
+                         f'height="{H - bottom - y(vals[g]):.1f}" fill="{PALETTE[k % len(PALETTE)]}"/>')
+        parts.append(f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{H - bottom + 16}" '
+                     f'text-anchor="middle">{html.escape(name)}</text>')
+    for k, (name, _) in enumerate(series):  # legend, LEGEND_COLUMNS entries per row
+        row, col = divmod(k, LEGEND_COLUMNS)
+        lx, ly = left + col * (W - left) / LEGEND_COLUMNS, H - bottom + 30 + 20 * row
+        parts.append(f'<rect x="{lx:.1f}" y="{ly}" width="12" height="12" fill="{PALETTE[k % len(PALETTE)]}"/>'
+                     f'<text x="{lx + 16:.1f}" y="{ly + 10}">{html.escape(name)}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
 def strategy_chart_svg(rows: list[dict]) -> str:
     """Grouped bar chart: per strategy, the gold share and each system's predicted share (Fig. 3)."""
     series = [("Gold", [rows[0]["distribution"][s]["gold"] for s in STRATEGIES])] if rows else []
     series += [(r["system"], [r["distribution"][s]["pred"] for s in STRATEGIES]) for r in rows]
-    top = max([v for _, vals in series for v in vals] + [0.05])
-    W, H, left, bottom, plot_h = 900, 420, 60, 60, 300
-    group_w = (W - left - 20) / len(STRATEGIES)
-    bar_w = group_w * 0.8 / max(len(series), 1)
-    y = lambda v: H - bottom - v / top * plot_h  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15">Strategy distribution: '
-             'gold vs predicted (share of turns)</text>']
-    for k in range(5):  # horizontal grid with % labels
-        v = top * k / 4
-        parts.append(f'<line x1="{left}" x2="{W - 20}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v * 100:.0f}%</text>')
-    for g, s in enumerate(STRATEGIES):
-        x0 = left + g * group_w + group_w * 0.1
-        for k, (_, vals) in enumerate(series):
-            parts.append(f'<rect x="{x0 + k * bar_w:.1f}" y="{y(vals[g]):.1f}" width="{bar_w:.1f}" '
-                         f'height="{H - bottom - y(vals[g]):.1f}" fill="{PALETTE[k % len(PALETTE)]}"/>')
-        parts.append(f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{H - bottom + 16}" '
-                     f'text-anchor="middle">{SHORT[s]}</text>')
-    for k, (name, _) in enumerate(series):  # legend
-        lx = left + k * (W - left) / max(len(series), 1)
-        parts.append(f'<rect x="{lx}" y="{H - 24}" width="12" height="12" fill="{PALETTE[k % len(PALETTE)]}"/>'
-                     f'<text x="{lx + 16}" y="{H - 14}">{html.escape(name)}</text>')
-    return "\n".join(parts + ["</svg>"]) + "\n"
+    return bar_chart_svg("Strategy distribution: gold vs predicted (share of turns)",
+                         [SHORT[s] for s in STRATEGIES], series)
+
+
+def error_chart_svg(rows: list[dict]) -> str:
+    """Grouped bar chart of the error shares (the paper's Figs. 2 and 7): one group per label of
+    ``LABELS`` (No Error included), one bar per system with judged replies."""
+    series = [(r["system"], [r["error_share"][label] / 100 for label in LABELS]) for r in rows if r["judged"]]
+    return bar_chart_svg("Error types: share of judged replies per label", list(LABELS), series)
 
 
 def json_safe(x):
@@ -218,13 +246,16 @@ def json_safe(x):
 
 
 def write_report(rows: list[dict], out_dir: str | Path, title: str = "Evaluation",
-                 differences: list[dict] = (), notes: list[str] = ()) -> Path:
-    """Write report.md, report.json ({"title", "notes", "systems": rows, "differences"}) and
-    strategy_distribution.svg; return the markdown path."""
+                 differences: list[dict] = (), notes: list[str] = (), agreement: list[dict] = ()) -> Path:
+    """Write report.md, report.json ({"title", "notes", "systems": rows, "differences",
+    "agreement"}), strategy_distribution.svg and error_types.svg; return the markdown path."""
     out_dir = Path(out_dir)
-    record = {"title": title, "notes": list(notes), "systems": rows, "differences": list(differences)}
+    record = {"title": title, "notes": list(notes), "systems": rows, "differences": list(differences),
+              "agreement": list(agreement)}
     atomic_write_text(out_dir / "report.json", json.dumps(json_safe(record), indent=2))
     atomic_write_text(out_dir / "strategy_distribution.svg", strategy_chart_svg(rows))
-    md = render_markdown(rows, title, differences, notes) + "\n![strategy distribution](strategy_distribution.svg)\n"
+    atomic_write_text(out_dir / "error_types.svg", error_chart_svg(rows))
+    md = (render_markdown(rows, title, differences, notes, agreement) + "\n![strategy distribution](strategy_distribution.svg)\n"
+          + "\n![error types](error_types.svg)\n")
     atomic_write_text(out_dir / "report.md", md)
     return out_dir / "report.md"

@@ -12,9 +12,12 @@ Field metadata is the single source of everything else about a setting:
 - ``read_by``: the roles of the stages whose outputs it changes (a stage's own name, its family
   ``sft`` / ``dpo`` / ``mine`` / ``eval``, or a group: ``common`` = every stage, ``train`` = the
   SFT and DPO stages, ``generate`` = the stages that sample replies, ``judge`` = the stages that
-  judge them). A stage's settings hash covers exactly the fields that name one of its roles
-  (:attr:`decesc.pipeline.stage.Stage.reads`). ``read_by=NO_STAGE`` says that a field changes
-  no output (where to write, which device, how often to checkpoint, ...);
+  judge them, ``report`` = what eval reads only to score its stored outputs). A stage's settings
+  hash covers exactly the fields that name one of its roles (:attr:`decesc.pipeline.stage.Stage.reads`).
+  ``read_by=NO_STAGE`` says that a field changes no output (where to write, which device, how
+  often to checkpoint, ...); ``read_if``: a function of the config, when the field is read only
+  under some other setting (a preference loss's own parameter): elsewhere it is left out of the
+  hash, so changing it reruns nothing;
 - bounds: ``minimum`` (>=), ``above`` (>), ``maximum`` (<=), ``below`` (<). Every float field
   must also be finite (NaN and infinity are rejected);
 - ``secret``: the value may hold credentials (a URL's user info, a key in its query), so the
@@ -25,14 +28,18 @@ The type of a field (int, float or str, and whether None is allowed) is its anno
 Profiles. ``paper`` is the dataclass defaults: Appendix D's hyper-parameters (LoRA r 16 / alpha 16
 / dropout 0.05; SFT 3 epochs, lr 1e-5, batch 32; DPO 1 epoch, batch 32, per-module lr and beta of
 the chosen backbone preset), every training context mined, the whole test split evaluated with
-100 judged replies, sampling at T 0.7 / top-p 0.95. ``demo`` shrinks the work so the whole
-pipeline runs on a 2-core CPU in about twenty minutes with SmolLM2-135M on the built-in sample:
+100 judged replies, sampling at T 0.7 / top-p 0.95, and the paper's judge: ``--judge openai``
+with ``--judge-model`` gpt-4.1-mini-2025-04-14 (unless another model is given), so it needs
+``--judge-url`` and fails before any stage without one (give it, or choose ``--judge rule`` or
+``--judge local``). ``demo`` shrinks the work so the whole pipeline runs on a 2-core CPU in about
+twenty minutes with SmolLM2-135M and the rule judge on the built-in sample:
 480-token contexts, one SFT epoch over at most 64 examples per module and at most 32 pairs per
 DPO module, both at a high LoRA learning rate so that so few steps show an effect, 24 mined
 contexts with 2 samples each, replies of at most 40 tokens, bf16 autocast, activation
 checkpointing and micro-batches of 2 (so the run stays under 3 GB resident: 2.7 GB measured).
-``cpu`` sizes a run on the real ESConv data (``--data ../shared/data/esconv``) so that every stage
-runs in about 2 hours on an idle 2-core CPU with SmolLM2-135M and the rule judge, every SFT module
+``cpu`` sizes a run on the real ESConv data (``--data ../shared/data/esconv``) for an idle 2-core
+CPU with SmolLM2-135M and the rule judge (sized for 2 hours, it takes about 3.5 with the four
+trained systems and 5 with all nine: README, "Wall time against --plan"), every SFT module
 trained on every turn of 300 dialogues with full history, while the strategy metrics of every
 system cover the whole test split (see :data:`CPU` for the settings and how they were chosen
 on the valid split).
@@ -45,16 +52,17 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from decesc.core.lora import LoRAConfig
 from decesc.esc.inference import VANILLA_TAGS, Sampling
-from decesc.esc.judges import JUDGES, check_judge_settings
+from decesc.esc.judges import JUDGES, PAPER_MODEL, check_judge_settings
 from decesc.esc.prompts import HISTORY_FORMATS, STYLES
 from decesc.formats.records import read_text
 from decesc.formats.redact import MASK, redact
 from decesc.train.config import DTYPES, PACKINGS
+from decesc.train.dpo import FAMILY_PRESETS, PAPER_DPO
 from decesc.train.losses import PREFERENCE_LOSSES
 
 PROFILES = ("auto", "paper", "demo", "cpu")
@@ -64,6 +72,11 @@ NO_STAGE: tuple[str, ...] = ()  # read_by of a setting that changes no stage's o
 
 def _f(default, help: str, *, read_by: tuple[str, ...], **kw):
     return field(default=default, metadata={"help": help, "read_by": read_by, **kw})
+
+
+def _loss_reads(param: str):
+    """``read_if`` of a preference-loss parameter: read only under a loss that uses it."""
+    return lambda config: param in PREFERENCE_LOSSES[config.dpo_loss].reads
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,8 @@ class PipelineConfig:
                    read_by=("common",))
     run_dir: str = _f("runs/default", "run directory: every stage writes its outputs here",
                       read_by=NO_STAGE)
-    profile: str = _f("auto", "default sizes: paper, demo, cpu (real ESConv on a 2-core CPU in about "
-                      "2 hours), or auto (demo for the built-in sample, else paper)",
+    profile: str = _f("auto", "default sizes: paper, demo, cpu (real ESConv on a 2-core CPU: about "
+                      "5 hours), or auto (demo for the built-in sample, else paper)",
                       choices=PROFILES, read_by=NO_STAGE)  # only picks the defaults of other fields
     seed: int = _f(42, "seed for splits, sampling, adapter init and data order", read_by=("common",),
                    minimum=0, maximum=2**32 - 1)  # derived seeds (seed * 100003 + step ...) fit in 64 bits
@@ -137,8 +150,9 @@ class PipelineConfig:
     mine_samples: int = _f(4, "samples per context from each SFT model (strategies, replies)",
                            read_by=("mine",), minimum=1)
     # ------------------------------------------------------------------ DPO (eqs. 5, 6)
-    dpo_preset: str = _f("qwen2.5-7b", "paper lr/beta preset: qwen2.5-7b or llama3.1-8b",
-                         choices=("qwen2.5-7b", "llama3.1-8b"), read_by=("dpo",))
+    dpo_preset: str = _f("auto", "paper lr/beta preset: qwen2.5-7b, llama3.1-8b, or auto (the "
+                         "model's family: Llama models llama3.1-8b, Qwen2 models qwen2.5-7b)",
+                         choices=("auto", *PAPER_DPO), read_by=("dpo",))
     dpo_epochs: int = _f(1, "DPO epochs", read_by=("dpo",), minimum=1)
     dpo_batch_size: int = _f(32, "DPO effective batch in pairs per optimizer step (with --packing "
                              "tree: whole trees, as many as hold that many pairs on average)",
@@ -162,6 +176,12 @@ class PipelineConfig:
                        choices=tuple(PREFERENCE_LOSSES), read_by=("dpo",))
     dpo_sft_weight: float = _f(0.0, "weight of an SFT term on the chosen reply added to the "
                                "preference loss (RPO; 0 = off)", read_by=("dpo",), minimum=0)
+    dpo_gamma: float = _f(0.5, "target reward margin gamma of --dpo-loss simpo (SimPO's eq. 6; "
+                          "its authors tune gamma / beta in [0, 1] from 0.5, with beta 2 to 2.5)",
+                          read_by=("dpo",), read_if=_loss_reads("gamma"), minimum=0)
+    dpo_epsilon: float = _f(0.1, "assumed rate of flipped preference labels of --dpo-loss robust "
+                            "and conservative (0: both are DPO)", read_by=("dpo",),
+                            read_if=_loss_reads("epsilon"), minimum=0, below=0.5)
     # ------------------------------------------------------------------ generation
     temperature: float = _f(Sampling.temperature, "sampling temperature of replies (and of mined strategies)",
                             read_by=("generate",), minimum=0)
@@ -177,22 +197,27 @@ class PipelineConfig:
     gen_batch_size: int = _f(8, "prompts per generation batch", read_by=("generate",),
                              minimum=1)  # batch position seeds the sampling
     # ------------------------------------------------------------------ judge
-    judge: str = _f("rule", "error/rubric judge: " + "; ".join(
+    judge: str = _f("openai", "error/rubric judge (the paper profile's: openai, with --judge-model "
+                    f"{PAPER_MODEL} unless given, at --judge-url): " + "; ".join(
                         f"{k} = {v.help}" for k, v in JUDGES.items()),
                     choices=tuple(JUDGES), read_by=("judge",))
     judge_url: str | None = _f(None, "base URL of the OpenAI-compatible API, e.g. "
                                "http://localhost:8000/v1", read_by=NO_STAGE,  # where, not which judge
                                secret=True)
-    judge_model: str | None = _f(None, "judge model name (openai) or model source (local)",
-                                 read_by=("judge",))
+    judge_model: str | None = _f(None, "judge model name (openai; the paper profile's default: "
+                                 f"{PAPER_MODEL}) or model source (local)", read_by=("judge",))
     judge_api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the judge API key",
                                 read_by=NO_STAGE)
+    judge_reference: str = _f("off", "on: the evaluation's LLM judge also sees the gold reply, as a "
+                              "reference to compare with; off: only the context, the requested "
+                              "strategy and the reply (IPM's judge and the rule judge never see it)",
+                              choices=("off", "on"), read_by=("report",))
     # ------------------------------------------------------------------ evaluation
     eval_split: str = _f("test", "split to evaluate", choices=("test", "valid"), read_by=("eval",))
     eval_turns: int | None = _f(None, "evaluate at most this many turns (seeded subset; default all)",
                                 read_by=("eval",), minimum=1)
     judge_samples: int = _f(100, "replies per system scored by the judge (paper: 100)",
-                            read_by=("eval",), minimum=1)
+                            read_by=("report",), minimum=1)
     # ------------------------------------------------------------------ issue 11: real-data runs
     prompt_style: str = _f("full", "prompts of the three tasks: full (a system prompt defining all "
                            "eight strategies, ~265 SmolLM2 tokens) or short (one instruction per "
@@ -215,7 +240,10 @@ class PipelineConfig:
                                  read_by=("eval",), minimum=0)
     bootstrap_replicates: int = _f(1000, "dialogue-bootstrap replicates of the 95%% intervals of B, "
                                    "TV, Q_W, Q and the paired differences (0: none)",
-                                   read_by=("eval",), minimum=0)
+                                   read_by=("report",), minimum=0)
+    systems: str = _f("all", "the systems of Table 3 to evaluate: all, or a comma-separated list "
+                      "of their names, e.g. 'Vanilla Base,Decoupled SFT' (python -m tools.evaluate "
+                      "--help lists them)", read_by=("report",))
 
     # ------------------------------------------------------------------ helpers
     def resolved_profile(self) -> str:
@@ -223,11 +251,11 @@ class PipelineConfig:
             return self.profile
         return "demo" if self.data == BUILTIN else "paper"
 
-    def dpo_setting(self, module: str) -> tuple[float, float]:
-        """(lr, beta) of a DPO module: explicit field, else the paper preset."""
-        from decesc.train.dpo import PAPER_DPO
-
-        lr, beta = PAPER_DPO[self.dpo_preset][module]
+    def dpo_setting(self, module: str, model_type: str) -> tuple[float, float]:
+        """(lr, beta) of a DPO module: explicit field, else the paper preset (``auto``: the one of
+        the model's family ``model_type``, :data:`decesc.train.dpo.FAMILY_PRESETS`)."""
+        preset = FAMILY_PRESETS[model_type] if self.dpo_preset == "auto" else self.dpo_preset
+        lr, beta = PAPER_DPO[preset][module]
         own_lr, own_beta = getattr(self, f"dpo_lr_{module}"), getattr(self, f"dpo_beta_{module}")
         return (own_lr if own_lr is not None else lr, own_beta if own_beta is not None else beta)
 
@@ -241,12 +269,14 @@ DEMO = dict(max_seq_len=480, dtype="bf16", sft_epochs=1, sft_lr=5e-4, sft_batch_
             max_train_examples=64, mine_contexts=24, mine_samples=2, dpo_batch_size=8,
             dpo_lr_sp=3e-4, dpo_lr_rg=3e-4, dpo_lr_vanilla=3e-4, dpo_beta_sp=0.1, dpo_beta_rg=0.1,
             dpo_beta_vanilla=0.1, max_pairs=32, max_new_tokens=40, save_every=2,
-            activation_checkpointing="on", micro_batch_size=2)  # both: less resident memory, the same numbers
+            activation_checkpointing="on", micro_batch_size=2,  # both: less resident memory, the same numbers
+            judge="rule")
 
 
 # The ``cpu`` profile: the paper's question on real ESConv on an idle 2-core CPU (SmolLM2-135M-
-# Instruct, rule judge); sized for 2 hours, it takes about 3.5 (README, "Wall time against --plan"). Its name says what it is sized for - this machine class -
-# and is the one command the README's results cite: --data ../shared/data/esconv --profile cpu.
+# Instruct, rule judge); sized for 2 hours, it takes about 3.5 with the four trained systems, 5 with
+# all nine (README, "Wall time against --plan"). Its name says what it is sized for - this machine
+# class - and is the one command the README's results cite: --data ../shared/data/esconv --profile cpu.
 # Chosen on the VALID split by a rule written down before any point was seen (README, "Choosing
 # the cpu profile on valid"; never test):
 #
@@ -283,13 +313,14 @@ CPU = dict(prompt_style="short", history="strategies", max_seq_len=4096, max_new
            mine_contexts=128, mine_samples=2,
            dpo_batch_size=8, max_pairs=128, dpo_lr_sp=1e-4, dpo_beta_sp=0.1, dpo_lr_rg=5e-5,
            dpo_beta_rg=0.2, dpo_lr_vanilla=5e-5, dpo_beta_vanilla=0.2,
-           reply_turns=160, judge_samples=160, save_every=8, stage_process="fresh")
+           reply_turns=160, judge_samples=160, save_every=8, stage_process="fresh", judge="rule")
 
 PROFILE_SETTINGS = {"paper": {}, "demo": DEMO, "cpu": CPU}
 
 
 # ``--model tiny`` has a small byte-level vocabulary: its prompts take about twice as many tokens.
-TINY_MODEL = dict(max_seq_len=1024)
+# Its replies are noise (random weights, smoke runs), so it keeps the rule judge unless --judge says.
+TINY_MODEL = dict(max_seq_len=1024, judge="rule")
 
 
 def _annotation(name: str) -> tuple[type, bool]:
@@ -353,6 +384,8 @@ def build_config(file: str | Path | None = None, overrides: dict | None = None,
     profile = PROFILE_SETTINGS[base.resolved_profile()]
     tiny = TINY_MODEL if merged.get("model") == "tiny" else {}
     config = PipelineConfig(**{**profile, **tiny, **merged})
+    if config.resolved_profile() == "paper" and config.judge == "openai" and config.judge_model is None:
+        config = replace(config, judge_model=PAPER_MODEL)   # the paper's judge model
     validate_config(config)
     return config
 
@@ -390,7 +423,13 @@ def validate_config(c: PipelineConfig) -> None:
         problem = _bounds_error(value, f.metadata) if kind in (int, float) else None
         if problem:
             raise ValueError(f"config: {f.name} {problem}, got {value}")
-    check_judge_settings(c.judge, c.judge_model, c.judge_url)
+    try:
+        check_judge_settings(c.judge, c.judge_model, c.judge_url)
+    except ValueError as e:
+        if c.judge == "openai" and c.resolved_profile() == "paper":  # the judge the profile picked
+            raise ValueError(f"{e} (--profile paper, which auto picks for real data, judges like the "
+                             f"paper: openai with {PAPER_MODEL} at an OpenAI-compatible --judge-url)") from None
+        raise
     if "url" in JUDGES[c.judge].needs and MASK in c.judge_url:
         raise ValueError(f"config: --judge-url {c.judge_url}: its credentials are not stored in "
                          "config.json; give --judge-url again")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from functools import partial
 
+from decesc.esc.prompts import TASKS
 from decesc.formats.records import read_pairs_jsonl
 from decesc.pipeline import training, work
 from decesc.pipeline.cost import StageWork
 from decesc.pipeline.data import subset
 from decesc.pipeline.results import adapter_problem
-from decesc.pipeline.sft import MODULES
 from decesc.pipeline.stage import Stage
+from decesc.train.losses import PREFERENCE_LOSSES
 
 
 def run_dpo(run, name: str, models, module: str) -> dict:
@@ -19,13 +20,13 @@ def run_dpo(run, name: str, models, module: str) -> dict:
     data = subset(read_pairs_jsonl(run.stage_dir("mine") / f"{module}_pairs.jsonl", allow_empty=True),
                   c.max_pairs, c.seed)
     if not data:
-        return {"module": MODULES[module], "pairs": 0, "steps": 0,
+        return {"module": TASKS[module], "pairs": 0, "steps": 0,
                 "note": "no preference pairs were mined: the SFT model is used for this module"}
-    lr, beta = c.dpo_setting(module)
+    lr, beta = c.dpo_setting(module, models.base_config.model_type)
     result = training.dpo(models.fresh(), models.tokenizer, data, c, run.stage_dir(name), lr=lr, beta=beta,
                           sft_adapter=run.adapter(f"sft-{module}"), ref_cache_dir=run.dir / "ref_cache")
     m = result.last_metrics
-    return {"module": MODULES[module], "pairs": len(data), "steps": result.steps, "lr": lr, "beta": beta,
+    return {"module": TASKS[module], "pairs": len(data), "steps": result.steps, "lr": lr, "beta": beta,
             "final_loss": m.get("loss"), "final_reward_accuracy": m.get("rewards/accuracies")}
 
 
@@ -37,7 +38,8 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
 
 
 def cost(run, shape, world: int, module: str) -> StageWork:
-    """An upper bound: every mined context x sample a pair (:func:`decesc.pipeline.work.pair_items`)."""
+    """An upper bound: every mined context x sample a pair (:func:`decesc.pipeline.work.pair_items`);
+    the reference pass only for a loss that needs one."""
     from decesc.pipeline.mine import contexts
 
     c = run.config
@@ -48,11 +50,11 @@ def cost(run, shape, world: int, module: str) -> StageWork:
     micro = c.micro_batch_size if c.packing == "tree" else max(1, c.micro_batch_size // 2)
     return StageWork(f"{pairs:,} pairs at most", work.training_work(
         items, examples=pairs, batch=c.dpo_batch_size, micro=micro, epochs=c.dpo_epochs, seed=c.seed,
-        world=world, reference=True, micro_tokens=c.micro_batch_tokens))
+        world=world, reference=PREFERENCE_LOSSES[c.dpo_loss].needs_reference, micro_tokens=c.micro_batch_tokens))
 
 
 STAGES = tuple(
     Stage(f"dpo-{module}", after=(f"sft-{module}", "mine"), roles=("train", "dpo"),
           run=partial(run_dpo, module=module), distributed=True, outputs_ok=outputs_ok,
           cost=partial(cost, module=module))
-    for module in MODULES)
+    for module in TASKS)

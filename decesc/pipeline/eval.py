@@ -1,74 +1,62 @@
-"""Stage eval: the four systems on the evaluation turns, judged and scored (Table 3), next to
-two chance planners.
+"""Stage eval: the systems of Table 3 (:mod:`decesc.pipeline.systems`, the ``systems`` setting)
+on the evaluation turns, judged and scored, next to two chance planners.
 
-Vanilla SFT / DPO run joint inference (their tags decoded as ``vanilla_tags`` says; constrained
-tags greedily, like the planner); Decoupled SFT / DPO run decoupled inference with the greedy
-planner (argmax over the eight strategy names). Every evaluation turn is planned (strategy
-metrics on all of them); replies are generated on the seeded subset of ``reply_turns`` of them,
-sampled with seed ``seed + 7``, and judged on a seeded subset of ``judge_samples`` of those. The
-chance planners (:mod:`decesc.esc.chance`) read the training split's strategy shares; the prior
-draw is seeded with ``seed + 11``. The outputs are stored in ``outputs.json`` with the settings
-and inputs that produced them, so ``tools.evaluate`` can rescore them without generating again.
-The report carries dialogue-bootstrap intervals (``bootstrap_replicates``, seed ``seed``) and the
-paired differences of :data:`DIFFERENCES`. Under torchrun every process generates its share and
-rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
+Each system plans its turns and writes replies as its declaration says; every trained and base
+system plans every evaluation turn (strategy metrics on all of them), a recipe the replied ones.
+Replies are generated on the seeded subset of ``reply_turns`` turns, sampled with seed
+``seed + 7``, and judged on a seeded subset of ``judge_samples`` of those. The chance planners
+(:mod:`decesc.esc.chance`) read the training split's strategy shares; the prior draw is seeded
+with ``seed + 11``. The outputs are stored in ``outputs.json`` with the settings and inputs that
+produced them (:func:`output_settings`: not the settings read only to score them), so
+``tools.evaluate`` and a rerun with other ``systems`` or judge settings rescore them without
+generating again. The report carries dialogue-bootstrap intervals (``bootstrap_replicates``, seed
+``seed``) and the paired differences of :func:`differences`. Under torchrun every process
+generates its share and rank 0 judges and writes (:mod:`decesc.pipeline.shard`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from decesc.core.tokenizer import chat_messages
 from decesc.esc.chance import PRIOR, chance_strategies
-from decesc.esc.inference import decoupled, vanilla
 from decesc.esc.prompts import Example, instruction, task_example
 from decesc.esc.strategies import STRATEGIES
 from decesc.formats.atomic import atomic_write_text
-from decesc.pipeline.config import BUILTIN
+from decesc.pipeline import work
+from decesc.pipeline.config import BUILTIN, PipelineConfig
+from decesc.pipeline.cost import StageWork
 from decesc.pipeline.data import examples, sampling, splits, subset
-from decesc.pipeline.judging import judge_items, make_judge
+from decesc.pipeline.judging import judge_items, judge_spec, make_judge
 from decesc.pipeline.results import json_problem, move_aside, read_json
 from decesc.pipeline.shard import process_shard
-from decesc.pipeline import work
-from decesc.pipeline.cost import StageWork
 from decesc.pipeline.stage import Stage
+from decesc.pipeline.systems import PROMPTED_STYLE, SYSTEMS, System, parse_systems
 
-REPLY_SEED_OFFSET = 7
 CHANCE_SEED_OFFSET = 11
+SCORING_ROLES = {"judge", "report"}  # settings that change how outputs are scored, not the outputs
+# the paired differences that carry the paper's claims (B and TV of a minus b)
+CLAIMS = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"), ("Vanilla DPO", "Vanilla SFT"),
+          ("Vanilla SFT", "Vanilla Base"), ("Decoupled SFT", "Decoupled Base"))
 
 
-@dataclass(frozen=True)
-class System:
-    """A trained system of Table 3: a paradigm (Vanilla: one joint model; Decoupled: Strategy
-    Planner + Response Generator) and the training stages whose adapters, applied in order
-    (SFT, then DPO on top of it), make each of its models."""
-
-    name: str
-    paradigm: str  # "Vanilla" | "Decoupled"
-    training: tuple[str, ...]  # ("sft",) | ("sft", "dpo")
-
-    def modules(self, replies: bool) -> tuple[str, ...]:
-        """The modules it runs: the generator only when it writes replies."""
-        if self.paradigm == "Vanilla":
-            return ("vanilla",)
-        return ("sp", "rg") if replies else ("sp",)
-
-    def stages(self, replies: bool) -> tuple[str, ...]:
-        """The training stages it needs done."""
-        return tuple(f"{t}-{m}" for m in self.modules(replies) for t in self.training)
+def differences(names) -> list[tuple]:
+    """The paired differences reported among systems ``names``: the claims (B, TV) whose systems
+    are both there, and every system's Q_W against the prior draw (a planner that reads the
+    dialogue must beat it)."""
+    return ([(a, b, ("B", "TV")) for a, b in CLAIMS if a in names and b in names]
+            + [(name, PRIOR, ("Q_W",)) for name in names])
 
 
-SYSTEMS = tuple(System(f"{paradigm} {kind}", paradigm, chain)
-                for paradigm in ("Vanilla", "Decoupled") for kind, chain in (("SFT", ("sft",)),
-                                                                              ("DPO", ("sft", "dpo"))))
-SYSTEM_NAMES = tuple(s.name for s in SYSTEMS)
-# the paired differences that carry the paper's claims (B and TV of a minus b), and every trained
-# system's strategy quality against the prior draw (a planner that reads the dialogue must beat it)
-DIFFERENCES = (("Decoupled SFT", "Vanilla SFT", ("B", "TV")), ("Decoupled DPO", "Decoupled SFT", ("B", "TV")),
-               ("Vanilla DPO", "Vanilla SFT", ("B", "TV")),
-               *((name, PRIOR, ("Q_W",)) for name in SYSTEM_NAMES))
+def output_settings(run) -> str:
+    """A hash of the settings the eval stage's outputs depend on: the settings it reads but
+    those read only to score them (:data:`SCORING_ROLES`)."""
+    roles = {f.name: set(f.metadata["read_by"]) for f in fields(PipelineConfig)}
+    kept = {k: v for k, v in run.settings("eval").items() if not roles[k] <= SCORING_ROLES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def turns(run, tokenizer) -> list[Example]:
@@ -81,24 +69,42 @@ def reply_turns(run, n: int) -> list[int]:
     return subset(list(range(n)), run.config.reply_turns, run.config.seed)
 
 
+def chosen(run) -> tuple[System, ...]:
+    """The systems of the ``systems`` setting; a recipe needs replies, so with ``reply_turns`` 0
+    the recipes are left out (a ValueError if nothing is left)."""
+    systems = parse_systems(run.config.systems)
+    if run.config.reply_turns == 0:
+        systems = tuple(s for s in systems if s.every_turn)
+        if not systems:
+            raise ValueError(f"config: --systems {run.config.systems!r} has only recipes, which plan the "
+                             "replied turns, and --reply-turns is 0")
+    return systems
+
+
 def check(run, models) -> None:
-    """Every evaluation prompt leaves room for max_new_tokens in the model's context window
-    (turns whose latest seeker message alone exceeds the budget are kept, so they may exceed
-    max_seq_len)."""
+    """The ``systems`` setting names systems, and every prompt a chosen system sends leaves room
+    for max_new_tokens in the model's context window (turns whose latest seeker message alone
+    exceeds the budget are kept, so they may exceed max_seq_len). A recipe's step also shows the
+    earlier steps' texts, counted at ``max_new_tokens`` each."""
     c, tok = run.config, models.tokenizer
     window = models.base_config.max_position_embeddings
-    longest = max(tok.count_tokens(instruction("rg", s, c.prompt_style)) for s in STRATEGIES)
-    for e in turns(run, tok):
-        for task in ("rg", "vanilla"):
-            ex = task_example(e, task)
-            n = len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
-            if task == "rg":  # the planned strategy's instruction may be longer than the gold one's
-                n += longest - tok.count_tokens(instruction("rg", e.strategy, c.prompt_style))
-            if n + c.max_new_tokens > window:
-                raise ValueError(f"eval: {c.eval_split} split, dialogue {e.dialogue}, turn {e.turn}: the {task} "
-                                 f"prompt takes {n} tokens, which leaves no room for max_new_tokens "
-                                 f"{c.max_new_tokens} in the model's context of {window} tokens; lower "
-                                 "--max-new-tokens")
+    systems = chosen(run)
+    tests = turns(run, tok)
+    for system in systems:
+        shown = (len(system.recipe.steps) - 1) * (c.max_new_tokens + 16) if system.recipe else 0
+        own = PROMPTED_STYLE if system.prompted else c.prompt_style
+        longest = max(tok.count_tokens(instruction("rg", s, own)) for s in STRATEGIES)
+        for e in system.turns(tests):
+            for task in system.modules(replies=True):
+                ex = task_example(e, task)
+                n = len(tok.apply_chat_template(chat_messages(ex.prompt, ex.system), add_generation_prompt=True))
+                if task == "rg":  # the planned strategy's instruction may be longer than the gold one's
+                    n += longest - tok.count_tokens(instruction("rg", e.strategy, own))
+                if n + shown + c.max_new_tokens > window:
+                    raise ValueError(f"eval: {c.eval_split} split, dialogue {e.dialogue}, turn {e.turn}: the "
+                                     f"{system.name} {task} prompt takes {n + shown} tokens, which leaves no "
+                                     f"room for max_new_tokens {c.max_new_tokens} in the model's context of "
+                                     f"{window} tokens; lower --max-new-tokens")
 
 
 def _stored(candidate: Path, settings: dict, own: bool, log) -> dict:
@@ -118,10 +124,10 @@ def _stored(candidate: Path, settings: dict, own: bool, log) -> dict:
 
 
 def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path | None = None,
-                   log=print, systems: tuple[System, ...] = SYSTEMS) -> tuple[list[Example], dict]:
-    """The outputs of ``systems`` on the evaluation turns: {name: {"strategies", "replies"}}.
+                   log=print, systems: tuple[System, ...] | None = None) -> tuple[list[Example], dict]:
+    """The outputs of ``systems`` (default: :func:`chosen`) on the evaluation turns:
+    {name: :meth:`System.outputs`}.
 
-    "strategies" cover every evaluation turn, "replies" the turns of :func:`reply_turns`.
     Generated once and stored in ``path`` together with the settings that produced them; a
     later call with the same settings (and the same trained stages and data) reloads them, from
     ``path`` or from ``reuse`` (another such file, only read), and generates only the systems
@@ -129,10 +135,11 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     of the batches) and gets every output; rank 0 reads and writes.
     """
     c, tok = run.config, models.tokenizer
+    systems = chosen(run) if systems is None else systems
     tests = turns(run, tok)
     # the training stages done so far (all of them for the eval stage): any of them changed, or
     # one more done, and the stored outputs are generated again
-    settings = {"eval": run.config_hash("eval"), "inputs": run.inputs("eval", done_only=True)}
+    settings = {"eval": output_settings(run), "inputs": run.inputs("eval", done_only=True)}
     shard = process_shard()
 
     def stored() -> dict:
@@ -145,26 +152,67 @@ def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path |
     have = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
     todo = [s for s in systems if s.name not in have]
     if todo:
-        progress = progress and shard.is_main
-        base, replied = sampling(c), reply_turns(run, len(tests))
+        replied = reply_turns(run, len(tests))
         for system in todo:
-            def merged(module, system=system):
-                return lambda: models.merged(*(run.adapter(f"{t}-{module}") for t in system.training))
-            if system.paradigm == "Vanilla":
-                (rd,) = vanilla(merged("vanilla"), tok, tests, base, rounds=(REPLY_SEED_OFFSET,),
-                                progress=progress, desc=system.name, tags=c.vanilla_tags, tag_temperature=0.0,
-                                reply_indices=replied, shard=shard, packing=c.packing)
-                have[system.name] = {"strategies": rd.strategies, "replies": rd.replies, "raw": rd.outputs}
-            else:
-                (rd,) = decoupled(merged("sp"), merged("rg"), tok, tests, base, plan_temperature=0.0,
-                                  rounds=(REPLY_SEED_OFFSET,), progress=progress, desc=system.name,
-                                  reply_indices=replied, shard=shard, packing=c.packing)
-                have[system.name] = {"strategies": rd.strategies, "replies": rd.replies}
-        if shard.is_main:
-            every = {s.name: have[s.name] for s in SYSTEMS if s.name in have}
-            atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
-                                                "reply_turns": replied, "systems": every}, indent=1))
+            have[system.name] = system.outputs(run, models, tests, replied, sampling(c),
+                                               progress=progress and shard.is_main, shard=shard)
+            if shard.is_main:  # after each system, so an interrupted call keeps what it made
+                every = {s.name: have[s.name] for s in SYSTEMS if s.name in have}
+                atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
+                                                    "reply_turns": replied, "systems": every}, indent=1))
     return tests, {s.name: have[s.name] for s in systems}
+
+
+def planned_turns(system: System, n: int, replied: list[int]) -> list[int]:
+    """The evaluation turns ``system`` plans: all ``n``, or the replied ones for a recipe."""
+    return list(range(n)) if system.every_turn else replied
+
+
+def judged_replies(run, n_replied: int) -> list[int]:
+    """Positions in the replied turns of the replies the judge scores (seeded ``judge_samples``)."""
+    return subset(list(range(n_replied)), run.config.judge_samples, run.config.seed)
+
+
+def system_items(tests: list[Example], replied: list[int], judged: list[int], out: dict,
+                 on: list[int]) -> list:
+    """The judge items of one system's ``judged`` replies (``out``: its outputs, planning ``on``),
+    each with the strategy it planned for that turn."""
+    planned = dict(zip(on, out["strategies"]))
+    return judge_items([tests[replied[k]] for k in judged], [out["replies"][k] for k in judged],
+                       [planned[replied[k]] for k in judged])
+
+
+def judge_agreement(run, models, outputs_path: Path, specs: tuple[str, str], progress: bool = True,
+                    reuse: Path | None = None, log=print, systems: tuple[System, ...] | None = None) -> dict:
+    """How far two judges (``specs``: :func:`decesc.pipeline.judging.judge_spec`) agree on the
+    judged replies of ``systems`` (default: :func:`chosen`; outputs generated or reloaded):
+    Cohen's kappa of the error label and the quadratic-weighted kappa of each rubric score
+    (:mod:`decesc.esc.metrics.agreement`), with each judge's label shares."""
+    from decesc.esc.judges import LABELS, RUBRIC, label_shares
+    from decesc.esc.judges.base import SCORE_MAX, SCORE_MIN
+    from decesc.esc.metrics.agreement import cohen_kappa
+
+    c = run.config
+    systems = chosen(run) if systems is None else systems
+    configs = [judge_spec(c, spec) for spec in specs]  # every spec checked before any work
+    tests, outputs = system_outputs(run, models, outputs_path, progress, reuse, log, systems)
+    replied = reply_turns(run, len(tests))
+    judged = judged_replies(run, len(replied))
+    items = [item for s in systems for item in system_items(
+        tests, replied, judged, outputs[s.name], planned_turns(s, len(tests), replied))]
+    if not items:
+        raise ValueError("judge agreement: no judged replies (raise --reply-turns and --judge-samples)")
+    answers = []
+    for config in configs:
+        with make_judge(config, run.dir, show_reference=c.judge_reference == "on") as judge:
+            answers.append(judge.judge_many(items, progress=progress))
+    a, b = answers
+    scale = range(SCORE_MIN, SCORE_MAX + 1)
+    return {"judges": list(specs), "items": len(items), "systems": [s.name for s in systems],
+            "label": cohen_kappa([j.label for j in a], [j.label for j in b], LABELS),
+            **{dim: cohen_kappa([j.scores[dim] for j in a], [j.scores[dim] for j in b], scale, "quadratic")
+               for dim in RUBRIC},
+            "label_shares": {spec: label_shares(j.label for j in got) for spec, got in zip(specs, answers)}}
 
 
 def training_strategies(run) -> list[str]:
@@ -174,34 +222,48 @@ def training_strategies(run) -> list[str]:
 
 def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool = True,
               reuse: Path | None = None, log=print,
-              systems: tuple[System, ...] = SYSTEMS) -> tuple[list[dict], list[dict]]:
-    """Report rows for a run's ``systems`` (outputs generated or reloaded, then judged) and the
-    two chance planners, with their bootstrap intervals; and the paired differences among them."""
+              systems: tuple[System, ...] | None = None) -> tuple[list[dict], list[dict]]:
+    """Report rows for a run's ``systems`` (default: :func:`chosen`; outputs generated or
+    reloaded, then judged) and the two chance planners, with their bootstrap intervals; and the
+    paired differences among them. A recipe's strategy metrics, intervals and difference to the
+    prior draw are over the replied turns (the prior's strategies on those turns)."""
     from decesc.esc.metrics.uncertainty import strategy_bootstrap
     from decesc.esc.report import SystemOutputs, attach_intervals, scale_differences, score_system
 
     c = run.config
+    systems = chosen(run) if systems is None else systems
     tests, outputs = system_outputs(run, models, outputs_path, progress, reuse, log, systems)
     replied = reply_turns(run, len(tests))
-    judge = make_judge(c, run.dir)
-    judged = subset(list(range(len(replied))), c.judge_samples, c.seed)  # positions in `replied`
+    judge = make_judge(c, run.dir, show_reference=c.judge_reference == "on")
+    judged = judged_replies(run, len(replied))
     gold_s, gold_r = [e.strategy for e in tests], [tests[i].response for i in replied]
     rows = []
     with judge:  # closes its cache
-        for name, out in outputs.items():
-            items = judge_items([tests[replied[k]] for k in judged], [out["replies"][k] for k in judged],
-                                [out["strategies"][replied[k]] for k in judged])
-            scored = SystemOutputs(prefix + name, out["strategies"], out["replies"],
+        for system in systems:
+            out, on = outputs[system.name], planned_turns(system, len(tests), replied)
+            items = system_items(tests, replied, judged, out, on)
+            scored = SystemOutputs(prefix + system.name, out["strategies"], out["replies"],
                                    judge.judge_many(items, progress=progress) if items else [], judged)
-            rows.append(score_system(scored, gold_s, gold_r))
+            rows.append(score_system(scored, [gold_s[i] for i in on], gold_r))
     chance = chance_strategies(training_strategies(run), len(tests), c.seed + CHANCE_SEED_OFFSET)
     rows += [score_system(SystemOutputs(prefix + name, strategies, None), gold_s, [])
              for name, strategies in chance.items()]
-    predictions = {**{prefix + k: v["strategies"] for k, v in outputs.items()},
-                   **{prefix + k: v for k, v in chance.items()}}
-    boot = strategy_bootstrap(gold_s, predictions, [e.dialogue for e in tests],
-                              [(prefix + a, prefix + b, metrics) for a, b, metrics in DIFFERENCES],
-                              replicates=c.bootstrap_replicates, seed=c.seed)
+    boot = {"systems": {}, "differences": []}
+    # one bootstrap per set of planned turns: every turn (the chance planners always), the replied
+    # ones (when a recipe plans them)
+    for on, names in ((list(range(len(tests))), [s.name for s in systems if s.every_turn]),
+                      (replied, [s.name for s in systems if not s.every_turn])):
+        if not on or (on is replied and not names):
+            continue
+        predictions = {prefix + k: outputs[k]["strategies"] for k in names}
+        prior = PRIOR if len(on) == len(tests) else f"{PRIOR}, same {len(on)} turns"
+        predictions.update({prefix + k: v for k, v in chance.items()} if prior == PRIOR
+                           else {prefix + prior: [chance[PRIOR][i] for i in on]})
+        pairs = [(prefix + a, prefix + (prior if b == PRIOR else b), m) for a, b, m in differences(names)]
+        got = strategy_bootstrap([gold_s[i] for i in on], predictions, [tests[i].dialogue for i in on], pairs,
+                                 replicates=c.bootstrap_replicates, seed=c.seed)
+        boot["systems"].update({k: v for k, v in got["systems"].items() if k != prefix + prior or prior == PRIOR})
+        boot["differences"] += got["differences"]
     return attach_intervals(rows, boot["systems"]), scale_differences(boot["differences"])
 
 
@@ -218,9 +280,12 @@ def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> 
                      "\"Results on ESConv\"; reproduce them with `python -m tools.train --data "
                      "../shared/data/esconv --profile cpu`.")
     notes.append(f"Strategy metrics (B, TV, Q_W, Q, preference, distribution) on all {tests} "
-                 f"{c.eval_split} turns ({dialogues} dialogues); replies and text metrics on "
-                 f"{replied} of them (seeded subset); Flu/Pro/Emp/Hel and error types are the "
-                 f"`{c.judge}` judge's, on {judged} replies per system. Chance rows read no context: "
+                 f"{c.eval_split} turns ({dialogues} dialogues), except the prompted recipes (Direct-Refine, "
+                 f"Self-Refine, Emotion CoT), whose strategy follows text they generate: they plan the "
+                 f"{replied} replied turns only (a seeded subset; the turns column says how many). Replies "
+                 f"and text metrics on those {replied} turns; Flu/Pro/Emp/Hel and error types are the "
+                 f"`{c.judge}` judge's, on {judged} replies per system. Base systems and recipes are the "
+                 "untrained model prompted with the strategies' definitions. Chance rows read no context: "
                  "\"majority\" always predicts the training split's most frequent strategy, "
                  "\"prior\" draws from its strategy shares.")
     return notes
@@ -233,11 +298,11 @@ def run_eval(run, name: str, models) -> dict:
     if not process_shard().is_main:  # the other processes share the generation; rank 0 judges
         system_outputs(run, models, d / "outputs.json", progress=False, log=run.log)
         return {}
-    rows, differences = score_run(run, models, d / "outputs.json", log=run.log)
+    rows, diffs = score_run(run, models, d / "outputs.json", log=run.log)
     tests = turns(run, models.tokenizer)
     notes = report_notes(run, len(tests), len({e.dialogue for e in tests}), rows[0]["replied"], rows[0]["judged"])
     report = write_report(rows, d, title=f"DecoupledESC evaluation: {c.model} on {c.data} ({c.eval_split})",
-                          differences=differences, notes=notes)
+                          differences=diffs, notes=notes)
     return json_safe({"report": str(report),
                       "systems": {r["system"]: {k: r[k] for k in ("B", "TV", "Q_W", "Q", "R-L")} for r in rows}})
 
@@ -247,17 +312,16 @@ def outputs_ok(stage_dir, done: dict) -> str | None:
 
 
 def cost(run, shape, world: int) -> StageWork:
-    """Per trained system (Vanilla and Decoupled, SFT and DPO): its strategies on every
-    evaluation turn (planner or tag scores), its replies on the ``reply_turns`` subset."""
+    """Every chosen system's :meth:`System.work`: its strategies on the turns it plans, its
+    replies on the ``reply_turns`` subset."""
     c, tok = run.config, shape.tokenizer
-    tests = turns(run, tok)
-    replied = [tests[i] for i in reply_turns(run, len(tests))]
-    per_stage = (work.scoring_work(tok, tests, "sp", c), work.reply_work(tok, replied, "rg", c),
-                 *work.vanilla_work(tok, tests, replied, c))
-    return StageWork(f"{len(tests):,} turns x 4 systems", generate=per_stage * 2)  # SFT, DPO
+    tests, systems = turns(run, tok), chosen(run)
+    replied = reply_turns(run, len(tests))
+    return StageWork(f"{len(tests):,} turns x {len(systems)} systems",
+                     generate=tuple(w for s in systems for w in s.work(tok, tests, replied, c)))
 
 
 STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
-              roles=("generate", "judge"), run=run_eval, distributed=True,
+              roles=("generate", "judge", "report"), run=run_eval, distributed=True,
               splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok,
               cost=cost)

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from decesc.core.tokenizer import chat_messages
 from decesc.esc.inference import decoupled, vanilla
 from decesc.esc.ipm import Candidate, fit_pairs, route, statistics
-from decesc.esc.judges import ERROR_TYPES, Judgment
+from decesc.esc.judges import Judgment, label_shares
 from decesc.esc.prompts import TASKS, task_example
 from decesc.formats.atomic import atomic_write_text
 from decesc.formats.records import write_pairs
@@ -111,10 +111,10 @@ def run_mine(run, name: str, models) -> dict:
         return {}
 
     candidates = [Candidate(task_example(ctx[r["index"]], "sp"), r["strategy"]) for r in sp_rows]
-    candidates += [Candidate(ctx[r["index"]], r["response"], tuple(r["judgment"]["errors"]))
+    candidates += [Candidate(ctx[r["index"]], r["response"], Judgment.from_dict(r["judgment"]).label)
                    for r in rg_rows]
     candidates += [Candidate(task_example(ctx[r["index"]], "vanilla"), r["output"],
-                             tuple(r["judgment"]["errors"]), r["strategy"]) for r in van_rows]
+                             Judgment.from_dict(r["judgment"]).label, r["strategy"]) for r in van_rows]
     pairs = route(candidates, source_model=f"{c.model} + SFT ({run.dir.name})")
     lengths = {}
     for task in ("rg", "vanilla"):
@@ -123,8 +123,9 @@ def run_mine(run, name: str, models) -> dict:
         write_pairs(d / f"{task}_pairs.jsonl", rows)
     stats = {task: statistics(rows) for task, rows in pairs.items()}
     judgments = [Judgment.from_dict(r["judgment"]) for r in rg_rows]
-    stats["sft_rg_error_share"] = {  # Fig. 2-style error analysis of the SFT generator's samples
-        e: round(100 * sum(e in j.errors for j in judgments) / max(len(judgments), 1), 1) for e in ERROR_TYPES}
+    stats["sft_rg_error_share"] = {  # Fig. 2-style: one label per sample, No Error included (sum 100)
+        label: round(share, 1) if judgments else 0.0
+        for label, share in label_shares(j.label for j in judgments).items()}
     stats["contexts"], stats["samples_per_context"], stats["judge"] = len(ctx), k, judge.name
     stats["rejected_reply_tokens"] = lengths
     atomic_write_text(d / "stats.json", json.dumps(stats, indent=2))
@@ -147,7 +148,7 @@ def stats_markdown(stats: dict) -> str:
         s = stats[task]
         parts = [f"{k}: {v}" for k, v in {**s["by_error_type"], **s["by_category"]}.items()]
         lines.append(f"| {task} | {', '.join(parts) or '–'} |")
-    lines += ["", "Share of SFT generator samples (gold strategy) showing each error type (%): "
+    lines += ["", "Share of SFT generator samples (gold strategy) by judged label (%, one label each): "
               + ", ".join(f"{k} {v}" for k, v in stats["sft_rg_error_share"].items()), ""]
     lengths = stats["rejected_reply_tokens"]
     lines += ["Rejected replies that re-encode to more than max_new_tokens tokens: "

@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import fields
 from pathlib import Path
 
 from decesc.formats.atomic import atomic_write_text
@@ -88,7 +89,11 @@ class Run:
         return value if isinstance(value, dict) else None
 
     def settings(self, stage: str) -> dict:
-        return {k: getattr(self.config, k) for k in BY_NAME[stage].reads}
+        """The settings the stage reads (:attr:`Stage.reads`), but those whose ``read_if``
+        (:mod:`decesc.pipeline.config`) says this config does not read them."""
+        read_if = {f.name: f.metadata.get("read_if") for f in fields(PipelineConfig)}
+        return {k: getattr(self.config, k) for k in BY_NAME[stage].reads
+                if read_if[k] is None or read_if[k](self.config)}
 
     def config_hash(self, stage: str) -> str:
         return hashlib.sha256(json.dumps(self.settings(stage), sort_keys=True).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from dataclasses import replace
 from functools import partial
 
 from decesc.core.tokenizer import chat_messages
+from decesc.esc.prompts import TASKS
 from decesc.formats.records import SFTExample
 from decesc.pipeline import training, work
 from decesc.pipeline.cost import StageWork
@@ -14,7 +15,6 @@ from decesc.pipeline.data import examples, splits, subset
 from decesc.pipeline.results import adapter_problem
 from decesc.pipeline.stage import Stage
 
-MODULES = {"sp": "Strategy Planner", "rg": "Response Generator", "vanilla": "vanilla joint model"}
 
 
 def training_examples(run, tokenizer, task: str) -> list[SFTExample]:
@@ -45,7 +45,7 @@ def run_sft(run, name: str, models, task: str) -> dict:
     data = training_examples(run, models.tokenizer, task)
     result = training.sft(models.fresh(), models.tokenizer, data, run.config, run.stage_dir(name),
                           groups=[e.dialogue for e in data])
-    return {"module": MODULES[task], "examples": len(data), "steps": result.steps,
+    return {"module": TASKS[task], "examples": len(data), "steps": result.steps,
             "final_loss": result.last_metrics.get("loss")}
 
 
@@ -68,4 +68,4 @@ STAGES = tuple(
     Stage(f"sft-{task}", after=(), roles=("train", "sft"), run=partial(run_sft, task=task),
           distributed=True, splits=lambda c: ("train",), check=partial(check, task=task),
           outputs_ok=outputs_ok, cost=partial(cost, task=task))
-    for task in MODULES)
+    for task in TASKS)

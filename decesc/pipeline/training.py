@@ -40,6 +40,7 @@ def dpo(model, tokenizer, pairs: list[PreferencePair], config: PipelineConfig, o
     (grouped by :attr:`PreferencePair.dialogue`). A micro-batch holds ``micro_batch_size`` rows:
     as many trees with tree packing, half as many pairs with turn packing (two rows a pair)."""
     pref = PreferenceConfig(beta=beta, loss=config.dpo_loss, sft_weight=config.dpo_sft_weight,
+                            gamma=config.dpo_gamma, epsilon=config.dpo_epsilon,
                             ref_cache_dir=str(ref_cache_dir))
     rows_per_item = 1 if config.packing == "tree" else 2
     tc = train_config(config, lr=lr, epochs=config.dpo_epochs, batch_size=config.dpo_batch_size,

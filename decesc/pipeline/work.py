@@ -179,10 +179,12 @@ def decode_steps(lengths: list[int], batches: list[list[int]], max_new_tokens: i
     return sum(min(max_new_tokens, max(lengths[i] for i in b)) for b in batches if b)
 
 
-def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
+def reply_work(tok, examples, task: str, c, rounds: int = 1, full_length: bool = False) -> GenerateWork:
     """Sampling a reply after every example's ``task`` prompt, ``rounds`` times: batches of
     ``gen_batch_size`` prompts with "turn" packing; with "tree" the batches of prompt trees,
-    each prefilled once and decoded as one batch of all its turns."""
+    each prefilled once and decoded as one batch of all its turns. ``full_length``: every batch
+    decodes ``max_new_tokens`` steps (an untrained model's replies need not stop where the gold
+    ones do), else :func:`decode_steps`."""
     prompts = _prompts(tok, examples, task)
     if c.packing == "turn" or not examples:
         tokens, pairs = causal_rows(prompts)
@@ -194,15 +196,18 @@ def reply_work(tok, examples, task: str, c, rounds: int = 1) -> GenerateWork:
         tokens, pairs = tree_rows(batches)
         size = math.ceil(len(examples) / len(batches))
         groups = [[k for tree in batch for k in tree.keys] for batch in batches]
-    gold = [len(tok.target_ids(task_example(e, task).target)) for e in examples]
+    gold = [c.max_new_tokens if full_length else len(tok.target_ids(task_example(e, task).target))
+            for e in examples]
     steps = decode_steps(gold, groups, c.max_new_tokens)
     return GenerateWork(len(examples) * rounds, tokens * rounds, size, c.max_new_tokens,
                         attention_pairs=pairs * rounds, decode_steps=steps * rounds)
 
 
-def vanilla_work(tok, examples, replied, c, rounds: int = 1) -> list[GenerateWork]:
-    """The vanilla model's work: constrained tags are scored on every example, then the replies
-    generated on ``replied`` (after the tag); free tags generate on every example."""
-    if c.vanilla_tags == "free":
-        return [reply_work(tok, examples, "vanilla", c, rounds)]
-    return [scoring_work(tok, examples, "vanilla", c), reply_work(tok, replied, "vanilla", c, rounds)]
+def vanilla_work(tok, examples, replied, c, rounds: int = 1, full_length: bool = False,
+                 tags: str | None = None) -> list[GenerateWork]:
+    """The vanilla model's work with ``tags`` (default ``c.vanilla_tags``): constrained tags are
+    scored on every example, then the replies generated on ``replied`` (after the tag); free tags
+    generate on every example. ``full_length`` as in :func:`reply_work`."""
+    if (tags or c.vanilla_tags) == "free":
+        return [reply_work(tok, examples, "vanilla", c, rounds, full_length)]
+    return [scoring_work(tok, examples, "vanilla", c), reply_work(tok, replied, "vanilla", c, rounds, full_length)]

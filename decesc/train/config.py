@@ -19,7 +19,7 @@ from pathlib import Path
 
 from decesc.core.lora import MAX_SCALE, LoRAConfig
 from decesc.core.config import TORCH_DTYPES
-from decesc.train.losses import PREFERENCE_LOSSES
+from decesc.train.losses import PREFERENCE_LOSSES, LossSettings
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = tuple(TORCH_DTYPES)
@@ -182,20 +182,28 @@ class PreferenceConfig:
     :data:`decesc.train.losses.PREFERENCE_LOSSES`) on top of the stage's :class:`TrainConfig`.
 
     ``loss``: a table entry; ``beta`` its temperature; ``sft_weight``: weight of the chosen
-    reply's mean token NLL added to the loss (RPO-style; 0 = off). ``ref_cache_dir``: where the
-    reference log-probs are cached (default ``<out_dir>/../ref_cache``, shared by sibling runs of
-    a sweep). How a pair becomes model input is ``TrainConfig.packing``
-    (:mod:`decesc.train.pairs`).
+    reply's mean token NLL added to the loss (RPO-style; 0 = off); ``gamma``: SimPO's target
+    reward margin; ``epsilon``: the assumed rate of flipped preference labels of the robust and
+    conservative losses (0: both are DPO); each loss reads what its formula names
+    (:meth:`loss_settings`). ``ref_cache_dir``: where the reference log-probs are cached (default
+    ``<out_dir>/../ref_cache``, shared by sibling runs of a sweep). How a pair becomes model input
+    is ``TrainConfig.packing`` (:mod:`decesc.train.pairs`).
     """
 
     beta: float = 0.1
     loss: str = "sigmoid"
     sft_weight: float = 0.0
+    gamma: float = 0.5
+    epsilon: float = 0.1
     ref_cache_dir: str | None = free(None)
 
     @property
     def needs_reference(self) -> bool:
         return PREFERENCE_LOSSES[self.loss].needs_reference
+
+    def loss_settings(self) -> LossSettings:
+        """The parameters the table's losses read (:class:`decesc.train.losses.LossSettings`)."""
+        return LossSettings(beta=self.beta, gamma=self.gamma, epsilon=self.epsilon)
 
     def validate(self) -> "PreferenceConfig":
         _check_finite(self)
@@ -204,6 +212,8 @@ class PreferenceConfig:
             (self.loss in PREFERENCE_LOSSES,
              f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}"),
             (self.sft_weight >= 0, "sft_weight must be >= 0"),
+            (self.gamma >= 0, "gamma must be >= 0"),
+            (0 <= self.epsilon < 0.5, "epsilon must be in [0, 0.5)"),
         ])
         return self
 

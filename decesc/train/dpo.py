@@ -34,7 +34,11 @@ from decesc.core.tokenizer import Tokenizer
 from decesc.formats.peft import merge_adapters, write_merge_first
 from decesc.formats.records import PreferencePair
 from decesc.train.config import PreferenceConfig, TrainConfig
-from decesc.train.losses import dpo_loss, preference_losses  # noqa: F401  (dpo.dpo_loss: alias)
+from decesc.train.losses import (  # noqa: F401  (dpo.dpo_loss: alias)
+    PairLogps,
+    dpo_loss,
+    preference_losses,
+)
 from decesc.train.pairs import (  # noqa: F401  (collate_pairs, pair_logprobs: public here too)
     collate,
     collate_pairs,
@@ -58,6 +62,8 @@ PAPER_DPO = {
     "qwen2.5-7b": {"vanilla": (7e-7, 0.2), "sp": (5e-8, 0.5), "rg": (7e-7, 0.2)},
     "llama3.1-8b": {"vanilla": (5e-7, 0.2), "sp": (8e-8, 0.5), "rg": (3e-7, 0.2)},
 }
+# the preset of each model family (``model_type``, :data:`decesc.core.families.FAMILIES`)
+FAMILY_PRESETS = {"llama": "llama3.1-8b", "qwen2": "qwen2.5-7b"}
 
 
 def paper_dpo_config(backbone: str = "qwen2.5-7b", module: str = "rg",
@@ -83,16 +89,19 @@ def paper_dpo_config(backbone: str = "qwen2.5-7b", module: str = "rg",
 def dpo_objective(pad_token_id: int, preference: PreferenceConfig,
                   packing: str = "turn") -> Objective:
     """Objective hook for the trainer: loss and metric SUMS over the pairs of a batch of items
-    in ``packing`` (pairs, or trees of pairs); the unit count is the batch's pairs."""
+    in ``packing`` (pairs, or trees of pairs); the unit count is the batch's pairs. The loss
+    reads each pair's log-probs and the labelled tokens of both replies (:class:`PairLogps`)."""
+    settings = preference.loss_settings()
 
     def loss(model, batch):
         chosen, rejected = pair_logprobs(model, batch)
         ref_c, ref_r = batch.get("ref_chosen"), batch.get("ref_rejected")
         if ref_c is None:  # a reference-free loss: never read
             ref_c = ref_r = torch.zeros_like(chosen)
-        losses, r_c, r_r = preference_losses(
-            preference.loss, chosen, rejected, ref_c, ref_r, preference.beta,
-            sft_weight=preference.sft_weight, chosen_tokens=batch["chosen_tokens"])
+        pairs = PairLogps(chosen, rejected, ref_c, ref_r, batch["chosen_tokens"],
+                          batch["rejected_tokens"])
+        losses, r_c, r_r = preference_losses(preference.loss, pairs, settings,
+                                             sft_weight=preference.sft_weight)
         metrics = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(),
                    "rewards/accuracies": (r_c > r_r).float().sum(),
                    "rewards/margins": (r_c - r_r).sum(),

@@ -100,13 +100,15 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> dict:
     """Turn packing: one right-padded batch of 2B rows, chosen replies first, then rejected.
 
     input_ids / labels (2B, T); ref_chosen / ref_rejected (B,) when the items carry them;
-    chosen_tokens (B,) labelled tokens of each chosen reply; num_tokens = real tokens.
+    chosen_tokens / rejected_tokens (B,) labelled tokens of each chosen / rejected reply;
+    num_tokens = real tokens.
     """
     ids = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
     labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
     batch = {"packing": "turn", "input_ids": pad_right(ids, pad_token_id),
              "labels": pad_right(labels, IGNORE_INDEX), "num_tokens": sum(len(r) for r in ids)}
     batch["chosen_tokens"] = target_counts(batch["labels"][:len(items)])
+    batch["rejected_tokens"] = target_counts(batch["labels"][len(items):])
     return _with_reference(batch, items)
 
 
@@ -114,9 +116,10 @@ def collate_pair_trees(items: list[dict], pad_token_id: int) -> dict:
     """Tree packing: one row per :func:`tree_pairs` item
     (:func:`decesc.train.data.collate_tree_items`). Sequences 2b and 2b+1 of the batch are pair
     b's chosen and rejected reply (pairs numbered across the batch, tree by tree);
-    chosen_tokens (B,) counts each chosen reply's labelled tokens."""
+    chosen_tokens / rejected_tokens (B,) count each chosen / rejected reply's labelled tokens."""
     batch = collate_tree_items(items, pad_token_id)
-    batch.update(packing="tree", chosen_tokens=batch["target_counts"][0::2])
+    batch.update(packing="tree", chosen_tokens=batch["target_counts"][0::2],
+                 rejected_tokens=batch["target_counts"][1::2])
     return _with_reference(batch, items)
 
 

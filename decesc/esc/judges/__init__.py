@@ -1,7 +1,10 @@
-"""Judges: which psychological errors a supporter reply shows, and its 0-5 rubric scores.
+"""Judges: the one psychological error label of a supporter reply, and its 0-5 rubric scores.
 
-The paper judges with gpt-4.1-mini (error types of Inferential Preference Mining, the Table 8
-rubric).  Three interchangeable judges share one interface (``.name``, ``.judge(item)``,
+The paper judges with gpt-4.1-mini-2025-04-14: each reply gets exactly one of the five error
+types of Inferential Preference Mining or "No Error" (`LABELS`, its Appendix A.2), and the four
+scores of its Table 8.  Every judge answers these two questions (:mod:`decesc.esc.judges.base`);
+an LLM judge asks each in its own request (:mod:`decesc.esc.judges.prompt`).  Three
+interchangeable judges share one interface (``.name``, ``.judge(item)``,
 ``.judge_many(items, progress=True)``) and one implementation of caching, fan-out, progress,
 retries and the total timeout (`Judge`, :mod:`decesc.esc.judges.fanout`):
 
@@ -23,22 +26,30 @@ from typing import Callable
 from decesc.formats.redact import redact
 
 from .base import (
+           ERROR_QUESTION,
            ERROR_TYPES,
+           LABELS,
+           NO_ERROR,
+           QUESTIONS,
            RUBRIC,
+           RUBRIC_QUESTION,
            InvalidReply,
            JudgeError,
            JudgeItem,
            Judgment,
-           parse_judgment,
+           combine,
+           label_shares,
+           parse_answer,
 )
 from .cache import JudgmentCache, cache_key
-from .fanout import Failure, Judge
+from .fanout import Ask, Failure, Judge
 from .local import LocalJudge
 from .openai import OpenAIJudge
-from .prompt import PROMPT_VERSION, SYSTEM_PROMPT, judge_messages, user_prompt
+from .prompt import PROMPT_VERSION, SYSTEM_PROMPTS, judge_messages, user_prompt
 from .rules import RuleJudge
 
 FLAGS = {"url": "--judge-url", "model": "--judge-model"}   # setting -> the pipeline's flag
+PAPER_MODEL = "gpt-4.1-mini-2025-04-14"   # the paper's judge (an OpenAI model; the openai judge)
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,10 @@ class JudgeSpec:
     name:  the ``--judge`` value.
     help:  one line for ``--help``.
     needs: settings that must be given ("url", "model" -> `FLAGS`), each with a hint ("" = none).
-    build: ``build(model=, url=, api_key_env=, cache_dir=, device=, **options) -> Judge``;
-           ``options`` are the judge class's own keyword arguments (timeouts, retries, ...).
+    build: ``build(model=, url=, api_key_env=, cache_dir=, device=, show_reference=,
+           **options) -> Judge``; ``options`` are the judge class's own keyword arguments
+           (timeouts, retries, ...); ``show_reference`` is ignored by judges that never read the
+           gold reply (rule).
     """
 
     name: str
@@ -58,19 +71,21 @@ class JudgeSpec:
     build: Callable[..., Judge]
 
 
-def _rule(*, model, url, api_key_env, cache_dir, device, **options) -> Judge:
+def _rule(*, model, url, api_key_env, cache_dir, device, show_reference, **options) -> Judge:
     return RuleJudge(cache_dir=cache_dir, **options)
 
 
-def _openai(*, model, url, api_key_env, cache_dir, device, **options) -> Judge:
-    return OpenAIJudge(url, model, api_key_env=api_key_env, cache_dir=cache_dir, **options)
+def _openai(*, model, url, api_key_env, cache_dir, device, show_reference, **options) -> Judge:
+    return OpenAIJudge(url, model, api_key_env=api_key_env, cache_dir=cache_dir,
+                       show_reference=show_reference, **options)
 
 
-def _local(*, model, url, api_key_env, cache_dir, device, **options) -> Judge:
+def _local(*, model, url, api_key_env, cache_dir, device, show_reference, **options) -> Judge:
     from decesc.formats.loading import load_pretrained
 
     network, tokenizer = load_pretrained(model, device=device)
-    return LocalJudge(network, tokenizer, name=str(model), cache_dir=cache_dir, **options)
+    return LocalJudge(network, tokenizer, name=str(model), cache_dir=cache_dir,
+                      show_reference=show_reference, **options)
 
 
 JUDGES: dict[str, JudgeSpec] = {spec.name: spec for spec in (
@@ -82,14 +97,22 @@ JUDGES: dict[str, JudgeSpec] = {spec.name: spec for spec in (
 )}
 
 
+def _without_url(name: str) -> str:
+    """The other judges that need no URL, as flags: "--judge rule or --judge local --judge-model MODEL"."""
+    return " or ".join(f"--judge {n}" + "".join(f" {FLAGS[s]} {s.upper()}" for s in spec.needs)
+                       for n, spec in JUDGES.items() if n != name and "url" not in spec.needs)
+
+
 def check_judge_settings(name: str, model: str | None, url: str | None) -> None:
-    """Raise ValueError naming the missing or bad flag for judge ``name`` (before any work)."""
+    """Raise ValueError naming the missing or bad flag for judge ``name`` (before any work); a
+    missing URL also names the judges that need none."""
     if name not in JUDGES:
         raise ValueError(f"config: --judge {name!r} is not a judge (choose from {', '.join(JUDGES)})")
     spec, given = JUDGES[name], {"model": model, "url": url}
     missing = [FLAGS[s] + (f" ({hint})" if hint else "") for s, hint in spec.needs.items() if not given[s]]
     if missing:
-        raise ValueError(f"config: --judge {name} needs {' and '.join(missing)}")
+        choose = f", or choose {_without_url(name)}" if "url" in spec.needs and not url else ""
+        raise ValueError(f"config: --judge {name} needs {' and '.join(missing)}{choose}")
     if "url" in spec.needs:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -98,19 +121,22 @@ def check_judge_settings(name: str, model: str | None, url: str | None) -> None:
 
 
 def make_judge(name: str, *, model: str | None = None, url: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY", cache_dir=None, device=None, **options) -> Judge:
+               api_key_env: str = "OPENAI_API_KEY", cache_dir=None, device=None,
+               show_reference: bool = False, **options) -> Judge:
     """The judge ``name`` of `JUDGES`, checked by `check_judge_settings` first.
 
-    ``device`` is where a local judge's model is loaded; ``options`` go to the judge's class
-    (e.g. ``timeout``, ``max_retries``, ``total_timeout``, ``workers`` for openai).
+    ``device`` is where a local judge's model is loaded; ``show_reference`` puts each item's
+    gold reply in an LLM judge's prompts (default: never shown); ``options`` go to the judge's
+    class (e.g. ``timeout``, ``max_retries``, ``total_timeout``, ``workers`` for openai).
     """
     check_judge_settings(name, model, url)
     return JUDGES[name].build(model=model, url=url, api_key_env=api_key_env, cache_dir=cache_dir,
-                              device=device, **options)
+                              device=device, show_reference=show_reference, **options)
 
 
-__all__ = ["ERROR_TYPES", "FLAGS", "JUDGES", "RUBRIC", "Failure", "InvalidReply", "Judge",
+__all__ = ["Ask", "ERROR_QUESTION", "ERROR_TYPES", "FLAGS", "JUDGES", "LABELS", "NO_ERROR",
+           "PAPER_MODEL", "QUESTIONS", "RUBRIC", "RUBRIC_QUESTION", "Failure", "InvalidReply", "Judge",
            "JudgeError", "JudgeItem", "JudgeSpec", "Judgment", "JudgmentCache", "LocalJudge",
-           "OpenAIJudge", "PROMPT_VERSION", "RuleJudge", "SYSTEM_PROMPT", "cache_key",
-           "check_judge_settings", "judge_messages", "make_judge", "parse_judgment", "redact",
-           "user_prompt"]
+           "OpenAIJudge", "PROMPT_VERSION", "RuleJudge", "SYSTEM_PROMPTS", "cache_key",
+           "check_judge_settings", "combine", "judge_messages", "label_shares", "make_judge", "parse_answer",
+           "redact", "user_prompt"]

@@ -1,26 +1,35 @@
-"""What a judge answers, and how an LLM judge's reply is read and checked.
+"""What a judge answers, and how an LLM judge's replies are read and checked.
 
-A judge looks at ONE candidate supporter reply in its dialogue context and answers two questions:
+A judge looks at ONE candidate supporter reply in its dialogue context and answers the two
+questions of the paper's judge (its Appendix A.2 for the errors, its Table 8 for the scores),
+each on its own:
 
-1. Which psychological error types the reply shows (any subset of `ERROR_TYPES`, the error
-   types of the paper's Inferential Preference Mining).
-   IPM routes them (dynamic data routing): Strategy Mismatch -> SP-DPO pairs; Lack of Empathy,
-   Early Emotion Shift, Template Response -> RG-DPO pairs; Emotion Misread is only analysed.
-2. The four integer rubric scores 0-5 of the paper's Table 8 (`RUBRIC`, levels described in
-   :mod:`decesc.esc.judges.prompt`).
+1. ``"error"`` (`ERROR_QUESTION`): which ONE label of `LABELS` fits the reply: one of the five
+   error types `ERROR_TYPES` of Inferential Preference Mining, or `NO_ERROR`.  The paper puts
+   each reply under exactly one type (its Table 1 counts add up to its pair counts), so a
+   judgment has one label, never a set.  IPM routes it (:mod:`decesc.esc.ipm`): Lack of
+   Empathy, Early Emotion Shift, Template Response -> RG-DPO pairs; Strategy Mismatch is the
+   planner's error (SP-DPO pairs come from the planner itself); Emotion Misread and No Error
+   give no pair.
+2. ``"rubric"`` (`RUBRIC_QUESTION`): four integer scores 0-5 (`RUBRIC`, the levels of Table 8
+   written in our own words in :mod:`decesc.esc.judges.prompt`).
 
-LLM judges must reply with one JSON object::
+An LLM judge asks each question in its own chat request and must answer with one JSON object::
 
-    {"errors": ["Lack of Empathy"], "scores": {"Fluency": 4, "Professionalism": 3,
-     "Empathy": 1, "Helpfulness": 2}, "rationale": "..."}
+    error:   {"label": "Lack of Empathy", "rationale": "..."}
+    rubric:  {"scores": {"Fluency": 4, "Professionalism": 3, "Empathy": 1, "Helpfulness": 2},
+              "rationale": "..."}
 
-`parse_judgment` reads such a reply: the first ``{...}`` object in the text is used (so a
-```json fence or chatter around it is fine), error names are matched ignoring case, spacing,
-"-" and "_"; unknown names, missing score keys and bad scores are rejected with an
-`InvalidReply` that names the field.  A score must be an integer 0-5: an int, an integral float
+`parse_answer` reads such a reply: the first ``{...}`` object in the text is used (so a ```json
+fence or chatter around it is fine) and extra keys are ignored.  A label is matched ignoring
+case, spacing, "-" and "_"; "none", "no error" (and JSON null) mean `NO_ERROR`; a list holding
+one label is read as that label, an empty list as `NO_ERROR`, and a list of several labels is
+rejected: the judge must pick one.  A score must be an integer 0-5: an int, an integral float
 (``4.0``) or a digit string (``"4"``); nothing is rounded, so ``2.5``, ``-1``, ``7``, ``NaN``,
-``Infinity`` and ``1e999`` (read as infinity) are all invalid.  The judges retry on
-`InvalidReply` like on any bad reply and raise one `JudgeError` when they give up.
+``Infinity`` and ``1e999`` (read as infinity) are all invalid.  Every problem is an
+`InvalidReply` naming the field (``field "label": ...``, ``field "scores.Empathy": ...``); the
+judges retry on it like on any bad reply and raise one `JudgeError` when they give up.
+`combine` makes one `Judgment` of the two answers.
 """
 
 from __future__ import annotations
@@ -32,8 +41,12 @@ from dataclasses import dataclass
 
 ERROR_TYPES: tuple[str, ...] = ("Strategy Mismatch", "Lack of Empathy", "Early Emotion Shift",
                                 "Template Response", "Emotion Misread")
+NO_ERROR = "No Error"
+LABELS: tuple[str, ...] = ERROR_TYPES + (NO_ERROR,)
 RUBRIC: tuple[str, ...] = ("Fluency", "Professionalism", "Empathy", "Helpfulness")
 SCORE_MIN, SCORE_MAX = 0, 5
+ERROR_QUESTION, RUBRIC_QUESTION = "error", "rubric"
+QUESTIONS: tuple[str, ...] = (ERROR_QUESTION, RUBRIC_QUESTION)
 
 
 class JudgeError(RuntimeError):
@@ -41,7 +54,7 @@ class JudgeError(RuntimeError):
 
 
 class InvalidReply(ValueError):
-    """A judge reply that is not a valid judgment; the message names the offending field."""
+    """A judge reply that is not a valid answer; the message names the offending field."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,8 @@ class JudgeItem:
                "Seeker: ..." / "Supporter: ...").
     response:  the candidate supporter reply (strategy tag already removed).
     strategy:  the strategy the supporter was asked to use (exact ESConv name), or None.
-    reference: the gold reply, if the judge may compare against it.
+    reference: the gold reply, if known; a judge shows it only when built with
+               ``show_reference=True`` (the pipeline's ``--judge-reference on``).
     situation: the seeker's situation / problem description, if known.
     """
 
@@ -70,25 +84,53 @@ class JudgeItem:
 
 @dataclass
 class Judgment:
-    errors: tuple[str, ...]           # subset of ERROR_TYPES, in ERROR_TYPES order; () = none
+    """A judge's verdict on one reply: ONE label of `LABELS`, the `RUBRIC` scores, a rationale."""
+
+    label: str                        # one of LABELS (NO_ERROR when the reply shows no error)
     scores: dict[str, int]            # one int 0..5 per RUBRIC key
     rationale: str = ""
 
     def to_dict(self) -> dict:
-        return {"errors": list(self.errors), "scores": dict(self.scores), "rationale": self.rationale}
+        return {"label": self.label, "scores": dict(self.scores), "rationale": self.rationale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Judgment":
-        """Validate a decoded JSON object (raises `InvalidReply`)."""
-        return validate_judgment(data)
+        """Validate a decoded JSON object (raises `InvalidReply`; an object in the old
+        multi-label form, ``{"errors": [...]}``, has no "label" and is rejected)."""
+        if not isinstance(data, dict):
+            raise InvalidReply(f"expected a JSON object, got {type(data).__name__}")
+        return cls(read_label(data), read_scores(data), _rationale(data))
 
 
 def _name_key(name: str) -> str:
     return " ".join(name.replace("-", " ").replace("_", " ").lower().split())
 
 
-_ERROR_KEYS = {_name_key(e): e for e in ERROR_TYPES}
+_LABEL_KEYS = {**{_name_key(label): label for label in LABELS}, "none": NO_ERROR, "no errors": NO_ERROR}
 _RUBRIC_KEYS = {_name_key(r): r for r in RUBRIC}
+
+
+def _shown(value, n: int = 60) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def read_label(data: dict) -> str:
+    """The one label of an error answer (raises `InvalidReply` naming the field "label")."""
+    if "label" not in data:
+        raise InvalidReply('field "label" is missing')
+    value = data["label"]
+    if isinstance(value, list):
+        if len(value) > 1:
+            raise InvalidReply(f'field "label": expected exactly one label, got {len(value)} '
+                               f"({_shown(value)}); choose the one that fits best")
+        value = value[0] if value else NO_ERROR
+    if value is None:
+        value = NO_ERROR
+    if not isinstance(value, str) or _name_key(value) not in _LABEL_KEYS:
+        raise InvalidReply(f'field "label": unknown label {_shown(value)} '
+                           f"(expected one of {', '.join(LABELS)})")
+    return _LABEL_KEYS[_name_key(value)]
 
 
 def _score(value, key: str) -> int:
@@ -108,28 +150,9 @@ def _score(value, key: str) -> int:
     return value
 
 
-def validate_judgment(data) -> Judgment:
-    """Check a decoded reply object and turn it into a `Judgment` (raises `InvalidReply`).
-
-    Extra top-level keys and extra score keys are ignored; "rationale" is optional.
-    """
-    if not isinstance(data, dict):
-        raise InvalidReply(f"expected a JSON object, got {type(data).__name__}")
-    if "errors" not in data:
-        raise InvalidReply('field "errors" is missing')
-    errors = data["errors"]
-    if errors is None or (isinstance(errors, str) and _name_key(errors) in ("", "none")):
-        errors = []
-    if isinstance(errors, str):
-        errors = [errors]
-    if not isinstance(errors, list):
-        raise InvalidReply(f'field "errors": expected a list, got {type(errors).__name__}')
-    found = set()
-    for e in errors:
-        if not isinstance(e, str) or _name_key(e) not in _ERROR_KEYS:
-            raise InvalidReply(f'field "errors": unknown error type {e!r} '
-                               f"(expected some of {', '.join(ERROR_TYPES)})")
-        found.add(_ERROR_KEYS[_name_key(e)])
+def read_scores(data: dict) -> dict[str, int]:
+    """The `RUBRIC` scores of a rubric answer, in `RUBRIC` order (extra keys are ignored;
+    raises `InvalidReply` naming the field "scores" or "scores.<dimension>")."""
     scores_in = data.get("scores")
     if not isinstance(scores_in, dict):
         raise InvalidReply('field "scores": missing or not an object')
@@ -139,9 +162,45 @@ def validate_judgment(data) -> Judgment:
         if _name_key(key) not in given:
             raise InvalidReply(f'field "scores.{key}" is missing')
         scores[key] = _score(given[_name_key(key)], key)
-    rationale = data.get("rationale", "")
-    rationale = rationale if isinstance(rationale, str) else json.dumps(rationale)
-    return Judgment(tuple(e for e in ERROR_TYPES if e in found), scores, rationale.strip())
+    return scores
+
+
+def _rationale(data: dict) -> str:
+    value = data.get("rationale", "")
+    return (value if isinstance(value, str) else json.dumps(value)).strip()
+
+
+def validate_answer(question: str, data) -> dict:
+    """Check a decoded answer to ``question`` and return it normalised (raises `InvalidReply`):
+    ``{"label", "rationale"}`` for `ERROR_QUESTION`, ``{"scores", "rationale"}`` for
+    `RUBRIC_QUESTION`."""
+    if question not in QUESTIONS:
+        raise ValueError(f"unknown judge question {question!r} (expected one of {', '.join(QUESTIONS)})")
+    if not isinstance(data, dict):
+        raise InvalidReply(f"expected a JSON object, got {type(data).__name__}")
+    if question == ERROR_QUESTION:
+        return {"label": read_label(data), "rationale": _rationale(data)}
+    return {"scores": read_scores(data), "rationale": _rationale(data)}
+
+
+def combine(answers: dict[str, dict]) -> Judgment:
+    """One `Judgment` from the validated answers to both questions (rationales joined by " | ")."""
+    error, rubric = answers[ERROR_QUESTION], answers[RUBRIC_QUESTION]
+    rationale = " | ".join(r for r in (error["rationale"], rubric["rationale"]) if r)
+    return Judgment(error["label"], dict(rubric["scores"]), rationale)
+
+
+def label_shares(labels) -> dict[str, float]:
+    """Percent of ``labels`` (one per judged reply) under each of `LABELS`, in `LABELS` order,
+    No Error included, so they sum to 100; NaN for every label when there are none (the error
+    shares of the paper's Figs. 2 and 7).  An unknown label is a ValueError naming it."""
+    labels = list(labels)
+    unknown = sorted(set(labels) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown judge label(s) {', '.join(map(repr, unknown))} "
+                         f"(expected one of {', '.join(LABELS)})")
+    n = len(labels)
+    return {label: 100 * labels.count(label) / n if n else math.nan for label in LABELS}
 
 
 def extract_json_object(text: str):
@@ -160,6 +219,6 @@ def extract_json_object(text: str):
     raise InvalidReply(f"no JSON object in the reply: {snippet!r}")
 
 
-def parse_judgment(text: str) -> Judgment:
-    """Read and validate a judge reply text (raises `InvalidReply`)."""
-    return validate_judgment(extract_json_object(text))
+def parse_answer(question: str, text: str) -> dict:
+    """Read and validate a judge's reply text to ``question`` (raises `InvalidReply`)."""
+    return validate_answer(question, extract_json_object(text))

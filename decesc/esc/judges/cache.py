@@ -1,19 +1,27 @@
-"""On-disk cache of judgments: reruns and resumes never pay for a judgment twice.
+"""On-disk cache of judge answers: reruns and resumes never pay for an answer twice.
 
-Key: ``sha256(json.dumps([judge.name, prompt]))`` where ``judge.name`` identifies the judge kind,
-its model and the prompt version, and ``prompt`` is the full prompt text the judge sees (for the
-rule judge: the item's fields).  Storage: one SQLite file ``judgments.sqlite3`` in ``cache_dir``
-(stdlib ``sqlite3``).  Every judgment is committed in its own transaction as soon as it is made,
-so a crash loses at most the judgment in flight and never leaves a torn entry (SQLite's
-write-ahead log makes each commit atomic).  Lookups are a primary-key read.  Only valid
-judgments are ever stored; failures are not cached, so a rerun tries them again.  The cache is
-safe to share between threads and between processes (SQLite locking).
+A judge answers two questions per reply (:mod:`decesc.esc.judges.base`); each answer is cached
+on its own.  Key: ``sha256(json.dumps([judge.name, question, prompt]))`` where ``judge.name``
+identifies the judge kind, its model and the prompt version (``PROMPT_VERSION``, or the rule
+judge's ``RULES_VERSION``), ``question`` is "error" or "rubric", and ``prompt`` is the full
+prompt text the judge sees for that question (for the rule judge: the item's fields).  So a new
+prompt version, the other question or another prompt text never finds an old answer.  The
+value is the answer as a JSON object (``{"label", "rationale"}`` or ``{"scores",
+"rationale"}``; a whole `Judgment` may be stored too); `decesc.esc.judges.fanout.Judge` checks
+every value it reads (`decesc.esc.judges.base.validate_answer`) and treats one that does not
+pass (e.g. a judgment in the old multi-label form) as a miss, which is judged again and
+overwritten.  Storage: one SQLite file ``judgments.sqlite3`` in ``cache_dir`` (stdlib
+``sqlite3``).  Every answer is committed in its own transaction as soon as it is made, so a
+crash loses at most the answer in flight and never leaves a torn entry (SQLite's write-ahead
+log makes each commit atomic).  Lookups are a primary-key read.  Only valid answers are ever
+stored; failures are not cached, so a rerun tries them again.  The cache is safe to share
+between threads and between processes (SQLite locking).
 
 A file that is not a readable SQLite database (truncated, overwritten) is moved aside to
 ``judgments.sqlite3.corrupt-<YYYYmmdd-HHMMSS>`` with one warning naming both files, and an empty
-cache is started in its place: the judgments it held are made again.  A write that fails (a full
+cache is started in its place: the answers it held are made again.  A write that fails (a full
 disk, a file-size limit) is not corruption: it raises an OSError naming the file, and the
-judgments committed before it stay.  The connection is closed by `JudgmentCache.close` (or
+answers committed before it stay.  The connection is closed by `JudgmentCache.close` (or
 ``with JudgmentCache(dir) as cache:``), and at the latest when the cache object is
 garbage-collected.
 """
@@ -34,7 +42,7 @@ import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
-from .base import InvalidReply, Judgment
+from .base import Judgment
 
 CACHE_FILE = "judgments.sqlite3"
 FULL_DISK = 1 << 20  # bytes free below which a failed write is taken for a full disk
@@ -42,8 +50,9 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TE
            "judgment TEXT NOT NULL, raw TEXT, created REAL NOT NULL)")
 
 
-def cache_key(judge_name: str, prompt: str) -> str:
-    return hashlib.sha256(json.dumps([judge_name, prompt]).encode("utf-8")).hexdigest()
+def cache_key(judge_name: str, question: str, prompt: str) -> str:
+    """The key of one answer: the judge (kind, model, prompt version), the question, the prompt."""
+    return hashlib.sha256(json.dumps([judge_name, question, prompt]).encode("utf-8")).hexdigest()
 
 
 @contextmanager
@@ -110,7 +119,7 @@ def _move_aside(path: Path, problem: Exception) -> Path:
 
 
 class JudgmentCache:
-    """A key -> Judgment store in ``<cache_dir>/judgments.sqlite3``."""
+    """A key -> answer (JSON object) store in ``<cache_dir>/judgments.sqlite3``."""
 
     def __init__(self, cache_dir: str | Path):
         self.path = Path(cache_dir) / CACHE_FILE
@@ -124,18 +133,21 @@ class JudgmentCache:
             self._db = _connect(self.path)
         self._finalizer = weakref.finalize(self, self._db.close)
 
-    def get(self, key: str) -> Judgment | None:
+    def get(self, key: str) -> dict | None:
+        """The stored answer (a decoded JSON object, not yet checked), or None."""
         with self._lock:
             row = self._db.execute("SELECT judgment FROM judgments WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         try:
-            return Judgment.from_dict(json.loads(row[0]))
-        except (ValueError, InvalidReply):  # unreadable row: treat as a miss, it gets rewritten
+            value = json.loads(row[0])
+        except ValueError:  # unreadable row: treat as a miss, it gets rewritten
             return None
+        return value if isinstance(value, dict) else None
 
-    def put(self, key: str, judge_name: str, judgment: Judgment, raw: str = "") -> None:
-        value = json.dumps(judgment.to_dict(), ensure_ascii=False)
+    def put(self, key: str, judge_name: str, answer: dict | Judgment, raw: str = "") -> None:
+        """Store one answer (a JSON object, or a whole `Judgment`) with the judge's raw reply."""
+        value = json.dumps(answer.to_dict() if isinstance(answer, Judgment) else answer, ensure_ascii=False)
         with self._lock, _writes(self.path):
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -1,35 +1,44 @@
 """The part every judge shares: cache, fan-out, progress, retries and the total timeout.
 
-A judge subclasses `Judge` and writes only "judge these uncached items"::
+A judge answers the two questions of :mod:`decesc.esc.judges.base` for every item (`QUESTIONS`:
+the one error label, the rubric scores).  One *ask* is (item, question); a judge subclasses
+`Judge` and writes only "answer these uncached asks"::
 
     class MyJudge(Judge):
         def __init__(self, cache_dir=None):
             super().__init__("my/v1", cache_dir=cache_dir)
-        def cache_text(self, item):                 # what the judge sees (hashed into the cache key)
-            return prompt_text(judge_messages(item))
-        def judge_uncached(self, items, attempt):   # one outcome per item, in order:
-            ...                                      # (Judgment, raw reply) or Failure("why")
+        def cache_text(self, item, question):       # what the judge sees (hashed into the cache key)
+            return prompt_text(judge_messages(item, question))
+        def judge_uncached(self, asks, attempt):    # one outcome per ask, in order:
+            ...                                      # (answer dict, raw reply) or Failure("why")
 
-`Judge.judge_many` then does, for a list of items:
+An answer is the dict `decesc.esc.judges.base.validate_answer` returns (``{"label",
+"rationale"}`` or ``{"scores", "rationale"}``).  `Judge.judge_many` then does, for a list of
+items:
 
-1. cache lookup: key ``cache_key(judge.name, judge.cache_text(item))`` in the `JudgmentCache`
-   of ``cache_dir`` (equal items are judged once);
-2. fan-out: the misses are cut into units of ``batch_size`` items; ``concurrency=None`` runs the
-   units one after the other in the caller's thread (local model, rules), ``concurrency=n`` on
-   ``n`` worker threads (HTTP judges);
-3. retries, per item: a unit calls ``judge_uncached(pending, attempt)`` for attempt 0, 1, ... up
-   to ``max_retries`` attempts in all, each time with only the items whose outcome was a
+1. cache lookup, per ask: key ``cache_key(judge.name, question, judge.cache_text(item,
+   question))`` in the `JudgmentCache` of ``cache_dir`` (equal asks are answered once); a
+   stored value that does not pass `validate_answer` (e.g. an old multi-label judgment) is a
+   miss;
+2. fan-out: the missing asks (item-major: an item's error ask, then its rubric ask) are cut
+   into units of ``batch_size`` asks; ``concurrency=None`` runs the units one after the other in
+   the caller's thread (local model, rules), ``concurrency=n`` on ``n`` worker threads (HTTP
+   judges);
+3. retries, per ask: a unit calls ``judge_uncached(pending, attempt)`` for attempt 0, 1, ... up
+   to ``max_retries`` attempts in all, each time with only the asks whose outcome was a
    retryable `Failure`, after waiting ``retry_delay(attempt, failure)`` seconds; a `Failure`
    with ``retry=False`` (a bad API key) is final at once;
-4. each valid judgment is cached as soon as its unit returns (in the caller's thread), and the
-   tqdm bar advances;
-5. the first item that fails for good ends the call: no new attempt starts, attempts in flight
-   finish (each bounded by the judge's own request timeout) and their judgments are cached,
-   then ONE `JudgeError` names the judge, the item (index, excerpt) and its last problem;
+4. each valid answer is cached as soon as its unit returns (in the caller's thread), and the
+   tqdm bar (one step per answer) advances;
+5. the first ask that fails for good ends the call: no new attempt starts, attempts in flight
+   finish (each bounded by the judge's own request timeout) and their answers are cached, then
+   ONE `JudgeError` names the judge, the item (index, excerpt), the question and its last
+   problem;
 6. ``total_timeout`` seconds after the call began (None = no bound), the call ends the same way
    with a `JudgeError`; attempts in flight are aborted (`Judge.abort`, e.g. by shutting the
    judge's sockets) so no worker thread outlives the call.  Units run in the caller's thread
-   check the deadline between attempts and units only.
+   check the deadline between attempts and units only;
+7. every item's two answers are combined into one `Judgment` (`decesc.esc.judges.base.combine`).
 
 Futures are never waited on after being cancelled (a cancelled, never-started future is never
 reported by ``as_completed``/``wait``), so a failing judge cannot hang the caller.  Every message
@@ -41,22 +50,29 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 from tqdm import tqdm
 
 from decesc.formats.redact import redact
 
-from .base import JudgeError, JudgeItem, Judgment
+from .base import QUESTIONS, InvalidReply, JudgeError, JudgeItem, Judgment, combine, validate_answer
 from .cache import cache_key, open_cache
 
 ABORT_GRACE = 10.0  # seconds to wait for aborted attempts to return before leaving them behind
 
 
+class Ask(NamedTuple):
+    """One question about one item: what `Judge.judge_uncached` answers."""
+
+    item: JudgeItem
+    question: str   # one of QUESTIONS
+
+
 @dataclass(frozen=True)
 class Failure:
-    """One item's failed attempt.
+    """One ask's failed attempt.
 
     message: what went wrong, one line (e.g. "HTTP 500 Internal Server Error: overloaded",
              "invalid reply: field "scores.Empathy": 7 is outside 0-5").
@@ -70,11 +86,11 @@ class Failure:
 
 
 class _Unit:
-    """A batch of uncached items (their cache keys) and what became of them."""
+    """A batch of uncached asks (their cache keys) and what became of them."""
 
-    def __init__(self, keys: list[str], firsts: list[int]):
-        self.keys, self.firsts = keys, firsts         # cache keys; first item index of each key
-        self.done: dict[int, tuple[Judgment, str]] = {}   # position in the unit -> answer
+    def __init__(self, keys: list[str], firsts: list[tuple[int, str]]):
+        self.keys, self.firsts = keys, firsts         # cache keys; first (item index, question) of each
+        self.done: dict[int, tuple[dict, str]] = {}       # position in the unit -> (answer, raw)
         self.failed: dict[int, Failure] = {}              # position -> last failure (final)
         self.last: dict[int, Failure] = {}                # position -> latest failure so far
         self.attempts = 0
@@ -86,8 +102,8 @@ class Judge:
     name:          identifies the judge kind, its model and prompt version; part of the cache key.
     cache_dir:     directory of the on-disk cache (None = no cache).
     concurrency:   None = units run in the caller's thread; n = n worker threads.
-    batch_size:    items per `judge_uncached` call.
-    max_retries:   attempts per item in all (the first try counts; 1 = never retry).
+    batch_size:    asks per `judge_uncached` call.
+    max_retries:   attempts per ask in all (the first try counts; 1 = never retry).
     total_timeout: seconds a `judge_many` call may take in all (None = no bound).
     secrets:       strings that never appear in a message (API key, URL password).
     """
@@ -110,19 +126,21 @@ class Judge:
         self.cache = open_cache(cache_dir)
 
     # ------------------------------------------------------------------ what a judge writes
-    def cache_text(self, item: JudgeItem) -> str:
-        """The text the judge sees for ``item`` (hashed with ``name`` into the cache key)."""
+    def cache_text(self, item: JudgeItem, question: str) -> str:
+        """The text the judge sees for ``item`` and ``question`` (hashed with ``name`` and the
+        question into the cache key)."""
         raise NotImplementedError
 
-    def judge_uncached(self, items: Sequence[JudgeItem], attempt: int) -> list:
-        """One outcome per item, in order: ``(Judgment, raw reply)`` or a `Failure`.
+    def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list:
+        """One outcome per ask, in order: ``(answer, raw reply)`` or a `Failure`; an answer is
+        what `decesc.esc.judges.base.validate_answer` returns for the ask's question.
 
-        ``attempt`` is 0 for the first try, 1 for the first retry of these items, and so on.
+        ``attempt`` is 0 for the first try, 1 for the first retry of these asks, and so on.
         """
         raise NotImplementedError
 
     def retry_delay(self, attempt: int, failure: Failure) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` of an item that failed (default 0)."""
+        """Seconds to wait before attempt ``attempt + 1`` of an ask that failed (default 0)."""
         return 0.0
 
     def abort(self) -> None:
@@ -139,36 +157,38 @@ class Judge:
     def judge_many(self, items: Sequence[JudgeItem], progress: bool = True) -> list[Judgment]:
         """Judge every item, in order (cache hits cost nothing); raises one `JudgeError` on failure.
 
-        Judgments made before a failure stay cached, so a rerun resumes where this one stopped.
+        Answers made before a failure stay cached, so a rerun resumes where this one stopped.
         """
         items = list(items)
         deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
-        keys = [cache_key(self.name, self.cache_text(item)) for item in items]
-        results: list[Judgment | None] = [None] * len(items)
-        todo: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            if key in todo:             # the same item again: judged once
-                todo[key].append(i)
-                continue
-            hit = self.cache.get(key) if self.cache is not None else None
-            if hit is None:
-                todo[key] = [i]
-            else:
-                results[i] = hit
+        answers: list[dict[str, dict]] = [{} for _ in items]
+        todo: dict[str, list[tuple[int, str]]] = {}   # cache key -> the asks it answers
+        for i, item in enumerate(items):
+            for question in QUESTIONS:
+                key = cache_key(self.name, question, self.cache_text(item, question))
+                if key in todo:             # the same ask again: answered once
+                    todo[key].append((i, question))
+                    continue
+                hit = self._cached(key, question)
+                if hit is None:
+                    todo[key] = [(i, question)]
+                else:
+                    answers[i][question] = hit
         missing = list(todo)
         batches = [missing[s:s + self.batch_size] for s in range(0, len(missing), self.batch_size)]
         units = [_Unit(batch, [todo[key][0] for key in batch]) for batch in batches]
-        bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo.values())),
-                   disable=not progress, desc=f"judge {self.name}", unit="item")
+        total = len(items) * len(QUESTIONS)
+        bar = tqdm(total=total, initial=total - sum(map(len, todo.values())),
+                   disable=not progress, desc=f"judge {self.name}", unit="answer")
         stop = threading.Event()
 
         def finish(unit: _Unit) -> JudgeError | None:   # in the caller's thread
-            for pos, (judgment, raw) in unit.done.items():
+            for pos, (answer, raw) in unit.done.items():
                 key = unit.keys[pos]
                 if self.cache is not None:
-                    self.cache.put(key, self.name, judgment, raw)
-                for i in todo[key]:
-                    results[i] = replace(judgment, scores=dict(judgment.scores))
+                    self.cache.put(key, self.name, answer, raw)
+                for i, question in todo[key]:
+                    answers[i][question] = answer
                 bar.update(len(todo[key]))
             return self._failure(unit, items) if unit.failed else None
 
@@ -180,10 +200,20 @@ class Judge:
         finally:
             bar.close()
         if error is None and any(len(u.done) < len(u.keys) for u in units):
-            error = self._timeout(units, items)       # only the deadline leaves items unjudged
+            error = self._timeout(units, items)       # only the deadline leaves asks unanswered
         if error is not None:
             raise error
-        return results
+        return [combine(a) for a in answers]
+
+    def _cached(self, key: str, question: str) -> dict | None:
+        """The cached answer under ``key`` if it is a valid answer to ``question``, else None."""
+        value = self.cache.get(key) if self.cache is not None else None
+        if value is None:
+            return None
+        try:
+            return validate_answer(question, value)
+        except InvalidReply:   # an old or damaged entry: asked again and overwritten
+            return None
 
     # ------------------------------------------------------------------ fan-out
     def _run_inline(self, units, items, finish, stop, deadline) -> JudgeError | None:
@@ -236,20 +266,21 @@ class Judge:
         return error
 
     def _run_unit(self, unit: _Unit, items, stop: threading.Event, deadline) -> None:
-        """Attempts of one unit until every item is judged or failed for good (worker thread)."""
+        """Attempts of one unit until every ask is answered or failed for good (worker thread)."""
         pending = list(range(len(unit.keys)))
         for attempt in range(self.max_retries):
             if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 return
             unit.attempts = attempt + 1
-            outcomes = self.judge_uncached([items[unit.firsts[p]] for p in pending], attempt)
+            asks = [Ask(items[unit.firsts[p][0]], unit.firsts[p][1]) for p in pending]
+            outcomes = self.judge_uncached(asks, attempt)
             if len(outcomes) != len(pending):
                 raise RuntimeError(f"{self.name}: judge_uncached returned {len(outcomes)} outcomes "
-                                   f"for {len(pending)} items")
+                                   f"for {len(pending)} asks")
             retry = []
             for pos, outcome in zip(pending, outcomes):
                 if isinstance(outcome, Failure) and stop.is_set():
-                    continue   # the call is over (an abort may have caused it): not this item's fault
+                    continue   # the call is over (an abort may have caused it): not this ask's fault
                 if isinstance(outcome, Failure):
                     unit.last[pos] = outcome
                     if outcome.retry and attempt + 1 < self.max_retries:
@@ -273,8 +304,8 @@ class Judge:
 
     # ------------------------------------------------------------------ the one error
     def _describe(self, unit: _Unit, pos: int, items, n: int) -> str:
-        i = unit.firsts[pos]
-        return f"item {i + 1} of {n} ({items[i].short()})"
+        i, question = unit.firsts[pos]
+        return f"item {i + 1} of {n} ({items[i].short()}), {question} question"
 
     def _failure(self, unit: _Unit, items) -> JudgeError:
         pos, failure = next(iter(sorted(unit.failed.items())))
@@ -289,14 +320,15 @@ class Judge:
                                       f"{what}{tail}"))
 
     def _timeout(self, units: list[_Unit], items) -> JudgeError:
-        unjudged = [(u, p) for u in units for p in range(len(u.keys)) if p not in u.done]
-        unit, pos = min(unjudged, key=lambda up: up[0].firsts[up[1]])
+        unanswered = [(u, p) for u in units for p in range(len(u.keys)) if p not in u.done]
+        unit, pos = min(unanswered, key=lambda up: up[0].firsts[up[1]][0])   # the earliest item
         last = unit.last.get(pos) or unit.failed.get(pos)
         problem = last.message if last else "no answer yet"
+        unjudged = len({u.firsts[p][0] for u, p in unanswered})
         return JudgeError(self.redact(
             f"{self.name}: gave up after the total timeout of {self.total_timeout:g} s with "
-            f"{len(unjudged)} item(s) unjudged; first: {self._describe(unit, pos, items, len(items))}; "
-            f"last problem: {problem} (raise the judge's total_timeout or fix the judge; judgments "
+            f"{unjudged} item(s) unjudged; first: {self._describe(unit, pos, items, len(items))}; "
+            f"last problem: {problem} (raise the judge's total_timeout or fix the judge; answers "
             "made so far are cached)"))
 
     # ------------------------------------------------------------------ resources

@@ -1,11 +1,15 @@
 """A judge that asks an OpenAI-compatible chat endpoint (vLLM, llama.cpp server, a hosted API).
 
-Stdlib only (``urllib.request``).  One request per item::
+Stdlib only (``urllib.request``).  Two requests per item, one per question of
+:mod:`decesc.esc.judges.prompt` (the one error label, then the rubric scores), each cached
+under its own key::
 
     POST {base_url}/chat/completions
     {"model": ..., "messages": [system, user], "temperature": 0.0}
     (+ "response_format": {"type": "json_object"} when json_mode=True; off by default because
     many local servers reject it)
+
+The gold reply is in the prompt only with ``show_reference=True``.
 
 with ``Authorization: Bearer $OPENAI_API_KEY`` when that variable (``api_key_env``) is set; a
 missing key is allowed (local servers need none) and reported by one warning per judge.  User
@@ -14,18 +18,19 @@ info in the base URL (``http://user:pass@host/v1``) is taken out of the URL and 
 
 Failures and what happens (the retries, fan-out and total timeout are `Judge`'s):
 - timeout (``timeout`` seconds per request), connection error, HTTP 429 and 5xx, a body that is
-  not a chat completion, a reply that is not a valid judgment
-  (`decesc.esc.judges.base.parse_judgment`, which rejects NaN, infinite and out-of-range
-  scores): try again after ``backoff * 2**k`` seconds (k = 0, 1, ...; a numeric Retry-After
-  header of a 429/503 is honoured, up to 60 s), at most ``max_retries`` attempts per item, then
-  one `JudgeError` naming the judge, the item and the server's last message;
+  not a chat completion, a reply that is not a valid answer
+  (`decesc.esc.judges.base.parse_answer`, which rejects several labels and NaN, infinite and
+  out-of-range scores): try again after ``backoff * 2**k`` seconds (k = 0, 1, ...; a numeric
+  Retry-After header of a 429/503 is honoured, up to 60 s), at most ``max_retries`` attempts per
+  request, then one `JudgeError` naming the judge, the item, the question and the server's last
+  message;
 - any other HTTP 4xx (bad key, unknown model, prompt too long): `JudgeError` at once, with the
   server's message;
 - ``total_timeout`` seconds after ``judge_many`` began (None = no bound): `JudgeError`, and the
   requests in flight are cut off (their sockets are shut down).
 Every message is redacted (:mod:`decesc.formats.redact`): the key, Bearer tokens, key-like
 strings and URL user info never appear in errors, warnings or the repr.
-``judge_many`` sends the uncached items from ``workers`` threads; each judgment is cached as soon
+``judge_many`` sends the uncached requests from ``workers`` threads; each answer is cached as soon
 as it arrives, so an interrupted run resumes where it stopped.
 """
 
@@ -48,8 +53,8 @@ from typing import Sequence
 
 from decesc.formats.redact import redact, split_userinfo
 
-from .base import InvalidReply, JudgeItem, parse_judgment
-from .fanout import Failure, Judge
+from .base import InvalidReply, JudgeItem, parse_answer
+from .fanout import Ask, Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
 
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -159,17 +164,19 @@ class OpenAIJudge(Judge):
     """LLM judge over an OpenAI-compatible ``/chat/completions`` endpoint (see module docstring).
 
     timeout:       seconds per request (connect + answer).
-    max_retries:   attempts per item in all (the first try counts; 1 = never retry).
+    max_retries:   attempts per request in all (the first try counts; 1 = never retry).
     backoff:       seconds before the first retry, doubled for each further one.
     workers:       requests in flight at once.
     total_timeout: seconds a ``judge_many`` call may take in all (None = no bound beyond
-                   ``max_retries`` x (``timeout`` + backoff) per item).
+                   ``max_retries`` x (``timeout`` + backoff) per request).
+    show_reference: put the item's gold reply in the prompt (default: never shown).
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0,
                  temperature: float = 0.0, workers: int = 4, cache_dir=None,
-                 json_mode: bool = False, total_timeout: float | None = None):
+                 json_mode: bool = False, total_timeout: float | None = None,
+                 show_reference: bool = False):
         url, user, password = split_userinfo(base_url.rstrip("/") + "/chat/completions")
         api_key = os.environ.get(api_key_env) or None
         host = urllib.parse.urlsplit(url).hostname
@@ -183,7 +190,7 @@ class OpenAIJudge(Judge):
                          secrets=secrets)
         self.url, self.model, self.timeout = url, model, timeout
         self.backoff, self.temperature, self.workers = backoff, temperature, workers
-        self.json_mode = json_mode
+        self.json_mode, self.show_reference = json_mode, show_reference
         self._authorization = (f"Bearer {api_key}" if api_key else None if user is None else
                                "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
         if api_key is None:
@@ -238,15 +245,15 @@ class OpenAIJudge(Judge):
         return content
 
     # ------------------------------------------------------------------ the Judge hooks
-    def cache_text(self, item: JudgeItem) -> str:
-        return prompt_text(judge_messages(item))
+    def cache_text(self, item: JudgeItem, question: str) -> str:
+        return prompt_text(judge_messages(item, question, self.show_reference))
 
-    def judge_uncached(self, items: Sequence[JudgeItem], attempt: int) -> list:
+    def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list:
         outcomes = []
-        for item in items:   # one item per call (batch_size 1): the workers are the fan-out
+        for item, question in asks:   # one ask per call (batch_size 1): the workers are the fan-out
             try:
-                content = self._post(judge_messages(item))
-                outcomes.append((parse_judgment(content), content))
+                content = self._post(judge_messages(item, question, self.show_reference))
+                outcomes.append((parse_answer(question, content), content))
             except _Fatal as e:
                 outcomes.append(Failure(str(e), retry=False))
             except _Retry as e:

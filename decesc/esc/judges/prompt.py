@@ -1,25 +1,40 @@
-"""The prompt shared by the LLM judges (OpenAI-compatible and local).
+"""The two prompts shared by the LLM judges (OpenAI-compatible and local).
 
-The system prompt is built from the dictionaries below, so the definitions the judge sees and
-the ones documented here are the same text.  Error definitions paraphrase the paper's error
-types of Inferential Preference Mining; the rubric follows the style of the paper's Table 8
-(0 = harmful or incoherent ... 5 = excellent) in our own words.  Change ``PROMPT_VERSION`` whenever the text changes: it is part of every judge's
-``name`` and therefore of the cache key, so old cached judgments are not reused by mistake.
+An LLM judge asks two questions per reply, each in its own chat request (see
+:mod:`decesc.esc.judges.base`):
+
+- the error question (`ERROR_QUESTION`): the five error types of the paper's Inferential
+  Preference Mining (its Appendix A.2), each defined in our own words with one short made-up
+  example (in-context learning, as the paper prompts its judge), and the instruction to answer
+  with exactly ONE label, or "No Error";
+- the rubric question (`RUBRIC_QUESTION`): Fluency, Professionalism, Empathy and Helpfulness,
+  each an integer 0-5, with a criterion for every level in the style of the paper's Table 8
+  (0 = harmful or incoherent ... 5 = excellent), again in our own words.
+
+The system prompts are built from the dictionaries below, so the definitions the judge sees and
+the ones documented here are the same text.  The gold reply is shown only when asked
+(``reference=True``; the pipeline's ``--judge-reference on``): by default the judge sees the
+context, the requested strategy and the candidate reply.  Change ``PROMPT_VERSION`` whenever
+the text changes: it is part of every LLM judge's ``name`` and therefore of the cache key
+(with the question and the full prompt text), so old cached answers are never reused by
+mistake.  "p1" was the single combined multi-label prompt; "p2" is the two questions.
 """
 
 from __future__ import annotations
 
 from decesc.esc.strategies import DEFINITIONS, normalize_strategy
 
-from .base import ERROR_TYPES, RUBRIC, JudgeItem
+from .base import ERROR_QUESTION, ERROR_TYPES, LABELS, NO_ERROR, QUESTIONS, RUBRIC, RUBRIC_QUESTION, JudgeItem
 
-PROMPT_VERSION = "p1"
+PROMPT_VERSION = "p2"
 
 ERROR_DEFINITIONS: dict[str, str] = {
-    "Strategy Mismatch": "the reply does not carry out the strategy the supporter was asked to "
-                         "use, or its approach does not fit the seeker's current state",
+    "Strategy Mismatch": "the reply's approach does not suit where the seeker is right now or "
+                         "what the conversation needs (e.g. advice while the seeker still needs "
+                         "to be heard), or it does not carry out the strategy the supporter was "
+                         "asked to use",
     "Lack of Empathy": "the reply does not notice, name or validate the feelings the seeker "
-                       "has expressed",
+                       "has expressed; it may be cold, dismissive or purely factual",
     "Early Emotion Shift": "the reply pushes toward a brighter mood or toward fixing the problem "
                            "before it has acknowledged how the seeker feels right now",
     "Template Response": "stock, generic wording that could be sent to anyone and ignores this "
@@ -28,10 +43,11 @@ ERROR_DEFINITIONS: dict[str, str] = {
                        "excitement or names a feeling the seeker did not show",
 }
 
-# One short made-up example per error type (seeker turn -> faulty reply).
+# One short made-up example per error type (seeker turn -> faulty reply), written for decesc.
 ERROR_EXAMPLES: dict[str, str] = {
-    "Strategy Mismatch": 'asked to use Question, the supporter writes "You should talk to your '
-                         'landlord tomorrow." (no question at all)',
+    "Strategy Mismatch": 'seeker: "I just need to vent, my boss yelled at me in front of '
+                         'everyone." reply (asked to use Question): "You should talk to HR '
+                         'tomorrow."',
     "Lack of Empathy": 'seeker: "My cat died this morning and I keep crying." reply: "Cats '
                        'usually live about fifteen years."',
     "Early Emotion Shift": 'seeker: "I failed my driving test again, I feel useless." reply: '
@@ -41,73 +57,91 @@ ERROR_EXAMPLES: dict[str, str] = {
     "Emotion Misread": 'seeker: "I got the job but I am terrified I will mess it up." reply: '
                        '"How exciting, you must be thrilled!"',
 }
+NO_ERROR_EXAMPLE = ('seeker: "My cat died this morning and I keep crying." reply: "I am so sorry. '
+                    'Losing a companion you saw every day hurts. What was she like?"')
 
 RUBRIC_LEVELS: dict[str, tuple[str, ...]] = {
     "Fluency": (
-        "unreadable or incoherent",
-        "mostly broken, hard to follow",
-        "many grammar slips, awkward or repetitive",
-        "understandable, some awkward phrasing",
-        "natural, only minor slips",
-        "natural, clear and well formed",
+        "unreadable: garbled, cut off mid-thought or incoherent",
+        "hard to follow: broken sentences, wrong or missing words",
+        "readable with effort: several grammar slips, awkward or repetitive wording",
+        "clear overall, with a few awkward phrases or small slips",
+        "natural and clear, at most a minor slip",
+        "natural, clear and well formed, as a fluent person would write it",
     ),
     "Professionalism": (
-        "harmful, rude or unsafe",
-        "judgmental, preachy or inappropriate in tone",
-        "clumsy: generic advice, overconfident claims or lecturing",
-        "acceptable supporter behaviour, nothing wrong but nothing skilled",
-        "respectful, well judged, follows good support practice",
-        "what a skilled counsellor would say here",
+        "harmful, rude or unsafe (e.g. blames the seeker, encourages risky behaviour)",
+        "judgmental, preachy or inappropriate for a supporter",
+        "clumsy support: generic advice, overconfident claims, lecturing or oversharing",
+        "acceptable supporter behaviour: nothing wrong, nothing skilled",
+        "respectful and well judged, following good support practice",
+        "what a skilled counsellor would say at this point of the conversation",
     ),
     "Empathy": (
-        "dismissive or hurtful",
+        "dismissive or hurtful toward the seeker's feelings",
         "ignores the seeker's feelings",
-        "token acknowledgement only",
+        "a token acknowledgement only",
         "acknowledges the feelings in a generic way",
         "clearly understands and validates this seeker's feelings",
-        "deep, specific and warm understanding",
+        "deep, specific and warm understanding of this seeker's feelings and situation",
     ),
     "Helpfulness": (
-        "makes things worse",
-        "of no use to the seeker",
-        "of little use, vague or off topic",
-        "somewhat helpful, moves the talk a little",
+        "makes things worse for the seeker",
+        "of no use: off topic or empty",
+        "of little use: vague, or only loosely related to the seeker's problem",
+        "somewhat helpful: moves the conversation a little",
         "helpful and relevant to the seeker's problem",
-        "very helpful, clearly moves the seeker forward",
+        "very helpful: clearly moves the seeker forward (understanding, relief or a next step)",
     ),
 }
 
-OUTPUT_FORMAT = (
-    '{"errors": [zero or more of ' + ", ".join(f'"{e}"' for e in ERROR_TYPES) + '], '
-    '"scores": {' + ", ".join(f'"{r}": 0-5' for r in RUBRIC) + '}, '
-    '"rationale": "one or two sentences"}'
-)
+ERROR_FORMAT = ('{"label": one of ' + ", ".join(f'"{label}"' for label in LABELS)
+                + ', "rationale": "one sentence"}')
+RUBRIC_FORMAT = ('{"scores": {' + ", ".join(f'"{r}": 0-5' for r in RUBRIC) + '}, '
+                 '"rationale": "one or two sentences"}')
+
+_ROLE = ("You are an expert reviewer of emotional-support conversations between a help-seeker and "
+         "a supporter. You will see the conversation so far, the support strategy the supporter "
+         "was asked to use, and one candidate reply from the supporter (sometimes also a "
+         "reference reply written by a trained supporter, for comparison only). Judge only the "
+         "candidate reply. Do not reward or punish a reply for its length, and ignore names.\n\n")
 
 
-def _system_prompt() -> str:
+def _error_prompt() -> str:
     errors = "\n".join(f'- "{e}": {ERROR_DEFINITIONS[e]}.\n  Example: {ERROR_EXAMPLES[e]}'
                        for e in ERROR_TYPES)
-    rubric = "\n".join(f"{r}: " + "; ".join(f"{i} = {lvl}" for i, lvl in enumerate(RUBRIC_LEVELS[r]))
-                       + "." for r in RUBRIC)
     return (
-        "You are an expert reviewer of emotional-support conversations between a help-seeker and "
-        "a supporter. You will see the conversation so far, the support strategy the supporter "
-        "was asked to use, and a candidate reply from the supporter (sometimes also a reference "
-        "reply written by a trained supporter). Judge only the candidate reply.\n\n"
-        "Part 1 - errors. List every error type the candidate reply shows (none, one or "
-        "several):\n" + errors + "\n\n"
-        "Part 2 - scores. Rate the candidate reply on each dimension with an integer from 0 to 5:\n"
-        + rubric + "\n\n"
-        "Answer with one JSON object and nothing else, in exactly this form:\n" + OUTPUT_FORMAT
-        + "\nUse an empty list for \"errors\" when the reply shows none of them."
+        _ROLE + "Task: classify the candidate reply. Choose exactly ONE label: the error type "
+        "below that best describes the reply's main problem, or \"" + NO_ERROR + "\" when it "
+        "shows none of them.\n" + errors + "\n"
+        f'- "{NO_ERROR}": the reply shows none of the errors above.\n  Example: {NO_ERROR_EXAMPLE}'
+        "\n\nIf several error types seem to apply, pick the one that hurts the seeker most; never "
+        "list more than one.\n\nAnswer with one JSON object and nothing else, in exactly this "
+        "form:\n" + ERROR_FORMAT
     )
 
 
-SYSTEM_PROMPT = _system_prompt()
+def _rubric_prompt() -> str:
+    rubric = "\n".join(f"{r}:\n" + "\n".join(f"  {i} = {level}" for i, level in enumerate(RUBRIC_LEVELS[r]))
+                       for r in RUBRIC)
+    return (
+        _ROLE + "Task: rate the candidate reply on four dimensions, each with an integer from 0 "
+        "to 5, using these criteria:\n" + rubric + "\n\n"
+        "Answer with one JSON object and nothing else, in exactly this form:\n" + RUBRIC_FORMAT
+    )
 
 
-def user_prompt(item: JudgeItem) -> str:
-    """The user message for one item (raises ValueError on an unknown strategy name)."""
+SYSTEM_PROMPTS: dict[str, str] = {ERROR_QUESTION: _error_prompt(), RUBRIC_QUESTION: _rubric_prompt()}
+_ASK = {ERROR_QUESTION: "Give the one label of the candidate reply as the JSON object.",
+        RUBRIC_QUESTION: "Give your JSON scores of the candidate reply."}
+
+
+def user_prompt(item: JudgeItem, question: str, reference: bool = False) -> str:
+    """The user message for one item and question; the gold reply is shown only when
+    ``reference`` is true and the item has one (raises ValueError on an unknown strategy name or
+    question)."""
+    if question not in QUESTIONS:
+        raise ValueError(f"unknown judge question {question!r} (expected one of {', '.join(QUESTIONS)})")
     parts = []
     if item.situation:
         parts.append(f"Seeker's situation: {item.situation.strip()}")
@@ -119,16 +153,17 @@ def user_prompt(item: JudgeItem) -> str:
         parts.append("Strategy the supporter was asked to use: not given; judge whether the "
                      "reply's approach fits the seeker.")
     parts.append("Candidate reply to judge:\n" + item.response.strip())
-    if item.reference:
+    if reference and item.reference:
         parts.append("Reference reply (for comparison only; the candidate need not match it):\n"
                      + item.reference.strip())
-    parts.append("Give your JSON judgment of the candidate reply.")
+    parts.append(_ASK[question])
     return "\n\n".join(parts)
 
 
-def judge_messages(item: JudgeItem) -> list[dict]:
-    """Chat messages [system, user] sent to an LLM judge."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_prompt(item)}]
+def judge_messages(item: JudgeItem, question: str, reference: bool = False) -> list[dict]:
+    """Chat messages [system, user] sent to an LLM judge for one question."""
+    user = user_prompt(item, question, reference)   # checks the question first
+    return [{"role": "system", "content": SYSTEM_PROMPTS[question]}, {"role": "user", "content": user}]
 
 
 def prompt_text(messages: list[dict]) -> str:

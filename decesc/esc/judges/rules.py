@@ -13,7 +13,24 @@ turn (negative words such as "anxious", "lonely", "crying" vs positive ones such
 the other side: "not great" is negative); when
 the latest turn has none, the two seeker turns before it and then the situation are used.
 
-Errors (a reply may get several):
+The judge answers the same two questions as the LLM judges (:mod:`decesc.esc.judges.base`):
+ONE label and the four rubric scores.  Each rule below checks one error type; when several fire
+the label is the first of them in this order (`PRIORITY`), the most specific and most harmful
+diagnosis first:
+
+1. Lack of Empathy, when the reply is rude or dismissive (the worst a supporter can do);
+2. Emotion Misread (a reply that names the opposite feeling also fails to validate the real
+   one: the misreading is the cause, so it is the label);
+3. Early Emotion Shift (likewise: the reply moves on before acknowledging);
+4. Template Response (generic wording that acknowledges nothing specific);
+5. Lack of Empathy, for the other cases (the feelings are simply left unacknowledged);
+6. Strategy Mismatch (a missing surface marker of the requested strategy: the weakest evidence
+   of all the rules, and a planner-level error, so any response-level error comes first).
+
+"No Error" when no rule fires.  The rationale names the label's rule first, then the other rules
+that fired ("also: ...").  The scores count every rule that fired, whatever the label.
+
+Errors (the rules):
 
 Lack of Empathy -- the latest seeker turn voices a negative feeling and the reply has no
 acknowledging phrase ("sorry", "that sounds ...", "I can imagine", "it is okay to feel", "you
@@ -93,8 +110,8 @@ from typing import Sequence
 
 from decesc.esc.strategies import normalize_strategy
 
-from .base import ERROR_TYPES, RUBRIC, JudgeItem, Judgment
-from .fanout import Judge
+from .base import ERROR_QUESTION, NO_ERROR, RUBRIC, JudgeItem, Judgment
+from .fanout import Ask, Judge
 from .lexicon import (
            ACKNOWLEDGE,
            AFFIRM,
@@ -122,15 +139,20 @@ from .lexicon import (
            words,
 )
 
-RULES_VERSION = "r1"
+RULES_VERSION = "r2"   # r1 answered any subset of the error types; r2 answers one label
+# The label when several rules fire: (error type, only when the reply is rude or dismissive).
+PRIORITY: tuple[tuple[str, bool], ...] = (
+    ("Lack of Empathy", True), ("Emotion Misread", False), ("Early Emotion Shift", False),
+    ("Template Response", False), ("Lack of Empathy", False), ("Strategy Mismatch", False))
 
 
 # ---------------------------------------------------------------------------------- the judge
 class RuleJudge(Judge):
     """Deterministic heuristic judge (see the module docstring for every rule).
 
-    It never fails on a well-formed item, so it makes one attempt per item, in the caller's
-    thread, in units of 256 items; an unknown strategy name raises ValueError.
+    It never fails on a well-formed item, so it makes one attempt per ask, in the caller's
+    thread, in units of 256 asks (an item's two asks share one run of the rules); an unknown
+    strategy name raises ValueError.  It never reads the gold reply.
     """
 
     def __init__(self, cache_dir=None):
@@ -139,11 +161,22 @@ class RuleJudge(Judge):
     def __repr__(self) -> str:
         return "RuleJudge()"
 
-    def cache_text(self, item: JudgeItem) -> str:
-        return json.dumps([item.context, item.response, item.strategy, item.reference, item.situation])
+    def cache_text(self, item: JudgeItem, question: str) -> str:
+        return json.dumps([item.context, item.response, item.strategy, item.situation])
 
-    def judge_uncached(self, items: Sequence[JudgeItem], attempt: int) -> list[tuple[Judgment, str]]:
-        return [(self._judge(item), "") for item in items]
+    def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list[tuple[dict, str]]:
+        """The label answer or the scores answer of each ask, from one `_judge` per item."""
+        judged: dict[str, Judgment] = {}
+        outcomes = []
+        for item, question in asks:
+            text = self.cache_text(item, question)
+            if text not in judged:
+                judged[text] = self._judge(item)
+            j = judged[text]
+            answer = ({"label": j.label, "rationale": j.rationale} if question == ERROR_QUESTION
+                      else {"scores": dict(j.scores), "rationale": ""})
+            outcomes.append((answer, ""))
+        return outcomes
 
     # ------------------------------------------------------------------ rules
     def _judge(self, item: JudgeItem) -> Judgment:
@@ -228,9 +261,13 @@ class RuleJudge(Judge):
         scores = self._scores(item.response, r, r_words, r_content, errors, rude, dismissive,
                               ack_at is not None, names_feeling, len(shared) >= 2,
                               state is not None or voiced_negative)
-        ordered = tuple(e for e in ERROR_TYPES if e in errors)
-        rationale = "; ".join(f"{e}: {errors[e]}" for e in ordered) or "no rule fired"
-        return Judgment(ordered, scores, rationale)
+        harsh = rude or dismissive
+        label = next((e for e, only_harsh in PRIORITY if e in errors and (harsh or not only_harsh)), NO_ERROR)
+        if label == NO_ERROR:
+            return Judgment(NO_ERROR, scores, "no rule fired")
+        others = [f"{e}: {why}" for e, why in errors.items() if e != label]
+        rationale = f"{label}: {errors[label]}" + (f" (also: {'; '.join(others)})" if others else "")
+        return Judgment(label, scores, rationale)
 
     @staticmethod
     def _scores(raw: str, r: str, r_words, r_content, errors, rude, dismissive, ack, names_feeling,

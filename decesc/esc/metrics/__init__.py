@@ -1,6 +1,8 @@
 """Evaluation metrics (paper §4.1 and Table 3): strategy preference / bias, strategy F1 and distribution, text metrics,
-and their uncertainty (dialogue bootstrap, the always-defined TV bias)."""
+and their uncertainty (dialogue bootstrap, the always-defined TV bias); and how far two judges agree
+(Cohen's kappa)."""
 
+from decesc.esc.metrics.agreement import cohen_kappa
 from decesc.esc.metrics.preference import (
     preference,
     preference_bias,
@@ -15,4 +17,5 @@ __all__ = [
     "weighted_f1", "macro_f1", "strategy_distribution",
     "text_metrics", "tokenize",
     "bootstrap", "strategy_bootstrap", "tv_bias",
+    "cohen_kappa",
 ]
