@@ -271,6 +271,7 @@ def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> 
     """The report's header lines: what was scored on how many turns, and - for a smoke-scale run
     (the built-in sample or the demo profile) - that it cannot show the method."""
     c = run.config
+    recipes = ", ".join(s.name for s in SYSTEMS if not s.every_turn)
     notes = []
     if c.data == BUILTIN or c.resolved_profile() == "demo":
         notes.append(f"**Smoke-scale run** ({c.resolved_profile()} profile on {c.data} data: at most "
@@ -280,8 +281,8 @@ def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> 
                      "\"Results on ESConv\"; reproduce them with `python -m tools.train --data "
                      "../shared/data/esconv --profile cpu`.")
     notes.append(f"Strategy metrics (B, TV, Q_W, Q, preference, distribution) on all {tests} "
-                 f"{c.eval_split} turns ({dialogues} dialogues), except the prompted recipes (Direct-Refine, "
-                 f"Self-Refine, Emotion CoT), whose strategy follows text they generate: they plan the "
+                 f"{c.eval_split} turns ({dialogues} dialogues), except the prompted recipes ({recipes}), "
+                 f"whose strategy follows text they generate: they plan the "
                  f"{replied} replied turns only (a seeded subset; the turns column says how many). Replies "
                  f"and text metrics on those {replied} turns; Flu/Pro/Emp/Hel and error types are the "
                  f"`{c.judge}` judge's, on {judged} replies per system. Base systems and recipes are the "
