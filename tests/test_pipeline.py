@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decesc.esc.metrics import STAGES
 from tools import chat as chat_cli
 from tools import evaluate as evaluate_cli
 from tools import train as train_cli
@@ -20,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--max-seq-len", "1024", "--max-new-tokens", "12", "--max-train-examples", "8",
         "--sft-batch-size", "4", "--mine-contexts", "4", "--mine-samples", "2", "--max-pairs", "6",
         "--dpo-batch-size", "4", "--eval-turns", "4", "--gen-batch-size", "4", "--dtype", "fp32"]
+
+
+TABLE5 = ("dpo-vanilla-nsnr", "dpo-vanilla-psnr", "dpo-vanilla-nspr")
 
 
 def train(run_dir, *extra):
@@ -33,7 +37,7 @@ def tokens(run_dir):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run") / "tiny"
-    assert train(d) == 0
+    assert train(d, "--systems", "all") == 0
     return d
 
 
@@ -49,18 +53,52 @@ def test_every_stage_writes_its_outputs(run_dir, capsys):
         assert {"prompt", "strategy", "chosen", "rejected", "error_types", "source_model"} <= set(pair)
     assert json.loads((run_dir / "mine" / "stats.json").read_text())["sp"]["pairs"] > 0
     assert list((run_dir / "ref_cache").glob("*.safetensors"))
-    report = json.loads((run_dir / "eval" / "report.json").read_text())["systems"]
+    record = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = record["systems"]
     nine = ["Vanilla Base", "Direct-Refine", "Self-Refine", "Emotion CoT", "Vanilla SFT", "Vanilla DPO",
             "Decoupled Base", "Decoupled SFT", "Decoupled DPO"]  # Table 3's rows, in its order
-    assert [r["system"] for r in report] == nine + ["Chance: majority", "Chance: prior"]
-    for row in report[:9]:  # every Table-3 column, every strategy read, every reply judged
+    table4 = ["RG SFT (gold strategy)", "RG DPO (gold strategy)"]
+    table5 = [f"Vanilla DPO (PsPr vs {c})" for c in ("NsNr", "PsNr", "NsPr")]
+    assert [r["system"] for r in report] == nine + table4 + table5 + ["Chance: majority", "Chance: prior"]
+    for row in report[:9] + report[11:14]:  # every Table-3 column, every strategy read, every reply judged
         assert all(isinstance(row[k], float) for k in ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel",
                                                         "TV", "Q_W", "Q")), row["system"]
         assert "B" in row and row["unparseable"] == 0 and row["replied"] == row["judged"] > 0, row["system"]
         # the recipes plan the replied turns, every other system all of them
         assert row["turns"] == (row["replied"] if row["system"] in nine[1:4] else report[-1]["turns"])
+    by_name = {r["system"]: r for r in report}
+    for name in table4:  # Table 4: replies of the generator given the gold strategy, no strategy metrics
+        row = by_name[name]
+        assert row["replied"] == row["judged"] > 0 and isinstance(row["R-L"], float) and row["B"] is None, name
+        assert row["preference"] is None and row["tables"] == [4], name
+    for name in table5 + ["Vanilla DPO"]:  # Table 5: the pairs of its kind it trained on, and its B
+        assert 5 in by_name[name]["tables"] and "B" in by_name[name], name
+    stats = json.loads((run_dir / "mine" / "stats.json").read_text())["vanilla"]["by_category"]
+    assert [by_name[n]["pairs"] for n in table5] == [min(stats.get(c, 0), 6) for c in ("NsNr", "PsNr", "NsPr")]
+    assert by_name["Vanilla DPO"]["pairs"] == min(sum(stats.values()), 6)
+    for stage in ("dpo-vanilla-nsnr", "dpo-vanilla-psnr", "dpo-vanilla-nspr"):
+        assert (run_dir / stage / "DONE.json").is_file(), stage
+    # Table 2: both sides of the RG pairs judged; Fig. 8: gold and every planning system by stage;
+    # Fig. 9: the SP pairs' strategies, chosen against rejected
+    pair_scores = record["pair_scores"]
+    assert pair_scores["pairs"] > 0 and set(pair_scores["scores"]) == {"Fluency", "Professionalism", "Empathy",
+                                                                       "Helpfulness"}
+    assert list(record["stage_shares"]) == ["Gold"] + nine + table5
+    (won,) = record["win_rates"]  # Fig. 6: Decoupled DPO against Vanilla DPO on the judged turns
+    assert (won["a"], won["b"], len(won["items"])) == ("Decoupled DPO", "Vanilla DPO", report[0]["judged"])
+    assert all(sum(won["win_rates"][dim][o] for o in ("win", "tie", "loss")) == pytest.approx(100)
+               for dim in pair_scores["scores"])
+    assert record["pair_strategies"]["pairs"] == json.loads((run_dir / "mine" / "stats.json").read_text())["sp"]["pairs"]
     md = (run_dir / "eval" / "report.md").read_text()
-    assert all(f"| {name} |" in md for name in nine) and "unparseable" in md
+    assert all(f"| {name} |" in md for name in nine + table4 + table5) and "unparseable" in md
+    for section in ("## Table 2", "## Table 4", "## Table 5", "## Win rates: Decoupled DPO against Vanilla DPO",
+                    "## Strategy shares by dialogue stage",
+                    "## Strategies of the Strategy Planner's pairs"):
+        assert section in md, section
+    assert all(f"| {name} | {stage} |" in md for name in record["stage_shares"] for stage in STAGES)
+    for chart in ("pair_type_bias", "pair_type_preference", "strategy_stages", "sp_pair_strategies"):
+        assert (run_dir / "eval" / f"{chart}.svg").read_text().startswith("<svg"), chart
+        assert f"({chart}.svg)" in md, chart
     outputs = json.loads((run_dir / "eval" / "outputs.json").read_text())["systems"]
     # what a recipe's intermediate steps wrote is kept beside its replies, never as one
     assert [list(t) for t in outputs["Self-Refine"]["steps"][:1]] == [["first reply", "feedback", "revision"]]
@@ -102,14 +140,14 @@ def test_each_stage_frees_its_models(tmp_path):
             assert " s, peak RSS " in line and line.endswith(" MB"), line
 
     run_pipeline(config, log=log)
-    assert alive == {stage: int(stage in ("mine", "eval")) for stage in NAMES}
+    assert alive == {stage: int(stage in ("mine", "eval")) for stage in NAMES if stage not in TABLE5}
 
 
 def test_rerun_skips_every_stage(run_dir, capsys):
     before = tokens(run_dir)
     assert train(run_dir) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 8
+    assert out.count("up to date, skipped") == 11  # the fixture runs every system: Table 5's stages too
     assert tokens(run_dir) == before
 
 
@@ -127,27 +165,32 @@ def test_deleting_a_stage_reruns_it_and_its_dependents_only(run_dir, capsys):
     before = after
     assert train(run_dir) == 0
     after = tokens(run_dir)
-    assert {s for s in after if after[s] != before[s]} == {"mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval"}
+    assert {s for s in after if after[s] != before[s]} == {"mine", "dpo-sp", "dpo-rg", "dpo-vanilla", *TABLE5, "eval"}
     capsys.readouterr()
 
 
 def test_changed_setting_reruns_the_affected_stages(run_dir, capsys):
     before = tokens(run_dir)
+    outputs = (run_dir / "eval" / "outputs.json").read_bytes()
     assert train(run_dir, "--judge-samples", "2") == 0
     after = tokens(run_dir)
     assert {s for s in after if after[s] != before[s]} == {"eval"}
+    # the rerun kept the stored outputs (Stage.keeps): rescored, not generated again
+    assert (run_dir / "eval" / "outputs.json").read_bytes() == outputs
+    assert "Vanilla Base:" not in capsys.readouterr().err
     capsys.readouterr()
     # the run remembers its settings: without flags nothing is stale
     assert train_cli.main(["--run-dir", str(run_dir), "--status"]) == 0
-    assert capsys.readouterr().out.count(" done") == 8
+    assert capsys.readouterr().out.count(" done") == 11
     # a changed setting makes its stage stale and, transitively, everything downstream
     assert train(run_dir, "--mine-samples", "3", "--status") == 0
     status = dict(line.split() for line in capsys.readouterr().out.splitlines())
-    assert [s for s, v in status.items() if v == "stale"] == ["mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval"]
+    assert [s for s, v in status.items() if v == "stale"] == ["mine", "dpo-sp", "dpo-rg", "dpo-vanilla", *TABLE5, "eval"]
     # asking for eval alone then is an error naming what is out of date; config.json is untouched
     saved = (run_dir / "config.json").read_text()
     assert train(run_dir, "--mine-samples", "3", "--stages", "eval") == 1
-    assert "stage eval needs dpo-sp, dpo-rg, dpo-vanilla to be up to date" in capsys.readouterr().err
+    assert ("stage eval needs mine, dpo-vanilla, dpo-sp, dpo-rg, dpo-vanilla-nsnr, dpo-vanilla-psnr, "
+            "dpo-vanilla-nspr to be up to date") in capsys.readouterr().err
     assert (run_dir / "config.json").read_text() == saved
     assert train(run_dir, "--judge-samples", "100") == 0
     capsys.readouterr()
@@ -155,7 +198,7 @@ def test_changed_setting_reruns_the_affected_stages(run_dir, capsys):
 
 def test_status_and_bad_stage(run_dir, capsys):
     assert train(run_dir, "--status") == 0
-    assert capsys.readouterr().out.count(" done") == 8
+    assert capsys.readouterr().out.count(" done") == 11
     assert train(run_dir, "--stages", "sft-sp,nope") == 2
     assert "unknown stage(s) nope" in capsys.readouterr().err
 
@@ -191,7 +234,7 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     eval_report = (run_dir / "eval" / "report.json").read_text()
     assert evaluate_cli.main([str(run_dir), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
-    assert len(rows) == 11 and all(r["turns"] == 4 for r in rows)  # the nine systems + two chance rows
+    assert len(rows) == 16 and all(r["turns"] == 4 for r in rows)  # 14 systems + two chance rows
     assert [r["Q"] for r in rows] == [r["Q"] for r in json.loads(eval_report)["systems"]]  # same outputs reused
     assert not list((run_dir / "evaluate").glob("outputs-*.json"))
     assert "report written to" in capsys.readouterr().out
@@ -202,7 +245,7 @@ def test_evaluate_cli_on_the_run(run_dir, tmp_path, capsys):
     assert (run_dir / "eval" / "report.json").read_text() == eval_report
     capsys.readouterr()
     assert train(run_dir) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 8
+    assert capsys.readouterr().out.count("up to date, skipped") == 11
 
 
 def test_evaluate_reports_how_far_two_judges_agree(run_dir, tmp_path, capsys):
@@ -230,7 +273,7 @@ def test_evaluate_names_runs_with_the_same_name_apart(run_dir, tmp_path, capsys)
     assert evaluate_cli.main(runs + ["--out", str(tmp_path / "rep"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["systems"]
     names = [r["system"] for r in rows]
-    assert len(set(names)) == len(names) == 33  # 3 runs x (9 systems + 2 chance rows)
+    assert len(set(names)) == len(names) == 48  # 3 runs x (14 systems + 2 chance rows)
     assert {n.split(": ")[0] for n in names} == {"x1/run", "x2/run", "other"}
     capsys.readouterr()
 
@@ -392,10 +435,12 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     report = json.loads((run / "eval" / "report.json").read_text())
     rows = {r["system"]: r for r in report["systems"]}
     recipes = ("Direct-Refine", "Self-Refine", "Emotion CoT")  # they plan the replied turns only
-    assert all(r["turns"] == (3 if name in recipes else n_turns["test"]) for name, r in rows.items())
-    assert [r["replied"] for r in rows.values()] == [3] * 9 + [0, 0]
+    gold = ("RG SFT (gold strategy)", "RG DPO (gold strategy)")  # Table 4: they write the replied turns
+    assert all(r["turns"] == (3 if name in recipes + gold else n_turns["test"]) for name, r in rows.items())
+    assert [r["replied"] for r in rows.values()] == [3] * 11 + [0, 0]
     assert all(r["unparseable"] == 0 for r in rows.values())  # constrained tags, planner scores
-    assert all(set(r["ci"]) == {"B", "TV", "Q_W", "Q"} for r in rows.values())
+    assert all(set(r["ci"]) == {"B", "TV", "Q_W", "Q"} for name, r in rows.items() if name not in gold)
+    assert not any("ci" in rows[name] for name in gold)  # no strategy of their own, no interval
     every_turn = ("Vanilla Base", "Vanilla SFT", "Vanilla DPO", "Decoupled Base", "Decoupled SFT", "Decoupled DPO")
     assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
         (a, b, m) for a, b in (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"),
@@ -452,7 +497,8 @@ def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsy
     --systems "Decoupled SFT" "Vanilla SFT" --reply-turns 0: two system rows and the chance rows,
     B/TV of Decoupled SFT - Vanilla SFT and Q_W of each against the prior; a second call reuses
     the stored outputs; Decoupled DPO is refused, naming the stage it lacks; and after sft-sp is
-    trained again the outputs are generated again."""
+    trained again Decoupled SFT's outputs are generated again, Vanilla SFT's kept (outputs are
+    stored per system with the tokens of the stages that made them)."""
     run = tmp_path / "d2"
     assert train(run, "--stages", "sft-sp,sft-vanilla", "--max-train-dialogues", "2") == 0
     sft = ["--split", "valid", "--reply-turns", "0", "--eval-turns", "6", "--bootstrap-replicates", "20",
@@ -474,7 +520,10 @@ def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsy
     shutil.rmtree(run / "sft-sp")
     assert train(run, "--stages", "sft-sp", "--max-train-dialogues", "2") == 0
     assert evaluate_cli.main([str(run), *sft, "--systems", "Decoupled SFT"]) == 0
-    assert json.loads(stored.read_text())["settings"] != json.loads(before)["settings"]
+    after, before = json.loads(stored.read_text()), json.loads(before)
+    assert after["trained"]["Decoupled SFT"] != before["trained"]["Decoupled SFT"]  # generated again
+    assert after["trained"]["Vanilla SFT"] == before["trained"]["Vanilla SFT"]  # its stages unchanged: kept
+    assert after["systems"]["Vanilla SFT"] == before["systems"]["Vanilla SFT"]
 
 
 def test_chat_renders_the_history_format_the_modules_were_trained_with():

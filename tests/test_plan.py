@@ -306,7 +306,7 @@ def test_plan_checks_the_config_against_the_weights(tmp_path, capsys):
 def test_plan_calibrates_the_tiny_model(tmp_path, capsys):
     assert main(["--model", "tiny", "--run-dir", str(tmp_path / "r"), "--plan"]) == 0
     out = capsys.readouterr().out
-    assert "| eval | 26 turns x 9 systems |" in out and '"train_block_s_per_token"' in out
+    assert "| eval | 26 turns x 11 systems |" in out and '"train_block_s_per_token"' in out
     # the prefill's growth is calibrated from the prompts' length (a long tree row measured too)
     assert int(re.search(r'"prefill_len": (\d+)', out).group(1)) > 0
 

@@ -108,16 +108,29 @@ def test_recipes_run_on_dialogue_trees_as_turn_by_turn():
         assert [list(t) for t in tree_texts] == [[s.name for s in recipe.steps]] * 4
 
 
-def test_the_systems_of_table_3():
-    """Nine declarations, in Table 3's order: the prompted ones need no training stage and read
-    the full-style prompts; a recipe plans the replied turns only."""
+def test_the_systems_of_tables_3_4_and_5():
+    """Table 3's nine declarations in its order, then Table 4's two and Table 5's three: the
+    prompted ones need no training stage and read the full-style prompts; a recipe plans the
+    replied turns only; a Table 4 system needs only the generator's stages and plans nothing; a
+    Table 5 system reads its category's DPO stage."""
     assert [s.name for s in SYSTEMS] == ["Vanilla Base", "Direct-Refine", "Self-Refine", "Emotion CoT",
                                          "Vanilla SFT", "Vanilla DPO", "Decoupled Base", "Decoupled SFT",
-                                         "Decoupled DPO"]
+                                         "Decoupled DPO", "RG SFT (gold strategy)", "RG DPO (gold strategy)",
+                                         "Vanilla DPO (PsPr vs NsNr)", "Vanilla DPO (PsPr vs PsNr)",
+                                         "Vanilla DPO (PsPr vs NsPr)"]
+    assert [s.table for s in SYSTEMS] == [3] * 9 + [4] * 2 + [5] * 3
     assert [s.stages(replies=True) for s in SYSTEMS if s.prompted] == [()] * 5
     assert BY_NAME["Decoupled DPO"].stages(replies=True) == ("sft-sp", "dpo-sp", "sft-rg", "dpo-rg")
     assert BY_NAME["Decoupled SFT"].stages(replies=False) == ("sft-sp",)
-    assert [s.name for s in SYSTEMS if not s.every_turn] == ["Direct-Refine", "Self-Refine", "Emotion CoT"]
+    assert BY_NAME["RG DPO (gold strategy)"].stages(replies=True) == ("sft-rg", "dpo-rg")
+    assert BY_NAME["Vanilla DPO (PsPr vs NsPr)"].stages(replies=True) == ("sft-vanilla", "dpo-vanilla-nspr")
+    assert [s.name for s in SYSTEMS if not s.every_turn] == ["Direct-Refine", "Self-Refine", "Emotion CoT",
+                                                             "RG SFT (gold strategy)", "RG DPO (gold strategy)"]
+    assert [s.name for s in SYSTEMS if not s.plans] == ["RG SFT (gold strategy)", "RG DPO (gold strategy)"]
+    with pytest.raises(ValueError, match="the gold strategy is given to a trained generator"):
+        System("Gold Base", "Decoupled", (), gold_strategy=True)
+    with pytest.raises(ValueError, match="selects the pairs of a vanilla DPO model"):
+        System("Vanilla SFT (NsNr)", "Vanilla", ("sft",), category="NsNr")
     short = build_examples(load_dialogues(builtin_sample_path())[:1], "rg", style="short")[:2]
     assert {e.style for e in BY_NAME["Decoupled Base"].turns(short)} == {"full"}
     assert BY_NAME["Vanilla SFT"].turns(short) == short
@@ -125,9 +138,13 @@ def test_the_systems_of_table_3():
         System("Refined SFT", "Vanilla", ("sft",), DIRECT_REFINE)
 
 
-def test_the_systems_setting_names_systems():
+def test_the_systems_setting_names_systems_and_tables():
     assert parse_systems("all") == SYSTEMS
     assert [s.name for s in parse_systems("Decoupled SFT, Vanilla Base")] == ["Vanilla Base", "Decoupled SFT"]
+    assert parse_systems("table3,table4") == SYSTEMS[:11]
+    assert [s.name for s in parse_systems("table5")] == ["Vanilla DPO", "Vanilla DPO (PsPr vs NsNr)",
+                                                         "Vanilla DPO (PsPr vs PsNr)", "Vanilla DPO (PsPr vs NsPr)"]
+    assert parse_systems("table4, RG SFT (gold strategy)") == SYSTEMS[9:11]  # a name twice counts once
     with pytest.raises(ValueError, match=r"--systems 'Vanilla SFT,Chain': unknown system\(s\) 'Chain'"):
         parse_systems("Vanilla SFT,Chain")
     with pytest.raises(ValueError, match="--systems is empty"):

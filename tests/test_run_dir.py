@@ -363,3 +363,20 @@ def test_sigint_and_sigterm_stop_evaluate_cleanly(tmp_path, capsys, monkeypatch,
     assert _interrupted(lambda: evaluate_cli.main([str(tmp_path / "a"), str(tmp_path / "b")])) == code
     assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted; run the same command again to resume (run directory {tmp_path / 'a'})"]
+
+
+def test_the_runs_data_given_in_another_spelling_keeps_the_runs_spelling(tmp_path, monkeypatch):
+    """The settings hashes compare text: a run made with an absolute --data, continued with a
+    relative one naming the same directory (or with a trailing slash), keeps its own spelling, so
+    no stage reads as changed; another directory, or a path that does not exist, is taken as given."""
+    from decesc.pipeline.config import build_config
+
+    (tmp_path / "esconv").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": str(tmp_path / "esconv"), "model": "tiny", "run_dir": "r"}
+    for spelling in ("esconv", "esconv/", "./other/../esconv"):
+        assert build_config(overrides={"data": spelling}, saved=saved).data == str(tmp_path / "esconv"), spelling
+    assert build_config(overrides={"data": "other"}, saved=saved).data == "other"
+    assert build_config(overrides={"data": "missing"}, saved=saved).data == "missing"
+    assert build_config(overrides={"model": "tiny"}, saved=saved).model == "tiny"  # a name, not a path

@@ -65,13 +65,15 @@ BEFORE = {
     "dpo-sp": _DPO + ("dpo_lr_sp", "dpo_beta_sp"),
     "dpo-rg": _DPO + ("dpo_lr_rg", "dpo_beta_rg"),
     "dpo-vanilla": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla"),
+    **{f"dpo-vanilla-{c}": _DPO + ("dpo_lr_vanilla", "dpo_beta_vanilla") for c in ("nsnr", "psnr", "nspr")},
     "eval": _COMMON + _GEN + _JUDGE + ("eval_split", "eval_turns", "judge_samples", "reply_turns",
                                        "bootstrap_replicates") + _EVAL,
 }
 
 
 def test_run_order_and_dependencies_come_from_the_declarations():
-    assert NAMES == ("sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval")
+    assert NAMES == ("sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla",
+                     "dpo-vanilla-nsnr", "dpo-vanilla-psnr", "dpo-vanilla-nspr", "eval")
     for i, stage in enumerate(STAGES):
         assert all(NAMES.index(d) < i for d in stage.after), stage.name
     assert BY_NAME["dpo-rg"].after == ("sft-rg", "mine")
@@ -82,6 +84,31 @@ def test_run_order_and_dependencies_come_from_the_declarations():
     assert parse_stages("all") == list(NAMES)
     with pytest.raises(ValueError, match="unknown stage"):
         parse_stages("sft-sp,nope")
+
+
+def test_the_table5_stages_run_when_a_chosen_system_reads_them():
+    """The default systems (Tables 3 and 4) read no category's DPO stage, so "all" leaves the three
+    on-demand stages out and the eval stage does not wait for them; naming one Table 5 system
+    brings in exactly its stage; with no replies the decoupled systems need only the planner's."""
+    from dataclasses import replace
+
+    from decesc.pipeline.config import PipelineConfig
+    from decesc.pipeline.stages import wanted
+
+    c = PipelineConfig()
+    main = ["sft-sp", "sft-rg", "sft-vanilla", "mine", "dpo-sp", "dpo-rg", "dpo-vanilla", "eval"]
+    assert wanted(c) == parse_stages("all", c) == main
+    assert set(BY_NAME["eval"].depends(c)) == {"mine", "sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg",
+                                                "dpo-vanilla"}  # mine: Table 2 and Fig. 9 read its pairs
+    one = replace(c, systems="Vanilla DPO (PsPr vs PsNr)")
+    assert wanted(one) == main[:-1] + ["dpo-vanilla-psnr", "eval"]
+    assert BY_NAME["eval"].depends(one) == ("mine", "sft-vanilla", "dpo-vanilla-psnr")
+    assert parse_stages("dpo-vanilla-nsnr", c) == ["dpo-vanilla-nsnr"]  # named: runs on demand
+    assert wanted(replace(c, systems="table5"))[-4:] == ["dpo-vanilla-nsnr", "dpo-vanilla-psnr",
+                                                          "dpo-vanilla-nspr", "eval"]
+    planner_only = replace(c, systems="Decoupled SFT,Vanilla Base", reply_turns=0)
+    assert BY_NAME["eval"].depends(planner_only) == ("mine", "sft-sp")
+    assert BY_NAME["eval"].depends(replace(c, systems="Vanilla Base,Decoupled Base")) == ()  # prompted only
 
 
 def test_settings_read_by_each_stage_are_derived_from_field_metadata():
@@ -184,7 +211,8 @@ def test_torchrun_refuses_single_process_stages(tmp_path, monkeypatch):
     monkeypatch.setattr("decesc.pipeline.run.STAGES", tuple(stages.BY_NAME.values()))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="under torchrun only these stages run: "
-                                         "sft-sp, sft-rg, sft-vanilla, dpo-sp, dpo-rg, dpo-vanilla; "
+                                         "sft-sp, sft-rg, sft-vanilla, dpo-sp, dpo-rg, dpo-vanilla, "
+                                         "dpo-vanilla-nsnr, dpo-vanilla-psnr, dpo-vanilla-nspr; "
                                          "run mine, eval in a single process"):
         run_pipeline(PipelineConfig(run_dir=str(tmp_path), model="tiny"), ["sft-sp", "mine", "eval"])
     assert not (tmp_path / ".lock").exists()

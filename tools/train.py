@@ -37,7 +37,9 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    help="JSON file of settings (keys are the flag names with underscores); "
                         "flags given here win over it")
     p.add_argument("--stages", default="all",
-                   help=f"comma-separated stages to run, or 'all' (default). Stages: {', '.join(STAGES)}")
+                   help=f"comma-separated stages to run, or 'all' (default: every stage but the "
+                        f"on-demand dpo-vanilla-<category> ones, which run when --systems names "
+                        f"their Table 5 systems). Stages: {', '.join(STAGES)}")
     p.add_argument("--status", action="store_true",
                    help="print each stage's status in the run directory and exit")
     plan = p.add_argument_group("cost plan (nothing is trained or written)")
@@ -167,7 +169,7 @@ def run_pipeline(argv: list[str]) -> int:
     from decesc.pipeline.run import Run
     from decesc.pipeline.run import run_pipeline as run_stages
     from decesc.pipeline.stages import NAMES as STAGES
-    from decesc.pipeline.stages import parse_stages
+    from decesc.pipeline.stages import parse_stages, wanted
 
     args = pipeline_parser().parse_args(argv)
     cli_only = ("config", "stages", "status", "plan", "nproc", "device_memory", "plan_costs")
@@ -179,14 +181,15 @@ def run_pipeline(argv: list[str]) -> int:
         if (run_dir / "config.json").is_file():
             saved = {**read_config_file(run_dir / "config.json"), "run_dir": str(run_dir)}
         config = build_config(args.config, overrides, saved)
-        stages = parse_stages(args.stages)
+        stages = parse_stages(args.stages, config)
     except (ValueError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.status:
         run = Run(config)
-        for stage in STAGES:
-            print(f"{stage:12s} {run.status(stage)}")
+        for stage in STAGES:  # "on-demand": not run yet, and no chosen system reads it
+            status = run.status(stage)
+            print(f"{stage:17s} {'on-demand' if status == 'todo' and stage not in wanted(config) else status}")
         return 0
     if args.plan:
         return print_plan(config, stages, args)
@@ -217,7 +220,8 @@ def run_pipeline(argv: list[str]) -> int:
         if "eval" in stages and report.is_file():
             print()
             print(report.read_text())
-            print(f"report: {report} (also report.json, strategy_distribution.svg, error_types.svg)")
+            charts = ", ".join(sorted(p.name for p in report.parent.glob("*.svg")))
+            print(f"report: {report} (also report.json, {charts})")
     return 0
 
 

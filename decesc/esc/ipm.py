@@ -39,7 +39,7 @@ from decesc.formats.records import PreferencePair
 
 STRATEGY_MISMATCH = "Strategy Mismatch"
 RG_ROUTED = ("Lack of Empathy", "Early Emotion Shift", "Template Response")
-VANILLA_CATEGORIES = ("PsNr", "NsPr", "NsNr")
+VANILLA_CATEGORIES = ("NsNr", "PsNr", "NsPr")  # in the order of the paper's Table 5
 
 
 @dataclass

@@ -19,13 +19,19 @@ the report adds a table of 95% intervals of B, TV, Q_W and Q and one of the pair
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from decesc.esc.charts import (
+    error_chart_svg,
+    pair_strategy_chart_svg,
+    pair_type_charts_svg,
+    stage_chart_svg,
+    strategy_chart_svg,
+)
 from decesc.esc.judges import LABELS, RUBRIC, label_shares
 from decesc.esc.metrics import (
     macro_f1,
@@ -37,6 +43,7 @@ from decesc.esc.metrics import (
     weighted_f1,
 )
 from decesc.esc.metrics.uncertainty import tv_bias
+from decesc.esc.metrics.winrate import win_rate_markdown
 from decesc.esc.strategies import SHORT, STRATEGIES
 from decesc.formats.atomic import atomic_write_text
 
@@ -44,6 +51,19 @@ COLUMNS = ("D-1", "B-1", "F1", "R-L", "Flu", "Pro", "Emp", "Hel", "B", "TV", "Q_
 TEXT_COLUMNS = ("D-1", "B-1", "F1", "R-L")
 INTERVAL_COLUMNS = ("B", "TV", "Q_W", "Q")  # x100 for Q_W and Q, as in the main table
 SCALE = {"B": 1.0, "TV": 1.0, "Q_W": 100.0, "Q": 100.0}
+# the paper's Table 3 (the systems), Table 4 (the generator alone), Table 5 (vanilla DPO by pair type)
+MAIN_TABLE, GOLD_STRATEGY_TABLE, PAIR_CATEGORY_TABLE = 3, 4, 5
+TABLE4_COLUMNS = (*TEXT_COLUMNS, "Flu", "Pro", "Emp", "Hel")
+
+
+@dataclass
+class Analyses:
+    """The report's sections beside its tables of systems (each None / empty when not made)."""
+
+    pair_scores: dict | None = None  # Table 2: decesc.pipeline.analyses.rg_pair_scores
+    win_rates: list[dict] = field(default_factory=list)  # Fig. 6: decesc.pipeline.compare results
+    stage_shares: dict | None = None  # Fig. 8: {"Gold" / system: {stage: {strategy: percent}}}
+    pair_strategies: dict | None = None  # Fig. 9: decesc.esc.metrics.strategy.pair_strategy_shares
 
 
 @dataclass
@@ -61,10 +81,13 @@ class SystemOutputs:
     judged: list[int] = field(default_factory=list)  # indices of the judged turns
 
 
-def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: list[str]) -> dict:
-    """All report numbers for one system (a flat dict, JSON-ready; NaN where undefined)."""
+def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: list[str],
+                 tables: tuple[int, ...] = (3,)) -> dict:
+    """All report numbers for one system (a flat dict, JSON-ready; NaN where undefined), as a
+    row of the paper's ``tables``: a Table 4 system is given the gold strategies, so its strategy
+    columns are NaN and it has no preference or distribution (None)."""
     replies = out.replies or []
-    row: dict = {"system": out.name, "turns": len(out.strategies), "replied": len(replies)}
+    row: dict = {"system": out.name, "tables": list(tables), "turns": len(out.strategies), "replied": len(replies)}
     if replies:
         row.update(text_metrics(replies, gold_replies))
     else:
@@ -72,6 +95,12 @@ def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: l
     n = len(out.judgments)
     for col, dim in zip(("Flu", "Pro", "Emp", "Hel"), RUBRIC):
         row[col] = sum(j.scores[dim] for j in out.judgments) / n if n else math.nan
+    row["judged"] = n
+    row["error_share"] = label_shares(j.label for j in out.judgments)  # keyed by LABELS, sums to 100
+    row["unparseable"] = sum(s is None for s in out.strategies)
+    if GOLD_STRATEGY_TABLE in tables:
+        row.update({k: math.nan for k in ("B", "TV", "Q_W", "Q", "Acc")}, preference=None, distribution=None)
+        return row
     with warnings.catch_warnings():  # degenerate preference inputs are reported as NaN
         warnings.simplefilter("ignore")
         w = strategy_confusion(gold_strategies, out.strategies)
@@ -81,9 +110,6 @@ def score_system(out: SystemOutputs, gold_strategies: list[str], gold_replies: l
     row["Q_W"] = 100 * weighted_f1(gold_strategies, out.strategies)
     row["Q"] = 100 * macro_f1(gold_strategies, out.strategies)
     row["Acc"] = 100 * sum(p == g for p, g in zip(out.strategies, gold_strategies)) / max(len(gold_strategies), 1)
-    row["unparseable"] = sum(s is None for s in out.strategies)
-    row["judged"] = n
-    row["error_share"] = label_shares(j.label for j in out.judgments)  # keyed by LABELS, sums to 100
     row["distribution"] = strategy_distribution(gold_strategies, out.strategies)
     return row
 
@@ -119,16 +145,60 @@ def _interval(value, ci: dict | None) -> str:
     return text + (f" ({ci['undefined']}/{ci['replicates']} undefined)" if ci["undefined"] else "")
 
 
+def _table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> list[str]:
+    """The markdown lines of a table of ``rows`` with ``columns`` (and, with the strategy
+    columns, the unparseable count), the replies and the judged replies."""
+    planned = "B" in columns
+    lines = ["| system | " + " | ".join(columns) + (" | unparseable" if planned else "") + " | replies | judged |",
+             "|---|" + "---|" * (len(columns) + 2 + planned)]
+    for r in rows:
+        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in columns)
+                     + (f" | {r['unparseable']}/{r['turns']}" if planned else "")
+                     + f" | {r['replied'] or '–'} | {r['judged'] or '–'} |")
+    return lines
+
+
+def _analyses_markdown(a: Analyses) -> list[str]:
+    lines = []
+    if a.pair_scores:
+        t = a.pair_scores
+        lines += ["", f"## Table 2: judge scores of the chosen against the rejected replies of {t['pairs']} "
+                  "Response Generator pairs", "",
+                  f"The `{t['judge']}` judge's rubric (0-5) of each mined pair's chosen side (the gold "
+                  "reply) and rejected side (an SFT sample judged flawed), the gold reply never shown "
+                  "as a reference; 95% dialogue-bootstrap intervals.", "",
+                  "| dimension | chosen | rejected | chosen − rejected |", "|---|---|---|---|"]
+        for dim, got in t["scores"].items():
+            lines.append(f"| {dim} | " + " | ".join(_interval(got[k]["value"], got[k])
+                                                    for k in ("chosen", "rejected", "difference")) + " |")
+        lines += ["", "| side | " + " | ".join(LABELS) + " |", "|---|" + "---|" * len(LABELS)]
+        lines += [f"| {side} | " + " | ".join(_fmt(t["labels"][side][e], 1) for e in LABELS) + " |"
+                  for side in ("chosen", "rejected")]
+    for result in a.win_rates:
+        lines += ["", f"## Win rates: {result['a']} against {result['b']} (Fig. 6)", "", win_rate_markdown(result)]
+    if a.stage_shares:
+        lines += ["", "## Strategy shares by dialogue stage (Fig. 8)", "",
+                  "Stages are equal thirds of a dialogue's supporter turns (our rule: the paper does not "
+                  "say how it assigns a turn to a stage); % of each stage's turns, the chart "
+                  "`strategy_stages.svg` draws them.", "",
+                  "| system | stage | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|---|" + "---|" * 8]
+        lines += [f"| {name} | {stage} | " + " | ".join(_fmt(shares[s], 1) for s in STRATEGIES) + " |"
+                  for name, stages in a.stage_shares.items() for stage, shares in stages.items()]
+    if a.pair_strategies:
+        ps = a.pair_strategies
+        lines += ["", f"## Strategies of the Strategy Planner's pairs (Fig. 9; {ps['pairs']} pairs)", "",
+                  "| side | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|" + "---|" * 8]
+        lines += [f"| {side} | " + " | ".join(_fmt(ps[side][s], 1) for s in STRATEGIES) + " |"
+                  for side in ("chosen", "rejected")]
+    return lines
+
+
 def render_markdown(rows: list[dict], title: str = "Evaluation", differences: list[dict] = (),
-                    notes: list[str] = (), agreement: list[dict] = ()) -> str:
+                    notes: list[str] = (), agreement: list[dict] = (), analyses: Analyses | None = None) -> str:
     lines = [f"# {title}", ""]
     for note in notes:
         lines += [note, ""]
-    lines += ["| system | " + " | ".join(COLUMNS) + " | unparseable | replies | judged |",
-              "|---|" + "---|" * (len(COLUMNS) + 3)]
-    for r in rows:
-        lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
-                     + f" | {r['unparseable']}/{r['turns']} | {r['replied'] or '–'} | {r['judged'] or '–'} |")
+    lines += _table([r for r in rows if MAIN_TABLE in r["tables"]])
     lines += ["", "D-1/B-1/F1/R-L, Q_W/Q and Acc (turns whose strategy is the gold one) are x100; Flu/Pro/Emp/Hel are mean 0-5 judge scores; "
               "B is the preference bias (lower = less biased); TV is the total-variation distance "
               "between the predicted and gold strategy shares (0 = the gold shares, 1 - the gold "
@@ -167,71 +237,39 @@ def render_markdown(rows: list[dict], title: str = "Evaluation", differences: li
                          + " | ".join(_fmt(a[dim]) for dim in RUBRIC) + " |")
         lines += ["", "1 = the judges always agree, 0 = as often as chance would, – = undefined (both "
                   "gave one value to every reply)."]
+    table4 = [r for r in rows if GOLD_STRATEGY_TABLE in r["tables"]]
+    if table4:
+        lines += ["", "## Table 4: the Response Generator alone, given the gold strategy", "",
+                  "The generator's replies on the replied turns, its input naming the gold strategy "
+                  "(no planner, so no strategy columns): what DPO on the generator's pairs changes in "
+                  "the replies themselves.", "", *_table(table4, TABLE4_COLUMNS)]
+    table5 = [r for r in rows if PAIR_CATEGORY_TABLE in r["tables"]]
+    if table5:
+        lines += ["", "## Table 5: vanilla DPO on one category of the joint pairs", "",
+                  "Each row trains the vanilla model's DPO on one category of its mined pairs (the gold "
+                  "\"[Strategy] reply\", PsPr, against samples with a wrong strategy and a flawed reply "
+                  "(NsNr), the right strategy and a flawed reply (PsNr), or a wrong strategy and a sound "
+                  "reply (NsPr)); the vanilla DPO of Table 3 is the row trained on all of them. B per pair type is the "
+                  "paper's Fig. 4a (intervals above), the strategy preference below its Fig. 4b. A "
+                  "category of no pairs trains nothing: its row is the SFT model.", "",
+                  "| system | pairs | " + " | ".join(COLUMNS) + " | replies | judged |",
+                  "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+        lines += [f"| {r['system']} | {r.get('pairs', '–')} | " + " | ".join(_fmt(r[c]) for c in COLUMNS)
+                  + f" | {r['replied'] or '–'} | {r['judged'] or '–'} |" for r in table5]
+    lines += _analyses_markdown(analyses or Analyses())
+    planners = [r for r in rows if r.get("preference") is not None]
     lines += ["", "## Strategy preference p (Bradley–Terry, mean 1)", "",
               "| system | " + " | ".join(SHORT[s] for s in STRATEGIES) + " |", "|---|" + "---|" * 8]
-    for r in rows:
+    for r in planners:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r["preference"][s]) for s in STRATEGIES) + " |")
     lines += ["", "## Strategy distribution (% of turns; gold vs predicted)", "",
-              "| strategy | gold | " + " | ".join(r["system"] for r in rows) + " |",
-              "|---|---|" + "---|" * len(rows)]
+              "| strategy | gold | " + " | ".join(r["system"] for r in planners) + " |",
+              "|---|---|" + "---|" * len(planners)]
     for s in list(STRATEGIES) + ["unparseable"]:
-        gold = rows[0]["distribution"][s]["gold"] * 100 if rows else 0
+        gold = planners[0]["distribution"][s]["gold"] * 100 if planners else 0
         lines.append(f"| {s} | {gold:.1f} | " + " | ".join(
-            f"{r['distribution'][s]['pred'] * 100:.1f}" for r in rows) + " |")
+            f"{r['distribution'][s]['pred'] * 100:.1f}" for r in planners) + " |")
     return "\n".join(lines) + "\n"
-
-
-PALETTE = ("#444444", "#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6",
-           "#9D755D", "#EECA3B", "#BAB0AC", "#2F4B7C")
-LEGEND_COLUMNS = 6
-
-
-def bar_chart_svg(title: str, groups: list[str], series: list[tuple[str, list[float]]]) -> str:
-    """Grouped bar chart: one group per entry of ``groups`` (its label under it), one bar per
-    series (name, one share 0-1 per group) in `PALETTE` order, % grid lines and a legend."""
-    top = max([v for _, vals in series for v in vals] + [0.05])
-    legend_rows = -(-len(series) // LEGEND_COLUMNS)
-    W, left, plot_h = 900, 60, 300
-    bottom = 40 + 20 * max(legend_rows, 1)
-    H = 60 + plot_h + bottom
-    group_w = (W - left - 20) / len(groups)
-    bar_w = group_w * 0.8 / max(len(series), 1)
-    y = lambda v: H - bottom - v / top * plot_h  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15">{html.escape(title)}</text>']
-    for k in range(5):  # horizontal grid with % labels
-        v = top * k / 4
-        parts.append(f'<line x1="{left}" x2="{W - 20}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v * 100:.0f}%</text>')
-    for g, name in enumerate(groups):
-        x0 = left + g * group_w + group_w * 0.1
-        for k, (_, vals) in enumerate(series):
-            parts.append(f'<rect x="{x0 + k * bar_w:.1f}" y="{y(vals[g]):.1f}" width="{bar_w:.1f}" '
-                         f'height="{H - bottom - y(vals[g]):.1f}" fill="{PALETTE[k % len(PALETTE)]}"/>')
-        parts.append(f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{H - bottom + 16}" '
-                     f'text-anchor="middle">{html.escape(name)}</text>')
-    for k, (name, _) in enumerate(series):  # legend, LEGEND_COLUMNS entries per row
-        row, col = divmod(k, LEGEND_COLUMNS)
-        lx, ly = left + col * (W - left) / LEGEND_COLUMNS, H - bottom + 30 + 20 * row
-        parts.append(f'<rect x="{lx:.1f}" y="{ly}" width="12" height="12" fill="{PALETTE[k % len(PALETTE)]}"/>'
-                     f'<text x="{lx + 16:.1f}" y="{ly + 10}">{html.escape(name)}</text>')
-    return "\n".join(parts + ["</svg>"]) + "\n"
-
-
-def strategy_chart_svg(rows: list[dict]) -> str:
-    """Grouped bar chart: per strategy, the gold share and each system's predicted share (Fig. 3)."""
-    series = [("Gold", [rows[0]["distribution"][s]["gold"] for s in STRATEGIES])] if rows else []
-    series += [(r["system"], [r["distribution"][s]["pred"] for s in STRATEGIES]) for r in rows]
-    return bar_chart_svg("Strategy distribution: gold vs predicted (share of turns)",
-                         [SHORT[s] for s in STRATEGIES], series)
-
-
-def error_chart_svg(rows: list[dict]) -> str:
-    """Grouped bar chart of the error shares (the paper's Figs. 2 and 7): one group per label of
-    ``LABELS`` (No Error included), one bar per system with judged replies."""
-    series = [(r["system"], [r["error_share"][label] / 100 for label in LABELS]) for r in rows if r["judged"]]
-    return bar_chart_svg("Error types: share of judged replies per label", list(LABELS), series)
 
 
 def json_safe(x):
@@ -246,16 +284,29 @@ def json_safe(x):
 
 
 def write_report(rows: list[dict], out_dir: str | Path, title: str = "Evaluation",
-                 differences: list[dict] = (), notes: list[str] = (), agreement: list[dict] = ()) -> Path:
+                 differences: list[dict] = (), notes: list[str] = (), agreement: list[dict] = (),
+                 analyses: Analyses | None = None) -> Path:
     """Write report.md, report.json ({"title", "notes", "systems": rows, "differences",
-    "agreement"}), strategy_distribution.svg and error_types.svg; return the markdown path."""
-    out_dir = Path(out_dir)
+    "agreement", and the ``analyses``' fields}) and the charts: strategy_distribution.svg,
+    error_types.svg, and when there is what they draw pair_type_bias.svg and
+    pair_type_preference.svg (Fig. 4), strategy_stages.svg (Fig. 8), sp_pair_strategies.svg
+    (Fig. 9); return the markdown path."""
+    out_dir, analyses = Path(out_dir), analyses or Analyses()
     record = {"title": title, "notes": list(notes), "systems": rows, "differences": list(differences),
-              "agreement": list(agreement)}
+              "agreement": list(agreement), **asdict(analyses)}
     atomic_write_text(out_dir / "report.json", json.dumps(json_safe(record), indent=2))
-    atomic_write_text(out_dir / "strategy_distribution.svg", strategy_chart_svg(rows))
-    atomic_write_text(out_dir / "error_types.svg", error_chart_svg(rows))
-    md = (render_markdown(rows, title, differences, notes, agreement) + "\n![strategy distribution](strategy_distribution.svg)\n"
-          + "\n![error types](error_types.svg)\n")
+    charts = {"strategy_distribution": strategy_chart_svg(rows), "error_types": error_chart_svg(rows)}
+    table5 = [r for r in rows if PAIR_CATEGORY_TABLE in r["tables"]]
+    if table5:
+        table5 = [r for r in rows if r["system"] == "Vanilla DPO"] + table5
+        charts["pair_type_bias"], charts["pair_type_preference"] = pair_type_charts_svg(table5)
+    if analyses.stage_shares:
+        charts["strategy_stages"] = stage_chart_svg(analyses.stage_shares)
+    if analyses.pair_strategies:
+        charts["sp_pair_strategies"] = pair_strategy_chart_svg(analyses.pair_strategies)
+    for name, svg in charts.items():
+        atomic_write_text(out_dir / f"{name}.svg", svg)
+    md = render_markdown(rows, title, differences, notes, agreement, analyses) + "".join(
+        f"\n![{name.replace('_', ' ')}]({name}.svg)\n" for name in charts)
     atomic_write_text(out_dir / "report.md", md)
     return out_dir / "report.md"

@@ -40,7 +40,8 @@ checkpointing and micro-batches of 2 (so training stays under 3 GB resident: 2.8
 evaluating the nine systems peaks at 3.4 GB).
 ``cpu`` sizes a run on the real ESConv data (``--data ../shared/data/esconv``) for an idle 2-core
 CPU with SmolLM2-135M and the rule judge (sized for 2 hours, it takes about 3.5 with the four
-trained systems and 5 with all nine: README, "Wall time against --plan"), every SFT module
+trained systems, 5 with Table 3's nine and about 0.9 more for those of Tables 4 and 5: README,
+"Wall time against --plan" and "Tables 2, 4 and 5"), every SFT module
 trained on every turn of 300 dialogues with full history, while the strategy metrics of every
 system cover the whole test split (see :data:`CPU` for the settings and how they were chosen
 on the valid split).
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -242,9 +244,10 @@ class PipelineConfig:
     bootstrap_replicates: int = _f(1000, "dialogue-bootstrap replicates of the 95%% intervals of B, "
                                    "TV, Q_W, Q and the paired differences (0: none)",
                                    read_by=("report",), minimum=0)
-    systems: str = _f("all", "the systems of Table 3 to evaluate: all, or a comma-separated list "
-                      "of their names, e.g. 'Vanilla Base,Decoupled SFT' (python -m tools.evaluate "
-                      "--help lists them)", read_by=("report",))
+    systems: str = _f("table3,table4", "the systems to evaluate: a comma-separated list of system "
+                      "names and groups: table3 (Table 3's nine), table4 (the Response Generator given "
+                      "the gold strategy), table5 (vanilla DPO on each pair category: three more DPO "
+                      "stages), all (python -m tools.evaluate --help lists the names)", read_by=("report",))
 
     # ------------------------------------------------------------------ helpers
     def resolved_profile(self) -> str:
@@ -371,6 +374,21 @@ def read_config_file(path: str | Path) -> dict:
     return _coerce(data, str(path))
 
 
+# Settings that may be paths. The settings hashes compare text, so the same data directory given
+# as "../shared/data/esconv" to a run made with "/work/shared/data/esconv" would read as changed
+# data and retrain every stage (losing the trained adapters): a path that names the run's own
+# file or directory keeps the run's spelling.
+PATH_SETTINGS = ("data", "model")
+
+
+def _same_file(a, b) -> bool:
+    """Whether ``a`` and ``b`` are paths of one existing file or directory."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # a model name, or a path that does not exist
+        return False
+
+
 def build_config(file: str | Path | None = None, overrides: dict | None = None,
                  saved: dict | None = None) -> PipelineConfig:
     """Defaults <- profile <- the run's saved config <- JSON file <- explicit overrides (flags).
@@ -380,7 +398,11 @@ def build_config(file: str | Path | None = None, overrides: dict | None = None,
     """
     from_file = read_config_file(file) if file is not None else {}
     overrides = _coerce({k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
-    merged = {**(saved or {}), **from_file, **overrides}
+    given = {**from_file, **overrides}
+    for key in PATH_SETTINGS:  # the run's own file, spelt otherwise: keep the run's spelling
+        if saved and key in saved and key in given and _same_file(saved[key], given[key]):
+            given[key] = saved[key]
+    merged = {**(saved or {}), **given}
     base = PipelineConfig(**{k: v for k, v in merged.items() if k in ("data", "profile")})
     profile = PROFILE_SETTINGS[base.resolved_profile()]
     tiny = TINY_MODEL if merged.get("model") == "tiny" else {}

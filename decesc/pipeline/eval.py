@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from decesc.core.tokenizer import chat_messages
 from decesc.esc.chance import PRIOR, chance_strategies
@@ -27,6 +28,7 @@ from decesc.esc.prompts import Example, instruction, task_example
 from decesc.esc.strategies import STRATEGIES
 from decesc.formats.atomic import atomic_write_text
 from decesc.pipeline import work
+from decesc.pipeline.analyses import rg_pair_scores, sp_pair_strategies, strategy_stage_shares
 from decesc.pipeline.config import BUILTIN, PipelineConfig
 from decesc.pipeline.cost import StageWork
 from decesc.pipeline.data import examples, sampling, splits, subset
@@ -36,11 +38,18 @@ from decesc.pipeline.shard import process_shard
 from decesc.pipeline.stage import Stage
 from decesc.pipeline.systems import PROMPTED_STYLE, SYSTEMS, System, parse_systems
 
+if TYPE_CHECKING:
+    from decesc.esc.report import Analyses
+
 CHANCE_SEED_OFFSET = 11
 SCORING_ROLES = {"judge", "report"}  # settings that change how outputs are scored, not the outputs
 # the paired differences that carry the paper's claims (B and TV of a minus b)
+# (and Table 5's: what DPO on one pair category does to the SFT model's bias, Fig. 4a)
 CLAIMS = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"), ("Vanilla DPO", "Vanilla SFT"),
-          ("Vanilla SFT", "Vanilla Base"), ("Decoupled SFT", "Decoupled Base"))
+          ("Vanilla SFT", "Vanilla Base"), ("Decoupled SFT", "Decoupled Base"),
+          *((s.name, "Vanilla SFT") for s in SYSTEMS if s.category))
+
+WIN_RATES = (("Decoupled DPO", "Vanilla DPO"),)  # the paper's Fig. 6: system a's win rates against b
 
 
 def differences(names) -> list[tuple]:
@@ -59,6 +68,12 @@ def output_settings(run) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def evaluate_outputs(run) -> Path:
+    """Where ``tools.evaluate`` stores the outputs it makes under the run's output settings; the
+    eval stage reuses them, and it theirs (:func:`system_outputs`)."""
+    return run.dir / "evaluate" / f"outputs-{output_settings(run)}.json"
+
+
 def turns(run, tokenizer) -> list[Example]:
     c = run.config
     return subset(examples(c, run.memo, tokenizer, c.eval_split, "rg", overflow="keep"), c.eval_turns, c.seed)
@@ -69,16 +84,23 @@ def reply_turns(run, n: int) -> list[int]:
     return subset(list(range(n)), run.config.reply_turns, run.config.seed)
 
 
-def chosen(run) -> tuple[System, ...]:
-    """The systems of the ``systems`` setting; a recipe needs replies, so with ``reply_turns`` 0
-    the recipes are left out (a ValueError if nothing is left)."""
-    systems = parse_systems(run.config.systems)
-    if run.config.reply_turns == 0:
+def chosen(config: PipelineConfig) -> tuple[System, ...]:
+    """The systems of the ``systems`` setting; a recipe or a system given the gold strategy
+    needs replies, so with ``reply_turns`` 0 they are left out (a ValueError if nothing is left)."""
+    systems = parse_systems(config.systems)
+    if config.reply_turns == 0:
         systems = tuple(s for s in systems if s.every_turn)
         if not systems:
-            raise ValueError(f"config: --systems {run.config.systems!r} has only recipes, which plan the "
-                             "replied turns, and --reply-turns is 0")
+            raise ValueError(f"config: --systems {config.systems!r} has only systems that plan or write "
+                             "the replied turns only, and --reply-turns is 0")
     return systems
+
+
+def read_stages(config: PipelineConfig) -> tuple[str, ...]:
+    """What the eval stage reads: the training stages the chosen systems need, and with any of
+    them the mined pairs (Table 2, Fig. 9: :mod:`decesc.pipeline.analyses`)."""
+    trained = tuple(st for s in chosen(config) for st in s.stages(replies=config.reply_turns != 0))
+    return ("mine", *trained) if trained else ()
 
 
 def check(run, models) -> None:
@@ -88,7 +110,7 @@ def check(run, models) -> None:
     earlier steps' texts, counted at ``max_new_tokens`` each."""
     c, tok = run.config, models.tokenizer
     window = models.base_config.max_position_embeddings
-    systems = chosen(run)
+    systems = chosen(run.config)
     tests = turns(run, tok)
     for system in systems:
         shown = (len(system.recipe.steps) - 1) * (c.max_new_tokens + 16) if system.recipe else 0
@@ -107,9 +129,10 @@ def check(run, models) -> None:
                                      f"{window} tokens; lower --max-new-tokens")
 
 
-def _stored(candidate: Path, settings: dict, own: bool, log) -> dict:
-    """The systems stored in ``candidate`` if it was made with ``settings`` (else none); an
-    unreadable file of our own is moved aside (recomputed), another one is ignored."""
+def _stored(candidate: Path, settings: dict, trained: dict, own: bool, log) -> dict:
+    """The systems stored in ``candidate`` if it was made with ``settings``, each if its training
+    stages are those of ``trained`` ({system: {stage: token}}); an unreadable file of our own is
+    moved aside (recomputed), another one is ignored."""
     if not candidate.is_file():
         return {}
     try:
@@ -120,51 +143,64 @@ def _stored(candidate: Path, settings: dict, own: bool, log) -> dict:
         else:
             log(f"warning: {e}; not reused")
         return {}
-    return saved["systems"] if isinstance(saved, dict) and saved.get("settings") == settings else {}
+    if not isinstance(saved, dict) or saved.get("settings") != settings:
+        return {}
+    made_by = saved.get("trained", {})
+    return {name: out for name, out in saved["systems"].items()
+            if name in trained and made_by.get(name) == trained[name]}
 
 
 def system_outputs(run, models, path: Path, progress: bool = True, reuse: Path | None = None,
-                   log=print, systems: tuple[System, ...] | None = None) -> tuple[list[Example], dict]:
+                   log=print, systems: tuple[System, ...] | None = None,
+                   copy_reused: bool = False) -> tuple[list[Example], dict]:
     """The outputs of ``systems`` (default: :func:`chosen`) on the evaluation turns:
     {name: :meth:`System.outputs`}.
 
-    Generated once and stored in ``path`` together with the settings that produced them; a
-    later call with the same settings (and the same trained stages and data) reloads them, from
-    ``path`` or from ``reuse`` (another such file, only read), and generates only the systems
-    they lack (``path`` then holds them all). Under torchrun every process takes part (its share
-    of the batches) and gets every output; rank 0 reads and writes.
+    Generated once and stored in ``path`` together with the settings, data and model that
+    produced them and, per system, the training stages it was made from; a later call reloads
+    the outputs still valid (same settings, same data and model, the system's stages not rerun)
+    from ``path`` or from ``reuse`` (another such file, only read), and generates only the
+    systems they lack (``path`` then holds them all; with ``copy_reused``, also when nothing was
+    generated but some came from ``reuse``, as the eval stage's outputs must). Under torchrun
+    every process takes part (its share of the batches) and gets every output; rank 0 reads and
+    writes.
     """
     c, tok = run.config, models.tokenizer
-    systems = chosen(run) if systems is None else systems
+    systems = chosen(c) if systems is None else systems
     tests = turns(run, tok)
-    # the training stages done so far (all of them for the eval stage): any of them changed, or
-    # one more done, and the stored outputs are generated again
-    settings = {"eval": output_settings(run), "inputs": run.inputs("eval", done_only=True)}
+    inputs = run.inputs("eval", done_only=True)
+    settings = {"eval": output_settings(run), "data": inputs["data"], "model": inputs["model"]}
+    replies = c.reply_turns != 0
+    trained = {s.name: {st: (run.marker(st) or {}).get("token") for st in s.stages(replies)} for s in SYSTEMS}
     shard = process_shard()
 
-    def stored() -> dict:
-        found = {}
-        for candidate, own in ((reuse, False), (path, True)):
-            if candidate is not None:
-                found.update(_stored(candidate, settings, own, log))
-        return found
+    def stored() -> tuple[dict, set]:
+        found, own = {}, _stored(path, settings, trained, True, log)
+        if reuse is not None:
+            found.update(_stored(reuse, settings, trained, False, log))
+        return {**found, **own}, set(own)
 
-    have = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
-    todo = [s for s in systems if s.name not in have]
-    if todo:
-        replied = reply_turns(run, len(tests))
-        for system in todo:
-            have[system.name] = system.outputs(run, models, tests, replied, sampling(c),
-                                               progress=progress and shard.is_main, shard=shard)
-            if shard.is_main:  # after each system, so an interrupted call keeps what it made
-                every = {s.name: have[s.name] for s in SYSTEMS if s.name in have}
-                atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
-                                                    "reply_turns": replied, "systems": every}, indent=1))
+    def save() -> None:
+        every = {s.name: have[s.name] for s in SYSTEMS if s.name in have}
+        atomic_write_text(path, json.dumps({"settings": settings, "turns": [asdict(e) for e in tests],
+                                            "reply_turns": reply_turns(run, len(tests)), "systems": every,
+                                            "trained": {k: trained[k] for k in every}}, indent=1))
+
+    have, in_path = shard.from_main(stored)  # rank 0 reads (and may move aside) the files
+    for system in [s for s in systems if s.name not in have]:
+        have[system.name] = system.outputs(run, models, tests, reply_turns(run, len(tests)), sampling(c),
+                                           progress=progress and shard.is_main, shard=shard)
+        if shard.is_main:  # after each system, so an interrupted call keeps what it made
+            save()
+            in_path = set(have)
+    if copy_reused and shard.is_main and not in_path >= {s.name for s in systems}:
+        save()
     return tests, {s.name: have[s.name] for s in systems}
 
 
 def planned_turns(system: System, n: int, replied: list[int]) -> list[int]:
-    """The evaluation turns ``system`` plans: all ``n``, or the replied ones for a recipe."""
+    """The evaluation turns ``system`` has strategies for: all ``n``, or the replied ones for a
+    recipe (planned) or a system given the gold strategy (the gold ones)."""
     return list(range(n)) if system.every_turn else replied
 
 
@@ -193,7 +229,7 @@ def judge_agreement(run, models, outputs_path: Path, specs: tuple[str, str], pro
     from decesc.esc.metrics.agreement import cohen_kappa
 
     c = run.config
-    systems = chosen(run) if systems is None else systems
+    systems = chosen(run.config) if systems is None else systems
     configs = [judge_spec(c, spec) for spec in specs]  # every spec checked before any work
     tests, outputs = system_outputs(run, models, outputs_path, progress, reuse, log, systems)
     replied = reply_turns(run, len(tests))
@@ -221,18 +257,19 @@ def training_strategies(run) -> list[str]:
 
 
 def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool = True,
-              reuse: Path | None = None, log=print,
-              systems: tuple[System, ...] | None = None) -> tuple[list[dict], list[dict]]:
+              reuse: Path | None = None, log=print, systems: tuple[System, ...] | None = None,
+              made: tuple[list[Example], dict] | None = None) -> tuple[list[dict], list[dict]]:
     """Report rows for a run's ``systems`` (default: :func:`chosen`; outputs generated or
-    reloaded, then judged) and the two chance planners, with their bootstrap intervals; and the
-    paired differences among them. A recipe's strategy metrics, intervals and difference to the
-    prior draw are over the replied turns (the prior's strategies on those turns)."""
+    reloaded, then judged, or ``made``: what :func:`system_outputs` returned) and the two chance
+    planners, with their bootstrap intervals; and the paired differences among them. A recipe's
+    strategy metrics, intervals and difference to the prior draw are over the replied turns (the
+    prior's strategies on those turns)."""
     from decesc.esc.metrics.uncertainty import strategy_bootstrap
     from decesc.esc.report import SystemOutputs, attach_intervals, scale_differences, score_system
 
     c = run.config
-    systems = chosen(run) if systems is None else systems
-    tests, outputs = system_outputs(run, models, outputs_path, progress, reuse, log, systems)
+    systems = chosen(run.config) if systems is None else systems
+    tests, outputs = made or system_outputs(run, models, outputs_path, progress, reuse, log, systems)
     replied = reply_turns(run, len(tests))
     judge = make_judge(c, run.dir, show_reference=c.judge_reference == "on")
     judged = judged_replies(run, len(replied))
@@ -244,7 +281,10 @@ def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool 
             items = system_items(tests, replied, judged, out, on)
             scored = SystemOutputs(prefix + system.name, out["strategies"], out["replies"],
                                    judge.judge_many(items, progress=progress) if items else [], judged)
-            rows.append(score_system(scored, [gold_s[i] for i in on], gold_r))
+            rows.append(score_system(scored, [gold_s[i] for i in on], gold_r, system.tables))
+            if 5 in system.tables:  # Table 5: how many pairs of its kind its DPO trained on
+                done = run.marker(system.adapters("vanilla")[-1]) or {}
+                rows[-1]["pairs"] = done.get("summary", {}).get("pairs")
     chance = chance_strategies(training_strategies(run), len(tests), c.seed + CHANCE_SEED_OFFSET)
     rows += [score_system(SystemOutputs(prefix + name, strategies, None), gold_s, [])
              for name, strategies in chance.items()]
@@ -252,7 +292,7 @@ def score_run(run, models, outputs_path: Path, prefix: str = "", progress: bool 
     # one bootstrap per set of planned turns: every turn (the chance planners always), the replied
     # ones (when a recipe plans them)
     for on, names in ((list(range(len(tests))), [s.name for s in systems if s.every_turn]),
-                      (replied, [s.name for s in systems if not s.every_turn])):
+                      (replied, [s.name for s in systems if s.plans and not s.every_turn])):
         if not on or (on is replied and not names):
             continue
         predictions = {prefix + k: outputs[k]["strategies"] for k in names}
@@ -271,7 +311,7 @@ def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> 
     """The report's header lines: what was scored on how many turns, and - for a smoke-scale run
     (the built-in sample or the demo profile) - that it cannot show the method."""
     c = run.config
-    recipes = ", ".join(s.name for s in SYSTEMS if not s.every_turn)
+    recipes = ", ".join(s.name for s in SYSTEMS if s.recipe is not None)
     notes = []
     if c.data == BUILTIN or c.resolved_profile() == "demo":
         notes.append(f"**Smoke-scale run** ({c.resolved_profile()} profile on {c.data} data: at most "
@@ -292,18 +332,40 @@ def report_notes(run, tests: int, dialogues: int, replied: int, judged: int) -> 
     return notes
 
 
+def analyses(run, models, outputs_path: Path, tests: list[Example], outputs: dict) -> Analyses:
+    """The report's analyses of a run whose chosen systems' ``outputs`` on ``tests`` are made
+    (stored in ``outputs_path``): Table 2 and Figs. 8 and 9 (:mod:`decesc.pipeline.analyses`),
+    and the win rates of :data:`WIN_RATES` (:mod:`decesc.pipeline.compare`) of the systems chosen."""
+    from decesc.esc.report import Analyses
+    from decesc.pipeline.compare import compare_systems  # it reads this module's outputs
+
+    c = run.config
+    names = [s.name for s in chosen(c)]
+    replied = reply_turns(run, len(tests))
+    planned = {s.name: (planned_turns(s, len(tests), replied), outputs[s.name]["strategies"])
+               for s in chosen(c) if s.plans}
+    compared = [(a, b) for a, b in WIN_RATES if a in names and b in names and c.reply_turns != 0 and c.judge_samples]
+    return Analyses(pair_scores=rg_pair_scores(run, models.tokenizer, run.log),
+                    win_rates=[compare_systems(run, models, outputs_path, a, b, log=run.log, made=(tests, outputs))
+                               for a, b in compared],
+                    stage_shares=strategy_stage_shares(run, tests, planned),
+                    pair_strategies=sp_pair_strategies(run))
+
+
 def run_eval(run, name: str, models) -> dict:
     from decesc.esc.report import json_safe, write_report
 
     d, c = run.stage_dir(name), run.config
-    if not process_shard().is_main:  # the other processes share the generation; rank 0 judges
-        system_outputs(run, models, d / "outputs.json", progress=False, log=run.log)
+    # every process shares the generation (what tools.evaluate made with these settings is
+    # reused, not made again); then rank 0 alone judges and writes
+    tests, outputs = system_outputs(run, models, d / "outputs.json", reuse=evaluate_outputs(run), log=run.log,
+                                    copy_reused=True)
+    if not process_shard().is_main:
         return {}
-    rows, diffs = score_run(run, models, d / "outputs.json", log=run.log)
-    tests = turns(run, models.tokenizer)
+    rows, diffs = score_run(run, models, d / "outputs.json", log=run.log, made=(tests, outputs))
     notes = report_notes(run, len(tests), len({e.dialogue for e in tests}), rows[0]["replied"], rows[0]["judged"])
     report = write_report(rows, d, title=f"DecoupledESC evaluation: {c.model} on {c.data} ({c.eval_split})",
-                          differences=diffs, notes=notes)
+                          differences=diffs, notes=notes, analyses=analyses(run, models, d / "outputs.json", tests, outputs))
     return json_safe({"report": str(report),
                       "systems": {r["system"]: {k: r[k] for k in ("B", "TV", "Q_W", "Q", "R-L")} for r in rows}})
 
@@ -316,13 +378,13 @@ def cost(run, shape, world: int) -> StageWork:
     """Every chosen system's :meth:`System.work`: its strategies on the turns it plans, its
     replies on the ``reply_turns`` subset."""
     c, tok = run.config, shape.tokenizer
-    tests, systems = turns(run, tok), chosen(run)
+    tests, systems = turns(run, tok), chosen(run.config)
     replied = reply_turns(run, len(tests))
     return StageWork(f"{len(tests):,} turns x {len(systems)} systems",
                      generate=tuple(w for s in systems for w in s.work(tok, tests, replied, c)))
 
 
-STAGE = Stage("eval", after=("sft-sp", "sft-rg", "sft-vanilla", "dpo-sp", "dpo-rg", "dpo-vanilla"),
-              roles=("generate", "judge", "report"), run=run_eval, distributed=True,
-              splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok,
-              cost=cost)
+STAGE = Stage("eval", after=("mine", *dict.fromkeys(st for s in SYSTEMS for st in s.stages(replies=True))),
+              reads_from=read_stages, roles=("generate", "judge", "report"), run=run_eval,
+              distributed=True, splits=lambda c: (c.eval_split, "train"), check=check, outputs_ok=outputs_ok,
+              cost=cost, keeps=("outputs.json",))

@@ -21,7 +21,7 @@ def preflight(run, models, stages: list[str]) -> list[str]:
         if problem:
             raise ValueError(problem)
     for i, stage in enumerate(todo):
-        missing = [d for d in BY_NAME[stage].after if d not in todo[:i] and run.status(d) != "done"]
+        missing = [d for d in BY_NAME[stage].depends(run.config) if d not in todo[:i] and run.status(d) != "done"]
         if missing:
             raise RuntimeError(f"stage {stage} needs {', '.join(missing)} to be up to date first "
                                f"(in {run.dir}); add them to --stages")

@@ -41,13 +41,13 @@ import uuid
 from dataclasses import fields
 from pathlib import Path
 
-from decesc.formats.atomic import atomic_write_text
+from decesc.formats.atomic import atomic_write_bytes, atomic_write_text
 from decesc.formats.records import read_text
 from decesc.pipeline.config import PipelineConfig, read_config_file
 from decesc.pipeline.data import data_fingerprint, model_fingerprint
 from decesc.pipeline.lock import lock_all_ranks
 from decesc.pipeline.memory import StageMemory, release
-from decesc.pipeline.stages import BY_NAME, NAMES, STAGES
+from decesc.pipeline.stages import BY_NAME, STAGES, wanted
 
 
 class Run:
@@ -103,7 +103,7 @@ class Run:
         "data": {split: fingerprint}, "model": fingerprint}; None if a dependency is not done
         (``done_only``: the dependencies that are done, the others left out)."""
         tokens = {}
-        for dep in BY_NAME[stage].after:
+        for dep in BY_NAME[stage].depends(self.config):
             done = self.marker(dep)
             if done is None:
                 if done_only:
@@ -124,7 +124,7 @@ class Run:
             return "settings changed"
         if done.get("inputs") != self.inputs(stage):
             return "inputs changed"
-        for dep in BY_NAME[stage].after:
+        for dep in BY_NAME[stage].depends(self.config):
             if self.problem(dep) is not None:
                 return f"{dep} is not up to date"
         key = ("outputs", stage, done.get("token"))
@@ -154,9 +154,10 @@ class Run:
         return f"{d}: not written by decesc ({why}), but stage {stage} writes there; move it out of {self.dir}"
 
     def begin(self, stage: str) -> Path:
-        """Prepare the stage directory: clear it unless it holds a resumable attempt on the
-        same inputs and config; record the attempt in STARTED.json. Never clears what decesc
-        did not write (:meth:`not_ours`)."""
+        """Prepare the stage directory: clear it (but the files the stage keeps,
+        :attr:`Stage.keeps`) unless it holds a resumable attempt on the same inputs and config;
+        record the attempt in STARTED.json. Never clears what decesc did not write
+        (:meth:`not_ours`)."""
         d = self.stage_dir(stage)
         problem = self.not_ours(stage)
         if problem:
@@ -165,9 +166,13 @@ class Run:
         inputs = self.inputs(stage)
         same = (started is not None and self.marker(stage) is None
                 and started.get("config") == self.config_hash(stage) and started.get("inputs") == inputs)
+        kept = {}
         if d.exists() and not same:
+            kept = {name: (d / name).read_bytes() for name in BY_NAME[stage].keeps if (d / name).is_file()}
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
+        for name, content in kept.items():  # files that carry their own validity (Stage.keeps)
+            atomic_write_bytes(d / name, content)
         atomic_write_text(d / "STARTED.json", json.dumps({"config": self.config_hash(stage), "inputs": inputs},
                                                          indent=2))
         self.memo[("started", stage)] = inputs
@@ -254,7 +259,8 @@ def run_in_fresh_process(config: PipelineConfig, stage: str) -> tuple[dict, floa
 
 
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=print) -> dict:
-    """Run the requested stages (all by default) in order; return {stage: "ran" | "skipped"}.
+    """Run the requested stages (by default those ``--stages all`` runs:
+    :func:`decesc.pipeline.stages.wanted`) in order; return {stage: "ran" | "skipped"}.
 
     A requested stage whose dependency is not up to date (and not run before it) is an error,
     raised by the pre-flight before anything runs.
@@ -263,7 +269,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
     from decesc.pipeline.preflight import preflight
     from decesc.train.fsdp import barrier, launched_by_torchrun, setup_distributed
 
-    stages = list(NAMES) if stages is None else stages
+    stages = wanted(config) if stages is None else stages
     distributed = launched_by_torchrun()
     if distributed:
         bad = [s for s in stages if not BY_NAME[s].distributed]
@@ -286,7 +292,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, log=pr
                     outcome[stage] = "skipped"
                     run.log(f"[{stage}] up to date, skipped")
                     continue
-                missing = [d for d in BY_NAME[stage].after if run.status(d) != "done"]
+                missing = [d for d in BY_NAME[stage].depends(config) if run.status(d) != "done"]
                 if missing:
                     raise RuntimeError(f"stage {stage} needs {', '.join(missing)} to be up to date first "
                                        f"(in {run.dir}); add them to --stages")

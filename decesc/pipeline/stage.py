@@ -38,8 +38,15 @@ class Stage:
     """One stage of the method.
 
     name         its name on the command line and the folder ``<run_dir>/<name>`` it writes
-    after        the stages whose outputs it reads (they run before it; when one of them reruns,
-                 this stage is stale)
+    after        the stages whose outputs it may read (they come before it in the run order)
+    reads_from   ``reads_from(config)``: those of ``after`` it reads under ``config`` (None: all
+                 of them): they must be done before it runs, and when one of them reruns, this
+                 stage is stale (the eval stage reads the training stages its systems need)
+    on_demand    it runs under ``--stages all`` only when a stage of the call reads it (the
+                 Table 5 stages, when a chosen system needs them); ``--stages`` may name it
+    keeps        files of its folder that survive a rerun because they say themselves what
+                 made them (the eval stage's ``outputs.json``, keyed by settings and by each
+                 system's stages): the rerun reuses what is still valid
     roles        the setting roles it answers to besides "common" and its own name (field metadata
                  ``read_by``, :mod:`decesc.pipeline.config`); :attr:`reads` is derived from them
     run          ``run(run, name, models) -> summary``: does the work, writes into
@@ -66,6 +73,16 @@ class Stage:
     check: Callable[[Run, Models], None] = _no_check
     outputs_ok: Callable[[Path, dict], str | None] = _no_outputs
     cost: Callable[[Run, object, int], StageWork] | None = None
+    reads_from: Callable[[PipelineConfig], tuple[str, ...]] | None = None
+    on_demand: bool = False
+    keeps: tuple[str, ...] = ()
+
+    def depends(self, config: PipelineConfig) -> tuple[str, ...]:
+        """The stages it reads under ``config`` (:attr:`reads_from`), in the order of ``after``."""
+        if self.reads_from is None:
+            return self.after
+        read = set(self.reads_from(config))
+        return tuple(d for d in self.after if d in read)
 
     @property
     def all_roles(self) -> tuple[str, ...]:

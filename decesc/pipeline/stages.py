@@ -1,6 +1,7 @@
 """Every stage of the method, in run order (each declared in its family's module):
 
     sft-sp, sft-rg, sft-vanilla  ->  mine  ->  dpo-sp, dpo-rg, dpo-vanilla  ->  eval
+                                             (dpo-vanilla-nsnr, -psnr, -nspr: on demand)
 
 To add a stage: declare a :class:`~decesc.pipeline.stage.Stage` in a module of this package
 (name, the stages it reads, its roles, its function, ...) and put it into :data:`STAGES` after
@@ -30,15 +31,23 @@ def _check_order() -> None:
 _check_order()
 
 
-def parse_stages(spec: str | None) -> list[str]:
-    """"all" / None, or a comma-separated list; stage order is always the pipeline's."""
+def wanted(config) -> list[str]:
+    """The stages ``--stages all`` runs under ``config``: every stage but an on-demand one that
+    no other stage reads (:attr:`Stage.on_demand`, :meth:`Stage.depends`)."""
+    read = {d for s in STAGES if not s.on_demand for d in s.depends(config)}
+    return [s.name for s in STAGES if not s.on_demand or s.name in read]
+
+
+def parse_stages(spec: str | None, config=None) -> list[str]:
+    """"all" / None (:func:`wanted` under ``config``; every stage without one), or a
+    comma-separated list; stage order is always the pipeline's."""
     if spec in (None, "", "all"):
-        return list(NAMES)
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in BY_NAME]
+        return list(NAMES) if config is None else wanted(config)
+    named = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in named if s not in BY_NAME]
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(NAMES)})")
-    return [s for s in NAMES if s in wanted]
+    return [s for s in NAMES if s in named]
 
 
 def upstream(name: str) -> list[str]:

@@ -3,10 +3,13 @@
 The paper judges with gpt-4.1-mini-2025-04-14: each reply gets exactly one of the five error
 types of Inferential Preference Mining or "No Error" (`LABELS`, its Appendix A.2), and the four
 scores of its Table 8.  Every judge answers these two questions (:mod:`decesc.esc.judges.base`);
-an LLM judge asks each in its own request (:mod:`decesc.esc.judges.prompt`).  Three
+an LLM judge asks each in its own request (:mod:`decesc.esc.judges.prompt`).  Every judge also
+answers a pairwise question about two replies to the same turn (`PairItem`: which is better on
+each rubric dimension, or a tie), for the win rates of the paper's Figure 6.  Three
 interchangeable judges share one interface (``.name``, ``.judge(item)``,
-``.judge_many(items, progress=True)``) and one implementation of caching, fan-out, progress,
-retries and the total timeout (`Judge`, :mod:`decesc.esc.judges.fanout`):
+``.judge_many(items, progress=True)``, ``.judge_pairs(pairs, progress=True)``) and one
+implementation of caching, fan-out, progress, retries and the total timeout (`Judge`,
+:mod:`decesc.esc.judges.fanout`):
 
 - `RuleJudge`    deterministic heuristics, the offline fallback for tests and the demo;
 - `OpenAIJudge`  an OpenAI-compatible chat endpoint (the paper used gpt-4.1-mini);
@@ -30,13 +33,17 @@ from .base import (
            ERROR_TYPES,
            LABELS,
            NO_ERROR,
+           PAIRWISE_QUESTION,
            QUESTIONS,
            RUBRIC,
            RUBRIC_QUESTION,
+           WINNERS,
            InvalidReply,
            JudgeError,
            JudgeItem,
            Judgment,
+           PairItem,
+           PairVerdict,
            combine,
            label_shares,
            parse_answer,
@@ -45,7 +52,7 @@ from .cache import JudgmentCache, cache_key
 from .fanout import Ask, Failure, Judge
 from .local import LocalJudge
 from .openai import OpenAIJudge
-from .prompt import PROMPT_VERSION, SYSTEM_PROMPTS, judge_messages, user_prompt
+from .prompt import PROMPT_VERSION, SYSTEM_PROMPTS, judge_messages, pair_prompt, user_prompt
 from .rules import RuleJudge
 
 FLAGS = {"url": "--judge-url", "model": "--judge-model"}   # setting -> the pipeline's flag
@@ -135,8 +142,9 @@ def make_judge(name: str, *, model: str | None = None, url: str | None = None,
 
 
 __all__ = ["Ask", "ERROR_QUESTION", "ERROR_TYPES", "FLAGS", "JUDGES", "LABELS", "NO_ERROR",
-           "PAPER_MODEL", "QUESTIONS", "RUBRIC", "RUBRIC_QUESTION", "Failure", "InvalidReply", "Judge",
-           "JudgeError", "JudgeItem", "JudgeSpec", "Judgment", "JudgmentCache", "LocalJudge",
-           "OpenAIJudge", "PROMPT_VERSION", "RuleJudge", "SYSTEM_PROMPTS", "cache_key",
-           "check_judge_settings", "combine", "judge_messages", "label_shares", "make_judge", "parse_answer",
-           "redact", "user_prompt"]
+           "PAIRWISE_QUESTION", "PAPER_MODEL", "QUESTIONS", "RUBRIC", "RUBRIC_QUESTION", "WINNERS",
+           "Failure", "InvalidReply", "Judge", "JudgeError", "JudgeItem", "JudgeSpec", "Judgment",
+           "JudgmentCache", "LocalJudge", "OpenAIJudge", "PROMPT_VERSION", "PairItem", "PairVerdict",
+           "RuleJudge", "SYSTEM_PROMPTS", "cache_key", "check_judge_settings", "combine",
+           "judge_messages", "label_shares", "make_judge", "pair_prompt", "parse_answer", "redact",
+           "user_prompt"]

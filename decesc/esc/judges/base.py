@@ -30,6 +30,19 @@ rejected: the judge must pick one.  A score must be an integer 0-5: an int, an i
 `InvalidReply` naming the field (``field "label": ...``, ``field "scores.Empathy": ...``); the
 judges retry on it like on any bad reply and raise one `JudgeError` when they give up.
 `combine` makes one `Judgment` of the two answers.
+
+A third question compares two replies to the same turn, for the win rates of the paper's
+Figure 6 (Section 5: Decoupled DPO against Vanilla DPO): ``"pairwise"`` (`PAIRWISE_QUESTION`),
+asked about a `PairItem` (one context, replies "A" and "B"), never about a single reply, so it
+is not one of `QUESTIONS` (the per-reply questions every `Judgment` answers).  Its answer names
+the better reply on each `RUBRIC` dimension, "A", "B" or "tie" (`WINNERS`, matched ignoring case
+and surrounding spaces; nothing else, so "equal" or "both" is rejected)::
+
+    pairwise: {"winner": {"Fluency": "tie", "Professionalism": "A", "Empathy": "A",
+                          "Helpfulness": "B"}, "rationale": "..."}
+
+read by `read_winners` like the scores (dimension keys in any case, extra keys ignored; a
+problem names the field, ``field "winner.Empathy": ...``) and held in a `PairVerdict`.
 """
 
 from __future__ import annotations
@@ -46,7 +59,9 @@ LABELS: tuple[str, ...] = ERROR_TYPES + (NO_ERROR,)
 RUBRIC: tuple[str, ...] = ("Fluency", "Professionalism", "Empathy", "Helpfulness")
 SCORE_MIN, SCORE_MAX = 0, 5
 ERROR_QUESTION, RUBRIC_QUESTION = "error", "rubric"
-QUESTIONS: tuple[str, ...] = (ERROR_QUESTION, RUBRIC_QUESTION)
+QUESTIONS: tuple[str, ...] = (ERROR_QUESTION, RUBRIC_QUESTION)   # asked about every single reply
+PAIRWISE_QUESTION = "pairwise"                                    # asked about a pair of replies
+WINNERS: tuple[str, ...] = ("A", "B", "tie")
 
 
 class JudgeError(RuntimeError):
@@ -55,6 +70,12 @@ class JudgeError(RuntimeError):
 
 class InvalidReply(ValueError):
     """A judge reply that is not a valid answer; the message names the offending field."""
+
+
+def _excerpt(text: str, n: int) -> str:
+    """``text`` on one line, cut to ``n`` characters, quoted."""
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 @dataclass(frozen=True)
@@ -78,8 +99,40 @@ class JudgeItem:
 
     def short(self, n: int = 48) -> str:
         """A one-line description for error messages."""
-        text = " ".join(self.response.split())
-        return repr(text if len(text) <= n else text[: n - 3] + "...")
+        return _excerpt(self.response, n)
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """Two candidate replies to the same turn, shown as "A" and "B" (the pairwise question).
+
+    context:   the rendered dialogue history both replies answer (as in `JudgeItem`).
+    reply_a:   the reply shown first, as "A".
+    reply_b:   the reply shown second, as "B".
+    reference: the gold reply, if known; shown only by a judge built with ``show_reference=True``.
+    situation: the seeker's situation / problem description, if known.
+
+    No strategy is shown: the two replies may follow different strategies, and the question is
+    which reply is better, not which one carries out its strategy.
+    """
+
+    context: str
+    reply_a: str
+    reply_b: str
+    reference: str | None = None
+    situation: str | None = None
+
+    def short(self, n: int = 48) -> str:
+        """A one-line description for error messages: both replies, shortened."""
+        return f"{_excerpt(self.reply_a, n // 2)} vs {_excerpt(self.reply_b, n // 2)}"
+
+
+@dataclass
+class PairVerdict:
+    """A judge's answer to the pairwise question: per `RUBRIC` dimension one of `WINNERS`."""
+
+    winner: dict[str, str]            # RUBRIC key -> "A", "B" or "tie"
+    rationale: str = ""
 
 
 @dataclass
@@ -165,21 +218,48 @@ def read_scores(data: dict) -> dict[str, int]:
     return scores
 
 
+def read_winners(data: dict) -> dict[str, str]:
+    """The winner of each `RUBRIC` dimension in a pairwise answer, in `RUBRIC` order, each one of
+    `WINNERS` (raises `InvalidReply` naming the field "winner" or "winner.<dimension>")."""
+    given_in = data.get("winner")
+    if not isinstance(given_in, dict):
+        raise InvalidReply('field "winner": missing or not an object')
+    given = {_name_key(str(k)): v for k, v in given_in.items()}
+    winners = {}
+    for key in RUBRIC:
+        if _name_key(key) not in given:
+            raise InvalidReply(f'field "winner.{key}" is missing')
+        value = given[_name_key(key)]
+        found = next((w for w in WINNERS if isinstance(value, str) and value.strip().lower() == w.lower()), None)
+        if found is None:
+            raise InvalidReply(f'field "winner.{key}": expected "A", "B" or "tie", got {_shown(value)}')
+        winners[key] = found
+    return winners
+
+
 def _rationale(data: dict) -> str:
     value = data.get("rationale", "")
     return (value if isinstance(value, str) else json.dumps(value)).strip()
 
 
+def check_question(question: str) -> None:
+    """Raise ValueError unless ``question`` is one of `QUESTIONS` or `PAIRWISE_QUESTION`."""
+    if question not in (*QUESTIONS, PAIRWISE_QUESTION):
+        raise ValueError(f"unknown judge question {question!r} (expected one of "
+                         f"{', '.join((*QUESTIONS, PAIRWISE_QUESTION))})")
+
+
 def validate_answer(question: str, data) -> dict:
     """Check a decoded answer to ``question`` and return it normalised (raises `InvalidReply`):
     ``{"label", "rationale"}`` for `ERROR_QUESTION`, ``{"scores", "rationale"}`` for
-    `RUBRIC_QUESTION`."""
-    if question not in QUESTIONS:
-        raise ValueError(f"unknown judge question {question!r} (expected one of {', '.join(QUESTIONS)})")
+    `RUBRIC_QUESTION`, ``{"winner", "rationale"}`` for `PAIRWISE_QUESTION`."""
+    check_question(question)
     if not isinstance(data, dict):
         raise InvalidReply(f"expected a JSON object, got {type(data).__name__}")
     if question == ERROR_QUESTION:
         return {"label": read_label(data), "rationale": _rationale(data)}
+    if question == PAIRWISE_QUESTION:
+        return {"winner": read_winners(data), "rationale": _rationale(data)}
     return {"scores": read_scores(data), "rationale": _rationale(data)}
 
 

@@ -1,21 +1,23 @@
 """On-disk cache of judge answers: reruns and resumes never pay for an answer twice.
 
-A judge answers two questions per reply (:mod:`decesc.esc.judges.base`); each answer is cached
-on its own.  Key: ``sha256(json.dumps([judge.name, question, prompt]))`` where ``judge.name``
-identifies the judge kind, its model and the prompt version (``PROMPT_VERSION``, or the rule
-judge's ``RULES_VERSION``), ``question`` is "error" or "rubric", and ``prompt`` is the full
-prompt text the judge sees for that question (for the rule judge: the item's fields).  So a new
-prompt version, the other question or another prompt text never finds an old answer.  The
-value is the answer as a JSON object (``{"label", "rationale"}`` or ``{"scores",
+A judge answers two questions per reply and one per pair of replies
+(:mod:`decesc.esc.judges.base`); each answer is cached on its own.  Key:
+``sha256(json.dumps([judge.name, question, prompt]))`` where ``judge.name`` identifies the judge
+kind, its model and the prompt version (``PROMPT_VERSION``, or the rule judge's
+``RULES_VERSION``), ``question`` is "error", "rubric" or "pairwise", and ``prompt`` is the full
+prompt text the judge sees for that question (for the rule judge: the item's fields; for a pair
+both replies in their shown order, so the order A/B is part of the key).  So a new prompt
+version, another question or another prompt text never finds an old answer.  The value is the
+answer as a JSON object (``{"label", "rationale"}``, ``{"scores", "rationale"}`` or ``{"winner",
 "rationale"}``; a whole `Judgment` may be stored too); `decesc.esc.judges.fanout.Judge` checks
 every value it reads (`decesc.esc.judges.base.validate_answer`) and treats one that does not
 pass (e.g. a judgment in the old multi-label form) as a miss, which is judged again and
 overwritten.  Storage: one SQLite file ``judgments.sqlite3`` in ``cache_dir`` (stdlib
-``sqlite3``).  Every answer is committed in its own transaction as soon as it is made, so a
-crash loses at most the answer in flight and never leaves a torn entry (SQLite's write-ahead
-log makes each commit atomic).  Lookups are a primary-key read.  Only valid answers are ever
-stored; failures are not cached, so a rerun tries them again.  The cache is safe to share
-between threads and between processes (SQLite locking).
+``sqlite3``).  Every answer is committed in its own transaction as soon as it is made, so a crash
+loses at most the answer in flight and never leaves a torn entry (SQLite's write-ahead log makes
+each commit atomic).  Lookups are a primary-key read.  Only valid answers are ever stored;
+failures are not cached, so a rerun tries them again.  The cache is safe to share between threads
+and between processes (SQLite locking).
 
 A file that is not a readable SQLite database (truncated, overwritten) is moved aside to
 ``judgments.sqlite3.corrupt-<YYYYmmdd-HHMMSS>`` with one warning naming both files, and an empty

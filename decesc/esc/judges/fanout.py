@@ -1,8 +1,10 @@
 """The part every judge shares: cache, fan-out, progress, retries and the total timeout.
 
 A judge answers the two questions of :mod:`decesc.esc.judges.base` for every item (`QUESTIONS`:
-the one error label, the rubric scores).  One *ask* is (item, question); a judge subclasses
-`Judge` and writes only "answer these uncached asks"::
+the one error label, the rubric scores; `Judge.judge_many`), and the pairwise question for every
+pair of replies (`PAIRWISE_QUESTION`: which reply is better on each rubric dimension, for the
+win rates of the paper's Figure 6; `Judge.judge_pairs`).  One *ask* is (item, question); a
+judge subclasses `Judge` and writes only "answer these uncached asks"::
 
     class MyJudge(Judge):
         def __init__(self, cache_dir=None):
@@ -13,8 +15,8 @@ the one error label, the rubric scores).  One *ask* is (item, question); a judge
             ...                                      # (answer dict, raw reply) or Failure("why")
 
 An answer is the dict `decesc.esc.judges.base.validate_answer` returns (``{"label",
-"rationale"}`` or ``{"scores", "rationale"}``).  `Judge.judge_many` then does, for a list of
-items:
+"rationale"}``, ``{"scores", "rationale"}`` or ``{"winner", "rationale"}``).  `Judge.judge_many`
+(and `Judge.judge_pairs`, with the one pairwise ask per pair) then does, for a list of items:
 
 1. cache lookup, per ask: key ``cache_key(judge.name, question, judge.cache_text(item,
    question))`` in the `JudgmentCache` of ``cache_dir`` (equal asks are answered once); a
@@ -38,7 +40,8 @@ items:
    with a `JudgeError`; attempts in flight are aborted (`Judge.abort`, e.g. by shutting the
    judge's sockets) so no worker thread outlives the call.  Units run in the caller's thread
    check the deadline between attempts and units only;
-7. every item's two answers are combined into one `Judgment` (`decesc.esc.judges.base.combine`).
+7. every item's two answers are combined into one `Judgment` (`decesc.esc.judges.base.combine`);
+   every pair's answer is one `PairVerdict`.
 
 Futures are never waited on after being cancelled (a cancelled, never-started future is never
 reported by ``as_completed``/``wait``), so a failing judge cannot hang the caller.  Every message
@@ -57,7 +60,18 @@ from tqdm import tqdm
 
 from decesc.formats.redact import redact
 
-from .base import QUESTIONS, InvalidReply, JudgeError, JudgeItem, Judgment, combine, validate_answer
+from .base import (
+           PAIRWISE_QUESTION,
+           QUESTIONS,
+           InvalidReply,
+           JudgeError,
+           JudgeItem,
+           Judgment,
+           PairItem,
+           PairVerdict,
+           combine,
+           validate_answer,
+)
 from .cache import cache_key, open_cache
 
 ABORT_GRACE = 10.0  # seconds to wait for aborted attempts to return before leaving them behind
@@ -66,8 +80,8 @@ ABORT_GRACE = 10.0  # seconds to wait for aborted attempts to return before leav
 class Ask(NamedTuple):
     """One question about one item: what `Judge.judge_uncached` answers."""
 
-    item: JudgeItem
-    question: str   # one of QUESTIONS
+    item: JudgeItem | PairItem
+    question: str   # one of QUESTIONS (a JudgeItem) or PAIRWISE_QUESTION (a PairItem)
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,7 @@ class Judge:
         self.cache = open_cache(cache_dir)
 
     # ------------------------------------------------------------------ what a judge writes
-    def cache_text(self, item: JudgeItem, question: str) -> str:
+    def cache_text(self, item: JudgeItem | PairItem, question: str) -> str:
         """The text the judge sees for ``item`` and ``question`` (hashed with ``name`` and the
         question into the cache key)."""
         raise NotImplementedError
@@ -159,12 +173,26 @@ class Judge:
 
         Answers made before a failure stay cached, so a rerun resumes where this one stopped.
         """
-        items = list(items)
+        return [combine(a) for a in self._answers(list(items), QUESTIONS, progress)]
+
+    def judge_pairs(self, pairs: Sequence[PairItem], progress: bool = True) -> list[PairVerdict]:
+        """Ask the pairwise question about every pair, in order, as `judge_many` asks its two
+        (cache, fan-out, retries, one `JudgeError`); the shown order "A"/"B" is part of what the
+        judge sees, so it is part of the cache key."""
+        pairs = list(pairs)
+        wrong = next((i for i, p in enumerate(pairs) if not isinstance(p, PairItem)), None)
+        if wrong is not None:
+            raise TypeError(f"judge_pairs: pair {wrong + 1} is a {type(pairs[wrong]).__name__}, not a PairItem")
+        return [PairVerdict(a[PAIRWISE_QUESTION]["winner"], a[PAIRWISE_QUESTION]["rationale"])
+                for a in self._answers(pairs, (PAIRWISE_QUESTION,), progress)]
+
+    def _answers(self, items: list, questions: Sequence[str], progress: bool) -> list[dict[str, dict]]:
+        """{question: answer} for every item and each of ``questions`` (module docstring)."""
         deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
         answers: list[dict[str, dict]] = [{} for _ in items]
         todo: dict[str, list[tuple[int, str]]] = {}   # cache key -> the asks it answers
         for i, item in enumerate(items):
-            for question in QUESTIONS:
+            for question in questions:
                 key = cache_key(self.name, question, self.cache_text(item, question))
                 if key in todo:             # the same ask again: answered once
                     todo[key].append((i, question))
@@ -177,7 +205,7 @@ class Judge:
         missing = list(todo)
         batches = [missing[s:s + self.batch_size] for s in range(0, len(missing), self.batch_size)]
         units = [_Unit(batch, [todo[key][0] for key in batch]) for batch in batches]
-        total = len(items) * len(QUESTIONS)
+        total = len(items) * len(questions)
         bar = tqdm(total=total, initial=total - sum(map(len, todo.values())),
                    disable=not progress, desc=f"judge {self.name}", unit="answer")
         stop = threading.Event()
@@ -203,7 +231,7 @@ class Judge:
             error = self._timeout(units, items)       # only the deadline leaves asks unanswered
         if error is not None:
             raise error
-        return [combine(a) for a in answers]
+        return answers
 
     def _cached(self, key: str, question: str) -> dict | None:
         """The cached answer under ``key`` if it is a valid answer to ``question``, else None."""

@@ -1,20 +1,21 @@
 """A judge that runs a local model through decesc's own generation code.
 
-The same two prompts as the OpenAI-compatible judge (:mod:`decesc.esc.judges.prompt`: the one
-error label, the rubric scores), chat-formatted by the model's tokenizer; each answer is cached
-under its own key.  Uncached asks (item, question) are generated in batches of ``batch_size``:
-first greedily; the replies that are not a valid answer are generated again by sampling (the
-temperature and top-p of :class:`decesc.esc.inference.Sampling`, seed = attempt number, so a
-rerun gives the same replies), up to ``max_retries`` attempts in all, then `JudgeError`.  Small
-models (SmolLM2-135M) rarely write valid JSON; this judge is meant for instruction-tuned models
-of a few billion parameters.
+The same prompts as the OpenAI-compatible judge (:mod:`decesc.esc.judges.prompt`: the one error
+label, the rubric scores, and the pairwise question of ``judge_pairs``), chat-formatted by the
+model's tokenizer; each answer is cached under its own key.  Uncached asks (item, question) are
+generated in batches of ``batch_size``: first greedily; the replies that are not a valid answer
+are generated again by sampling (the temperature and top-p of
+:class:`decesc.esc.inference.Sampling`, seed = attempt number, so a rerun gives the same
+replies), up to ``max_retries`` attempts in all, then `JudgeError`.  Small models (SmolLM2-135M)
+rarely write valid JSON; this judge is meant for instruction-tuned models of a few billion
+parameters.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from .base import InvalidReply, JudgeItem, parse_answer
+from .base import InvalidReply, JudgeItem, PairItem, parse_answer
 from .fanout import Ask, Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
 
@@ -50,7 +51,7 @@ class LocalJudge(Judge):
     def __repr__(self) -> str:
         return self.redact(f"LocalJudge(name={self.name!r})")
 
-    def cache_text(self, item: JudgeItem, question: str) -> str:
+    def cache_text(self, item: JudgeItem | PairItem, question: str) -> str:
         return prompt_text(judge_messages(item, question, self.show_reference))
 
     def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list:

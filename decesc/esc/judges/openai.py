@@ -1,8 +1,8 @@
 """A judge that asks an OpenAI-compatible chat endpoint (vLLM, llama.cpp server, a hosted API).
 
 Stdlib only (``urllib.request``).  Two requests per item, one per question of
-:mod:`decesc.esc.judges.prompt` (the one error label, then the rubric scores), each cached
-under its own key::
+:mod:`decesc.esc.judges.prompt` (the one error label, then the rubric scores), and one per pair
+of replies (the pairwise question, ``judge_pairs``), each cached under its own key::
 
     POST {base_url}/chat/completions
     {"model": ..., "messages": [system, user], "temperature": 0.0}
@@ -53,7 +53,7 @@ from typing import Sequence
 
 from decesc.formats.redact import redact, split_userinfo
 
-from .base import InvalidReply, JudgeItem, parse_answer
+from .base import InvalidReply, JudgeItem, PairItem, parse_answer
 from .fanout import Ask, Failure, Judge
 from .prompt import PROMPT_VERSION, judge_messages, prompt_text
 
@@ -245,7 +245,7 @@ class OpenAIJudge(Judge):
         return content
 
     # ------------------------------------------------------------------ the Judge hooks
-    def cache_text(self, item: JudgeItem, question: str) -> str:
+    def cache_text(self, item: JudgeItem | PairItem, question: str) -> str:
         return prompt_text(judge_messages(item, question, self.show_reference))
 
     def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list:

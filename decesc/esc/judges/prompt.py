@@ -1,7 +1,7 @@
-"""The two prompts shared by the LLM judges (OpenAI-compatible and local).
+"""The prompts shared by the LLM judges (OpenAI-compatible and local).
 
 An LLM judge asks two questions per reply, each in its own chat request (see
-:mod:`decesc.esc.judges.base`):
+:mod:`decesc.esc.judges.base`), and a third one per pair of replies:
 
 - the error question (`ERROR_QUESTION`): the five error types of the paper's Inferential
   Preference Mining (its Appendix A.2), each defined in our own words with one short made-up
@@ -9,7 +9,13 @@ An LLM judge asks two questions per reply, each in its own chat request (see
   with exactly ONE label, or "No Error";
 - the rubric question (`RUBRIC_QUESTION`): Fluency, Professionalism, Empathy and Helpfulness,
   each an integer 0-5, with a criterion for every level in the style of the paper's Table 8
-  (0 = harmful or incoherent ... 5 = excellent), again in our own words.
+  (0 = harmful or incoherent ... 5 = excellent), again in our own words;
+- the pairwise question (`PAIRWISE_QUESTION`): two replies to the same turn, "A" and "B", and
+  for each of the four dimensions (`PAIRWISE_CRITERIA`, one line each in our own words) which
+  reply is better, or "tie" (the win rates of the paper's Figure 6).  No strategy is shown (the
+  two replies may follow different ones); the judge is told that the order and the length of
+  the replies mean nothing.  Which system is shown first is drawn per pair by the caller
+  (:mod:`decesc.esc.pairwise`), so a judge's preference for a position cancels out.
 
 The system prompts are built from the dictionaries below, so the definitions the judge sees and
 the ones documented here are the same text.  The gold reply is shown only when asked
@@ -17,14 +23,28 @@ the ones documented here are the same text.  The gold reply is shown only when a
 context, the requested strategy and the candidate reply.  Change ``PROMPT_VERSION`` whenever
 the text changes: it is part of every LLM judge's ``name`` and therefore of the cache key
 (with the question and the full prompt text), so old cached answers are never reused by
-mistake.  "p1" was the single combined multi-label prompt; "p2" is the two questions.
+mistake.  "p1" was the single combined multi-label prompt; "p2" is the two questions (the
+pairwise prompt came later, in its own cache entries under its own question, and left the
+two prompts' texts unchanged).
 """
 
 from __future__ import annotations
 
 from decesc.esc.strategies import DEFINITIONS, normalize_strategy
 
-from .base import ERROR_QUESTION, ERROR_TYPES, LABELS, NO_ERROR, QUESTIONS, RUBRIC, RUBRIC_QUESTION, JudgeItem
+from .base import (
+           ERROR_QUESTION,
+           ERROR_TYPES,
+           LABELS,
+           NO_ERROR,
+           PAIRWISE_QUESTION,
+           QUESTIONS,
+           RUBRIC,
+           RUBRIC_QUESTION,
+           JudgeItem,
+           PairItem,
+           check_question,
+)
 
 PROMPT_VERSION = "p2"
 
@@ -95,10 +115,24 @@ RUBRIC_LEVELS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# What makes one reply better than the other on each dimension (the pairwise question).
+PAIRWISE_CRITERIA: dict[str, str] = {
+    "Fluency": "which reply reads more naturally and clearly, with fewer broken, garbled or "
+               "repeated words",
+    "Professionalism": "which reply behaves more like a skilled, respectful supporter: no blame, "
+                       "no lecturing, no risky or overconfident advice",
+    "Empathy": "which reply better notices and validates what this seeker feels, in a warm and "
+               "specific way",
+    "Helpfulness": "which reply does more to move this seeker forward: understanding, relief or "
+                   "a sensible next step",
+}
+
 ERROR_FORMAT = ('{"label": one of ' + ", ".join(f'"{label}"' for label in LABELS)
                 + ', "rationale": "one sentence"}')
 RUBRIC_FORMAT = ('{"scores": {' + ", ".join(f'"{r}": 0-5' for r in RUBRIC) + '}, '
                  '"rationale": "one or two sentences"}')
+PAIRWISE_FORMAT = ('{"winner": {' + ", ".join(f'"{r}": "A" or "B" or "tie"' for r in RUBRIC) + '}, '
+                   '"rationale": "one or two sentences"}')
 
 _ROLE = ("You are an expert reviewer of emotional-support conversations between a help-seeker and "
          "a supporter. You will see the conversation so far, the support strategy the supporter "
@@ -131,9 +165,43 @@ def _rubric_prompt() -> str:
     )
 
 
-SYSTEM_PROMPTS: dict[str, str] = {ERROR_QUESTION: _error_prompt(), RUBRIC_QUESTION: _rubric_prompt()}
+def _pairwise_prompt() -> str:
+    criteria = "\n".join(f"- {r}: {PAIRWISE_CRITERIA[r]}." for r in RUBRIC)
+    return (
+        "You are an expert reviewer of emotional-support conversations between a help-seeker and "
+        "a supporter. You will see the conversation so far and two candidate replies from the "
+        "supporter, labelled A and B (sometimes also a reference reply written by a trained "
+        "supporter, for comparison only). Compare the two candidate replies with each other.\n\n"
+        "Task: for each of the four dimensions below, say which reply is better: \"A\", \"B\", "
+        "or \"tie\" when neither is clearly better.\n" + criteria + "\n\n"
+        "Judge each dimension on its own. The order in which the replies are shown means nothing, "
+        "and neither does their length: a longer reply is not better for being longer. Ignore "
+        "names.\n\nAnswer with one JSON object and nothing else, in exactly this form:\n"
+        + PAIRWISE_FORMAT
+    )
+
+
+SYSTEM_PROMPTS: dict[str, str] = {ERROR_QUESTION: _error_prompt(), RUBRIC_QUESTION: _rubric_prompt(),
+                                  PAIRWISE_QUESTION: _pairwise_prompt()}
 _ASK = {ERROR_QUESTION: "Give the one label of the candidate reply as the JSON object.",
-        RUBRIC_QUESTION: "Give your JSON scores of the candidate reply."}
+        RUBRIC_QUESTION: "Give your JSON scores of the candidate reply.",
+        PAIRWISE_QUESTION: "Give the winner of each dimension as the JSON object."}
+
+
+def _conversation(item: JudgeItem | PairItem) -> list[str]:
+    """The situation (if known) and the conversation so far, as prompt parts."""
+    parts = []
+    if item.situation:
+        parts.append(f"Seeker's situation: {item.situation.strip()}")
+    parts.append("Conversation:\n" + (item.context.strip() or "(no earlier turns)"))
+    return parts
+
+
+def _reference(item: JudgeItem | PairItem, reference: bool, note: str) -> list[str]:
+    """The gold reply as a prompt part, when asked for and known."""
+    if reference and item.reference:
+        return [f"Reference reply (for comparison only; {note}):\n" + item.reference.strip()]
+    return []
 
 
 def user_prompt(item: JudgeItem, question: str, reference: bool = False) -> str:
@@ -142,10 +210,7 @@ def user_prompt(item: JudgeItem, question: str, reference: bool = False) -> str:
     question)."""
     if question not in QUESTIONS:
         raise ValueError(f"unknown judge question {question!r} (expected one of {', '.join(QUESTIONS)})")
-    parts = []
-    if item.situation:
-        parts.append(f"Seeker's situation: {item.situation.strip()}")
-    parts.append("Conversation:\n" + (item.context.strip() or "(no earlier turns)"))
+    parts = _conversation(item)
     if item.strategy is not None:
         name = normalize_strategy(item.strategy)
         parts.append(f"Strategy the supporter was asked to use: {name} ({DEFINITIONS[name]}).")
@@ -153,16 +218,31 @@ def user_prompt(item: JudgeItem, question: str, reference: bool = False) -> str:
         parts.append("Strategy the supporter was asked to use: not given; judge whether the "
                      "reply's approach fits the seeker.")
     parts.append("Candidate reply to judge:\n" + item.response.strip())
-    if reference and item.reference:
-        parts.append("Reference reply (for comparison only; the candidate need not match it):\n"
-                     + item.reference.strip())
+    parts += _reference(item, reference, "the candidate need not match it")
     parts.append(_ASK[question])
     return "\n\n".join(parts)
 
 
-def judge_messages(item: JudgeItem, question: str, reference: bool = False) -> list[dict]:
-    """Chat messages [system, user] sent to an LLM judge for one question."""
-    user = user_prompt(item, question, reference)   # checks the question first
+def pair_prompt(item: PairItem, reference: bool = False) -> str:
+    """The user message of the pairwise question: the conversation, reply A, reply B; the gold
+    reply only when ``reference`` is true and the item has one."""
+    parts = _conversation(item)
+    parts.append("Reply A:\n" + item.reply_a.strip())
+    parts.append("Reply B:\n" + item.reply_b.strip())
+    parts += _reference(item, reference, "neither reply need match it")
+    parts.append(_ASK[PAIRWISE_QUESTION])
+    return "\n\n".join(parts)
+
+
+def judge_messages(item: JudgeItem | PairItem, question: str, reference: bool = False) -> list[dict]:
+    """Chat messages [system, user] sent to an LLM judge for one question: a `PairItem` for
+    `PAIRWISE_QUESTION`, a `JudgeItem` for the others (TypeError on the wrong one)."""
+    check_question(question)
+    wanted = PairItem if question == PAIRWISE_QUESTION else JudgeItem
+    if not isinstance(item, wanted):
+        raise TypeError(f"the {question} question is asked about a {wanted.__name__}, "
+                        f"got a {type(item).__name__}")
+    user = pair_prompt(item, reference) if wanted is PairItem else user_prompt(item, question, reference)
     return [{"role": "system", "content": SYSTEM_PROMPTS[question]}, {"role": "user", "content": user}]
 
 

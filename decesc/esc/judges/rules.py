@@ -99,7 +99,12 @@ informs or reassures), +1 when it is specific (two shared content words with the
 context), +1 when it is substantive (6+ content words), +1 when it shows no error, -1 for
 Template Response, -1 for Emotion Misread, -1 for a dismissive reply.
 
-Hand-checked examples are in tests/test_judges.py.
+Pairwise (the win rates of the paper's Figure 6): the judge scores each of the two replies as
+above, with no strategy (a pair shows none, so Strategy Mismatch never fires), and on each rubric
+dimension the reply with the higher score wins; equal scores are a tie.  The rationale lists both
+replies' scores.
+
+Hand-checked examples are in tests/test_judges.py (pairs: tests/test_win_rates.py).
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ from typing import Sequence
 
 from decesc.esc.strategies import normalize_strategy
 
-from .base import ERROR_QUESTION, NO_ERROR, RUBRIC, JudgeItem, Judgment
+from .base import ERROR_QUESTION, NO_ERROR, PAIRWISE_QUESTION, RUBRIC, JudgeItem, Judgment, PairItem
 from .fanout import Ask, Judge
 from .lexicon import (
            ACKNOWLEDGE,
@@ -152,7 +157,8 @@ class RuleJudge(Judge):
 
     It never fails on a well-formed item, so it makes one attempt per ask, in the caller's
     thread, in units of 256 asks (an item's two asks share one run of the rules); an unknown
-    strategy name raises ValueError.  It never reads the gold reply.
+    strategy name raises ValueError.  It never reads the gold reply.  A pair is answered by the
+    rubric scores of its two replies (module docstring).
     """
 
     def __init__(self, cache_dir=None):
@@ -161,22 +167,43 @@ class RuleJudge(Judge):
     def __repr__(self) -> str:
         return "RuleJudge()"
 
-    def cache_text(self, item: JudgeItem, question: str) -> str:
+    def cache_text(self, item: JudgeItem | PairItem, question: str) -> str:
+        if isinstance(item, PairItem):
+            return json.dumps([item.context, item.reply_a, item.reply_b, item.situation])
         return json.dumps([item.context, item.response, item.strategy, item.situation])
 
     def judge_uncached(self, asks: Sequence[Ask], attempt: int) -> list[tuple[dict, str]]:
-        """The label answer or the scores answer of each ask, from one `_judge` per item."""
+        """The label answer, the scores answer or the pairwise answer of each ask, from one
+        `_judge` per reply."""
         judged: dict[str, Judgment] = {}
-        outcomes = []
-        for item, question in asks:
-            text = self.cache_text(item, question)
+
+        def judge(item: JudgeItem) -> Judgment:
+            text = self.cache_text(item, ERROR_QUESTION)
             if text not in judged:
                 judged[text] = self._judge(item)
-            j = judged[text]
-            answer = ({"label": j.label, "rationale": j.rationale} if question == ERROR_QUESTION
-                      else {"scores": dict(j.scores), "rationale": ""})
+            return judged[text]
+
+        outcomes = []
+        for item, question in asks:
+            if question == PAIRWISE_QUESTION:
+                answer = self._compare(*(judge(JudgeItem(item.context, reply, situation=item.situation))
+                                         for reply in (item.reply_a, item.reply_b)))
+            elif question == ERROR_QUESTION:
+                j = judge(item)
+                answer = {"label": j.label, "rationale": j.rationale}
+            else:
+                answer = {"scores": dict(judge(item).scores), "rationale": ""}
             outcomes.append((answer, ""))
         return outcomes
+
+    @staticmethod
+    def _compare(a: Judgment, b: Judgment) -> dict:
+        """The pairwise answer from the two replies' rubric scores: the higher one wins."""
+        winner = {d: "A" if a.scores[d] > b.scores[d] else "B" if b.scores[d] > a.scores[d] else "tie"
+                  for d in RUBRIC}
+        shown = lambda j: "/".join(str(j.scores[d]) for d in RUBRIC)  # noqa: E731
+        return {"winner": winner, "rationale": f"rubric scores ({'/'.join(RUBRIC)}): A {shown(a)}, "
+                                               f"B {shown(b)}"}
 
     # ------------------------------------------------------------------ rules
     def _judge(self, item: JudgeItem) -> Judgment:

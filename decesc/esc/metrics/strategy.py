@@ -1,4 +1,5 @@
-"""Strategy-prediction metrics: weighted / macro F1 (Q_W, Q) and the strategy distribution (Table 3, Fig. 3).
+"""Strategy-prediction metrics: weighted / macro F1 (Q_W, Q) and the strategy distribution (Table 3, Fig. 3);
+the strategies of the Strategy Planner's preference pairs, chosen against rejected (Fig. 9).
 
 F1 follows scikit-learn's `f1_score(average="weighted" / "macro")` conventions:
   * the label set is the sorted union of the labels that occur in gold or in the predictions;
@@ -7,11 +8,12 @@ F1 follows scikit-learn's `f1_score(average="weighted" / "macro")` conventions:
 An unparseable prediction (None) counts as wrong: a false negative for its gold label and a
 false positive for nothing; it does not add a label.  (scikit-learn agrees when None is mapped
 to a sentinel and `labels=` is the union above without the sentinel.)
-Results are fractions in [0, 1]; tables multiply by 100.
+Results are fractions in [0, 1]; tables multiply by 100 (the pair shares of Fig. 9 are percents already).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from decesc.esc.strategies import STRATEGIES
@@ -80,4 +82,32 @@ def strategy_distribution(gold, pred, labels=STRATEGIES) -> dict[str, dict[str, 
            for label in labels}
     out["unparseable"] = {"pred": pred_counts[None] / n, "gold": 0.0,
                           "pred_count": pred_counts[None], "gold_count": 0}
+    return out
+
+
+def pair_strategy_shares(pairs) -> dict:
+    """Percent of each strategy on the chosen and on the rejected side of the Strategy Planner's
+    preference pairs (Fig. 9).
+
+    ``pairs``: :class:`decesc.formats.records.PreferencePair` of task "sp", whose chosen side is
+    the gold strategy and rejected side the SFT planner's mistaken one, each an exact name of
+    STRATEGIES. Returns {"chosen": {strategy: percent}, "rejected": {strategy: percent}, "pairs":
+    n}, strategies in STRATEGIES order, each side summing to 100; with no pairs every percent is
+    NaN and "pairs" is 0. ValueError naming the pair's ``source`` (file:line; its position when
+    the pair has no source) and the field, for a pair of another task or an unknown strategy name.
+    """
+    pairs = list(pairs)
+    known = set(STRATEGIES)
+    for n, p in enumerate(pairs):
+        where = p.source or f"pair {n}"
+        if p.task != "sp":
+            raise ValueError(f"{where}, field 'task': {p.task!r} is not a Strategy Planner pair ('sp')")
+        for name in ("chosen", "rejected"):
+            if getattr(p, name) not in known:
+                raise ValueError(f"{where}, field {name!r}: {getattr(p, name)!r} is not one of the strategies")
+    out: dict = {}
+    for name in ("chosen", "rejected"):
+        counts = Counter(getattr(p, name) for p in pairs)
+        out[name] = {s: 100 * counts[s] / len(pairs) if pairs else math.nan for s in STRATEGIES}
+    out["pairs"] = len(pairs)
     return out

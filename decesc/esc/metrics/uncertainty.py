@@ -162,3 +162,23 @@ def strategy_bootstrap(gold: Sequence[str], predictions: dict[str, Sequence[str 
     return {"systems": {name: {m: out[(name, m)] for m in STRATEGY_METRICS} for name in preds},
             "differences": [{"a": a, "b": b, "metric": m, **out[(a, b, m)]} for a, b, metrics in pairs
                             for m in metrics]}
+
+
+def paired_means(chosen: Sequence[float], rejected: Sequence[float], groups: Sequence,
+                 replicates: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Means of two paired score lists (the judge's scores of each pair's chosen and rejected
+    reply, the paper's Table 2) and of their difference, chosen - rejected, with dialogue-bootstrap
+    95% intervals (:func:`bootstrap`; ``groups[i]``: the dialogue of pair i, so the pairs of one
+    dialogue are drawn together). Returns ``{"chosen", "rejected", "difference"}``, each as
+    :func:`bootstrap` gives it; with ``replicates`` 0, "low" and "high" are NaN.
+
+    By hand: chosen (4, 2), rejected (1, 2) give means 3 and 1.5 and a difference of 1.5."""
+    c, r = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
+    if c.shape != r.shape:
+        raise ValueError(f"paired_means: {len(c)} chosen scores but {len(r)} rejected ones")
+
+    def means(idx: np.ndarray) -> dict[str, float]:
+        return {"chosen": float(c[idx].mean()), "rejected": float(r[idx].mean()),
+                "difference": float((c[idx] - r[idx]).mean())}
+
+    return bootstrap(groups, means, replicates=replicates, seed=seed)
