@@ -443,7 +443,8 @@ def test_cpu_profile_code_path_on_a_small_esconv_directory(tmp_path, capsys):
     assert not any("ci" in rows[name] for name in gold)  # no strategy of their own, no interval
     every_turn = ("Vanilla Base", "Vanilla SFT", "Vanilla DPO", "Decoupled Base", "Decoupled SFT", "Decoupled DPO")
     assert [(d["a"], d["b"], d["metric"]) for d in report["differences"]] == [
-        (a, b, m) for a, b in (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"),
+        (a, b, m) for a, b in (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Vanilla DPO"),
+                               ("Decoupled DPO", "Decoupled SFT"),
                                ("Vanilla DPO", "Vanilla SFT"), ("Vanilla SFT", "Vanilla Base"),
                                ("Decoupled SFT", "Decoupled Base")) for m in ("B", "TV")] + [
         *((name, "Chance: prior", "Q_W") for name in every_turn),

@@ -32,12 +32,12 @@ the chosen backbone preset), every training context mined, the whole test split 
 with ``--judge-model`` gpt-4.1-mini-2025-04-14 (unless another model is given), so it needs
 ``--judge-url`` and fails before any stage without one (give it, or choose ``--judge rule`` or
 ``--judge local``). ``demo`` shrinks the work so the whole pipeline runs on a 2-core CPU in about
-twenty-two minutes with SmolLM2-135M and the rule judge on the built-in sample:
+twenty-five minutes with SmolLM2-135M and the rule judge on the built-in sample:
 480-token contexts, one SFT epoch over at most 64 examples per module and at most 32 pairs per
 DPO module, both at a high LoRA learning rate so that so few steps show an effect, 24 mined
 contexts with 2 samples each, replies of at most 40 tokens, bf16 autocast, activation
 checkpointing and micro-batches of 2 (so training stays under 3 GB resident: 2.8 GB measured;
-evaluating the nine systems peaks at 3.4 GB).
+evaluating the eleven systems of Tables 3 and 4 peaks at 3.4 GB).
 ``cpu`` sizes a run on the real ESConv data (``--data ../shared/data/esconv``) for an idle 2-core
 CPU with SmolLM2-135M and the rule judge (sized for 2 hours, it takes about 3.5 with the four
 trained systems, 5 with Table 3's nine and about 0.9 more for those of Tables 4 and 5: README,

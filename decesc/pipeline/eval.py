@@ -45,7 +45,8 @@ CHANCE_SEED_OFFSET = 11
 SCORING_ROLES = {"judge", "report"}  # settings that change how outputs are scored, not the outputs
 # the paired differences that carry the paper's claims (B and TV of a minus b)
 # (and Table 5's: what DPO on one pair category does to the SFT model's bias, Fig. 4a)
-CLAIMS = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Decoupled SFT"), ("Vanilla DPO", "Vanilla SFT"),
+CLAIMS = (("Decoupled SFT", "Vanilla SFT"), ("Decoupled DPO", "Vanilla DPO"), ("Decoupled DPO", "Decoupled SFT"),
+          ("Vanilla DPO", "Vanilla SFT"),
           ("Vanilla SFT", "Vanilla Base"), ("Decoupled SFT", "Decoupled Base"),
           *((s.name, "Vanilla SFT") for s in SYSTEMS if s.category))
 
