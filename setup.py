@@ -23,8 +23,9 @@ setup(
     extras_require={
         # Reference implementations the tests check parity against; never imported by decesc:
         # transformers/peft (model, LoRA), gguf (dequantisation), scikit-learn (F1), nltk (BLEU,
-        # the implementation the field's evaluation scripts use).
+        # the implementation the field's evaluation scripts use), openai (the client that drives
+        # tools.serve in its tests).
         "test": ["pytest>=7", "transformers>=4.45", "peft>=0.12", "gguf>=0.10", "scikit-learn>=1.3",
-                 "nltk>=3.8"],
+                 "nltk>=3.8", "openai>=1.0"],
     },
 )

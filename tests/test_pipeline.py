@@ -316,8 +316,12 @@ def test_a_moved_run_directory_chats_and_evaluates_as_before(tmp_path, monkeypat
         assert chat_cli.main([*args, "--max-new-tokens", "8"]) == 0
         return capsys.readouterr().out
 
+    def modules(sp, rg):
+        return chat_cli.load_modules(chat_cli.build_parser().parse_args(
+            ["--model", "tiny", "--device", "cpu", "--sp", *map(str, sp), "--rg", *map(str, rg)]))[:3]
+
     def outputs(run):
-        planner, generator, tok = chat_cli.build_models("tiny", [run / "dpo-sp"], [run / "dpo-rg"], "cpu")
+        planner, generator, tok = modules([run / "dpo-sp"], [run / "dpo-rg"])
         ids = torch.tensor([tok.encode("I have been so stressed about my exams.")])
         with torch.no_grad():
             return planner(ids), generator(ids)
@@ -330,8 +334,7 @@ def test_a_moved_run_directory_chats_and_evaluates_as_before(tmp_path, monkeypat
     run = tmp_path / "old" / "run"
     assert train(run) == 0
     capsys.readouterr()
-    chained = chat_cli.build_models("tiny", [run / "sft-sp", run / "dpo-sp"], [run / "sft-rg", run / "dpo-rg"],
-                                    "cpu")
+    chained = modules([run / "sft-sp", run / "dpo-sp"], [run / "sft-rg", run / "dpo-rg"])
     before = outputs(run)
     with torch.no_grad():
         ids = torch.tensor([chained[2].encode("I have been so stressed about my exams.")])
@@ -527,11 +530,14 @@ def test_evaluate_only_the_sft_systems_of_a_learning_curve_point(tmp_path, capsy
     assert after["systems"]["Vanilla SFT"] == before["systems"]["Vanilla SFT"]
 
 
-def test_chat_renders_the_history_format_the_modules_were_trained_with():
+def test_chat_renders_the_history_format_the_modules_were_trained_with(tmp_path):
     """tools.chat keeps the planned strategy of each of its replies: with --history strategies
     (or a run trained so) the next prompt's history shows it as training showed gold strategies;
     plain leaves it out."""
+    from decesc.core.lora import LoRAConfig, apply_lora
     from decesc.esc.esconv import Turn
+    from decesc.formats.peft import save_adapter
+    from decesc.formats.zoo import load_tiny
     from toy import toy_tokenizer
 
     turns = [Turn("seeker", "I failed my exam."), Turn("supporter", "What happened?", "Question"),
@@ -539,5 +545,10 @@ def test_chat_renders_the_history_format_the_modules_were_trained_with():
     tagged = chat_cli.fit_context(turns, toy_tokenizer(), 4096, "short", "strategies")
     assert "Supporter: [Question] What happened?" in tagged and "Seeker: I failed my exam." in tagged
     assert "[Question]" not in chat_cli.fit_context(turns, toy_tokenizer(), 4096, "short")
-    args = chat_cli.build_parser().parse_args(["--model", "tiny", "--sp", "a", "--rg", "b", "--history", "strategies"])
-    assert chat_cli.module_adapters(args)[3:] == ("full", "strategies")
+    adapter = tmp_path / "adapter"
+    model, _ = load_tiny()
+    apply_lora(model, 4, 8, 0.0, ("q_proj",), seed=1)
+    save_adapter(model, adapter, LoRAConfig(4, 8, 0.0, ("q_proj",)), "tiny")
+    args = chat_cli.build_parser().parse_args(["--model", "tiny", "--sp", str(adapter), "--rg", str(adapter),
+                                               "--history", "strategies"])
+    assert chat_cli.load_modules(args)[3:] == ("full", "strategies")

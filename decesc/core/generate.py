@@ -171,6 +171,7 @@ def generate_tree(
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     pad_token_id: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Continue every sequence of a batch of prompt trees (:mod:`decesc.core.tree`; unlabelled
     pieces), one row per sequence in batch order (tree by tree, in insertion order), as
@@ -179,8 +180,8 @@ def generate_tree(
     The trees are encoded once (one tree forward, :class:`decesc.core.attention.TreeMask`) into one
     shared cache; the rows then decode as one batch, each over its own path of that cache (its
     history up to its turn and its own prompt branch, :class:`decesc.core.attention.SharedPrefix`)
-    and its own generated tokens, at positions prompt length + step. ``seeds``: one per row, as
-    in :func:`generate` (the same seed gives the same tokens in both).
+    and its own generated tokens, at positions prompt length + step. ``seeds`` (one per row) and
+    ``on_token(row, token_id)`` as in :func:`generate` (the same seed gives the same tokens in both).
     """
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     batch = batch_to(collate_trees(trees, pad_token_id), device)
@@ -213,7 +214,7 @@ def generate_tree(
                      start=i, last_only=True)[:, -1]
 
     return _decode(first, step, max_new_tokens, temperature, top_k, top_p,
-                   _generators(R, None, seeds, device), stop_token_ids, stop_strings, decode, None)
+                   _generators(R, None, seeds, device), stop_token_ids, stop_strings, decode, on_token)
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -295,7 +295,9 @@ def choose_strategies(scores: torch.Tensor, temperature: float = 0.0, seed: int 
 def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Example],
                      sampling: Sampling, progress: bool = False, desc: str = "generating",
                      forced: list[list[int]] | None = None, limits: list[int] | None = None,
-                     shard: Shard = SINGLE, packing: str = "tree") -> list[str]:
+                     shard: Shard = SINGLE, packing: str = "tree", *, seeds: Sequence[int] | None = None,
+                     stop_strings: Sequence[str] = (),
+                     on_token: Callable[[int, int], None] | None = None) -> list[str]:
     """One reply per example (its prompt as the user message), stopped at turn end.
     ``forced[i]``: tokens appended to example i's prompt (its reply continues after them);
     ``limits[i]``: keep at most that many of its generated tokens (at most max_new_tokens).
@@ -304,18 +306,26 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
     and decodes its turns' replies as one batch over it (:func:`decesc.core.generate.generate_tree`;
     trees batched by ``sampling.max_tokens``); "turn" generates batches of ``sampling.batch_size``
     prompts (:func:`decesc.core.generate.generate`). Greedy replies are the same in both.
-    ``shard``: this process's batches (:mod:`decesc.esc.sharding`); every process gets all replies."""
+    ``shard``: this process's batches (:mod:`decesc.esc.sharding`); every process gets all replies.
+    ``seeds[i]``: example i's seed instead (requests of a server, each with its own seed);
+    ``stop_strings``: more texts that end a reply, besides the turn ends; ``on_token(i,
+    token_id)``: called for every kept token of example i as it is generated (streaming)."""
     _check_packing(packing)
     forced = forced if forced is not None else [[]] * len(examples)
+    seeds = list(seeds) if seeds is not None else [item_seed(sampling.seed, i) for i in range(len(examples))]
+    stops = TURN_STOPS + tuple(stop_strings)
     prompts = [_prompt_pieces(tokenizer, ex) + (prompt_pieces([f]) if f else [])
                for ex, f in zip(examples, forced)]
     settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=tokenizer.stop_token_ids,
-                    stop_strings=TURN_STOPS, decode=tokenizer.decode, pad_token_id=tokenizer.pad_token_id)
+                    stop_strings=stops, decode=tokenizer.decode, pad_token_id=tokenizer.pad_token_id)
 
     def text(i: int, out: list[int]) -> str:
         out = out[:limits[i]] if limits is not None else out
-        return truncate_at_stop(tokenizer.decode(out), TURN_STOPS).strip()
+        return truncate_at_stop(tokenizer.decode(out), stops).strip()
+
+    def rows_to(indices: Sequence[int]):  # on_token of the example each batch row is
+        return None if on_token is None else lambda row, token: on_token(indices[row], token)
 
     if packing == "turn":
         replies: list[str] = [""] * len(examples)
@@ -323,7 +333,7 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
         for b0 in _batches(len(examples), size, desc, progress, shard):
             rows = range(b0, min(b0 + size, len(examples)))
             outs = generate(model, [[t for ids, _ in prompts[i] for t in ids] for i in rows],
-                            seeds=[item_seed(sampling.seed, i) for i in rows], **settings)
+                            seeds=[seeds[i] for i in rows], on_token=rows_to(rows), **settings)
             replies[b0:b0 + len(outs)] = [text(i, o) for i, o in zip(rows, outs)]
         return shard.collect(replies, size)
     sequences = [(ex.dialogue, i, p) for i, (ex, p) in enumerate(zip(examples, prompts))]
@@ -331,7 +341,7 @@ def generate_replies(model: CausalLM, tokenizer: Tokenizer, examples: list[Examp
     found = {}
     for j in _batches(len(batches), 1, desc, progress, shard):
         keys = [k for tree in batches[j] for k in tree.keys]
-        outs = generate_tree(model, batches[j], seeds=[item_seed(sampling.seed, i) for i in keys], **settings)
+        outs = generate_tree(model, batches[j], seeds=[seeds[i] for i in keys], on_token=rows_to(keys), **settings)
         found.update((i, text(i, o)) for i, o in zip(keys, outs))
     found = shard.merge(found)
     return [found[i] for i in range(len(examples))]

@@ -358,3 +358,27 @@ def build_examples(dialogues: list[Dialogue], task: str,
         warnings.warn(f"{over_budget} example(s) exceed max_tokens={max_tokens} even with history cut "
                       f"back to the latest seeker turn; they are {what}", stacklevel=2)
     return examples
+
+
+def fit_context(turns: list, tokenizer, budget: int, style: str = "full", history: str = "plain") -> str:
+    """The history block of a live conversation (``turns``: :class:`~decesc.esc.esconv.Turn`,
+    the latest last): its most recent turns whose RG prompt (the longest of the three tasks')
+    fits ``budget`` tokens, counted with ``tokenizer.count_tokens``. ValueError when the latest
+    turn alone does not fit (it is checked first, so an oversized message is tokenized once).
+    ``tools.chat`` and ``tools.serve`` fit their conversations with it."""
+    dialogue = Dialogue(turns=turns, emotion_type="", problem_type="", situation="", source="chat", index=0)
+
+    def fitting(start: int) -> tuple[str, int]:
+        context = render_context(dialogue, len(turns), start, history=history)
+        ex = make_example("rg", context, "Question", style=style)
+        return context, tokenizer.count_tokens(ex.system + ex.prompt)
+
+    latest, tokens = fitting(len(turns) - 1)
+    if tokens > budget:
+        raise ValueError(f"your message is too long: with the prompt it is {tokens:,} tokens, over "
+                         f"--max-context-tokens {budget}")
+    for start in range(len(turns) - 1):
+        context, tokens = fitting(start)
+        if tokens <= budget:
+            return context
+    return latest

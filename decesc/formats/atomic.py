@@ -5,13 +5,18 @@ A crash mid-write leaves either the old file or the new one, never a torn file, 
 
 A write that fails (a full disk, a file-size limit) raises an OSError naming the file it was
 writing (:func:`writing`), which the command-line tools print as one line.
+
+A directory of files is written the same way (:func:`atomic_directory`): into a temporary
+directory next to it, which takes its place only when every file is written.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,3 +69,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a new, empty temporary directory next to ``path`` (``.<name>.<random>.partial``); when
+    the block ends without error it takes the place of ``path``, a directory that is replaced (the
+    caller decides that it may be) or absent. On an error the temporary directory is deleted and
+    ``path`` is left as it was.
+
+    The swap is two renames within one directory (``path`` aside, the new one in place), then the
+    old one is deleted: a crash leaves ``path`` whole, old or new, or, between the two renames,
+    absent with the old one kept in ``.<name>.<random>.old/<name>``. A killed process may leave its
+    ``.partial`` directory behind, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.partial"
+    tmp.mkdir()  # like mkdir would make ``path``: the umask's permissions
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

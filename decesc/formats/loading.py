@@ -212,8 +212,10 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype | None = None,
 
 
 def save_pretrained(model: CausalLM, tokenizer: Tokenizer | None, path: str | os.PathLike,
-                    dtype: torch.dtype | None = None) -> None:
-    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files).
+                    dtype: torch.dtype | None = None, generation: dict | None = None) -> None:
+    """Write a Hugging Face checkpoint (config.json, model.safetensors, and with a tokenizer its
+    files and ``generation_config.json``: :func:`save_tokenizer`, :func:`save_generation_config`
+    with the settings ``generation``).
 
     Tied output heads are stored once (as ``model.embed_tokens.weight``), like transformers does.
     """
@@ -229,10 +231,11 @@ def save_pretrained(model: CausalLM, tokenizer: Tokenizer | None, path: str | os
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
     if tokenizer is not None:
-        save_tokenizer(tokenizer, path)
+        save_tokenizer(tokenizer, path, model.config.max_position_embeddings)
+        save_generation_config(tokenizer, path, generation)
 
 
-def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike, model_max_length: int = 131072) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -240,7 +243,19 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
            "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
            "add_bos_token": tokenizer.add_bos_token, "clean_up_tokenization_spaces": False,
-           "model_max_length": 131072}
+           "model_max_length": model_max_length}
     if tokenizer.chat_template:
         cfg["chat_template"] = tokenizer.chat_template
     atomic_write_text(path / "tokenizer_config.json", json.dumps(cfg, indent=2))
+
+
+def save_generation_config(tokenizer: Tokenizer, path: str | os.PathLike,
+                           settings: dict | None = None) -> None:
+    """Write ``generation_config.json``: generation stops at the tokens decesc stops at (eos and
+    the chat format's end of turn, :attr:`Tokenizer.stop_token_ids`), pads with the tokenizer's
+    pad token, and uses ``settings`` (e.g. ``{"do_sample": True, "temperature": 0.7}``)."""
+    stops = tokenizer.stop_token_ids
+    cfg = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+           "pad_token_id": tokenizer.pad_token_id, **(settings or {})}
+    atomic_write_text(Path(path) / "generation_config.json",
+                      json.dumps({k: v for k, v in cfg.items() if v is not None and v != []}, indent=2))

@@ -33,13 +33,17 @@ Everything else is derived from :data:`SYSTEMS`: the report's tables, rows and t
 ``systems`` setting and ``tools.evaluate --systems``, the stages each system needs (and so which
 stages the eval stage reads and which on-demand stages run), the eval stage's work for
 ``--plan``. Adding a system is one entry here (and, for a new recipe, one
-:class:`~decesc.esc.recipes.Recipe`) plus its test.
+:class:`~decesc.esc.recipes.Recipe`) plus its test. A system's model of a module is
+:meth:`System.model`; :func:`load_system` loads a run's system with it for ``tools.chat`` and
+``tools.serve``, as the eval stage (and so ``tools.evaluate``) runs it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from decesc.core.model import CausalLM
+from decesc.core.tokenizer import Tokenizer
 from decesc.esc.inference import Sampling, decoupled, vanilla
 from decesc.esc.ipm import VANILLA_CATEGORIES
 from decesc.esc.prompts import DECOUPLED_TASKS, Example
@@ -47,6 +51,7 @@ from decesc.esc.recipes import DIRECT_REFINE, EMOTION_COT, SELF_REFINE, Recipe
 from decesc.pipeline import work
 from decesc.pipeline.cost import GenerateWork
 from decesc.pipeline.dpo import stage_name
+from decesc.pipeline.models import Models
 
 TABLE5_ALL = "Vanilla DPO"  # Table 5's "all" row: vanilla DPO on every category
 REPLY_SEED_OFFSET = 7  # replies sample with seed ``seed + 7``
@@ -115,6 +120,12 @@ class System:
         """The stages whose adapters make its model of ``module``, in the order applied."""
         return tuple(stage_name(module, self.category) if t == "dpo" else f"{t}-{module}" for t in self.training)
 
+    def model(self, run, models, module: str):
+        """Its model of ``module``: the base model of ``models`` (a
+        :class:`~decesc.pipeline.models.Models`) with the adapters of its stages in ``run`` merged
+        in order. A stage that trained nothing (no pairs) adds nothing."""
+        return models.merged(*(run.adapter(stage) for stage in self.adapters(module)))
+
     def turns(self, tests: list[Example]) -> list[Example]:
         """The evaluation turns in its prompt style."""
         return [replace(e, style=PROMPTED_STYLE) for e in tests] if self.prompted else tests
@@ -126,8 +137,8 @@ class System:
         texts)}."""
         c, tok, tests = run.config, models.tokenizer, self.turns(tests)
 
-        def model(module: str):
-            return lambda: models.merged(*(run.adapter(stage) for stage in self.adapters(module)))
+        def model(module: str):  # loaded when needed: the planner and generator never together
+            return lambda: self.model(run, models, module)
 
         common = dict(progress=progress, desc=self.name, shard=shard, packing=c.packing)
         if self.recipe is not None:
@@ -197,3 +208,53 @@ def parse_systems(spec: str, setting: str = "--systems") -> tuple[System, ...]:
                          f"({choices})" if unknown else f"config: {setting} is empty ({choices})")
     names = {s.name for w in wanted for s in GROUPS.get(w, ())} | set(wanted)
     return tuple(s for s in SYSTEMS if s.name in names)
+
+
+@dataclass(frozen=True)
+class LoadedSystem:
+    """A system in memory, ready to answer: its model of each module (modules with the same
+    adapters share one), the tokenizer, and the prompt style and history format its modules read
+    (:func:`load_system`)."""
+
+    name: str
+    paradigm: str  # as System.paradigm
+    modules: dict[str, CausalLM]  # module ("sp", "rg", "vanilla") -> its model, in eval mode
+    tokenizer: Tokenizer
+    style: str
+    history: str
+
+
+def load_system(run, name: str, device: str | None = None, *, models=None) -> LoadedSystem:
+    """The system ``name`` of :data:`SYSTEMS`, trained in ``run`` (a
+    :class:`~decesc.pipeline.run.Run`), loaded as the eval stage runs it (:meth:`System.model`):
+    the one way eval, ``tools.evaluate``, ``tools.chat`` and ``tools.serve`` load a run's systems.
+
+    A prompted system reads :data:`PROMPTED_STYLE` (its modules share one copy of the untrained
+    model), a trained one the run's ``prompt_style``; all read the run's ``history``. A trained
+    module needs its SFT adapter (ValueError naming the stage otherwise); a later stage that
+    trained nothing (no pairs) or has not run adds nothing, so "Decoupled DPO" is the SFT model
+    for a module without a DPO adapter. ``models``: the base model to merge into (another source,
+    or one base shared by several systems; the caller closes it); by default the run's model on
+    ``device`` (default: the run's device), closed once the modules are merged."""
+    if name not in BY_NAME:
+        raise ValueError(f"unknown system {name!r} (choose one of: {', '.join(BY_NAME)})")
+    system = BY_NAME[name]
+    modules = system.modules(replies=True)
+    for module in modules:
+        first = system.adapters(module)[:1]
+        if first and run.adapter(first[0]) is None:
+            raise ValueError(f"{run.dir}: no trained {first[0]} adapter; run python -m tools.train first")
+    own = models is None
+    models = Models(run.config.model, device or run.config.device) if own else models
+    try:
+        if system.prompted:
+            shared = models.merged()
+            loaded = {module: shared for module in modules}
+        else:
+            loaded = {module: system.model(run, models, module) for module in modules}
+        tokenizer = models.tokenizer
+    finally:
+        if own:
+            models.close()
+    style = PROMPTED_STYLE if system.prompted else run.config.prompt_style
+    return LoadedSystem(system.name, system.paradigm, loaded, tokenizer, style, run.config.history)
