@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decesc.core.lora import LoRAConfig
-from decesc.formats.peft import combine_lora
+from decesc.formats.stacking import combine_lora
 from decesc.pipeline.export import ExportError, export_run
 from decesc.pipeline.models import Models
 from tools import export as export_cli

@@ -75,7 +75,7 @@ def _modules(manifest: dict) -> list[str]:
         lines += [f"Each adapter of {', '.join(combined)} is the module's SFT and DPO adapters stacked into "
                   "one. DPO trained a delta on the SFT model, and W + s1 B1 A1 + s2 B2 A2 = W + s [B1 B2][A1; A2] "
                   "(the scale difference folded into B): one adapter on the base model alone, of the two "
-                  "ranks summed, with exactly the update decesc applies (decesc.formats.peft.combine_lora).", ""]
+                  "ranks summed, with exactly the update decesc applies (decesc.formats.stacking.combine_lora).", ""]
     lines += [f"- {name}: {m['note']}." for name, m in manifest["modules"].items() if m["note"]]
     return lines + ([""] if any(m["note"] for m in manifest["modules"].values()) else [])
 

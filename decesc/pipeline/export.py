@@ -7,7 +7,7 @@ vanilla models ``vanilla-nsnr``, ``vanilla-psnr``, ``vanilla-nspr``):
 - ``adapters/<module>/``: one PEFT adapter on the base model. A DPO adapter applies on top of the
   base model with its SFT adapter merged in (README, the paragraph on ``merge_first.json``), which
   PEFT and vLLM cannot apply; it is written with its SFT adapter stacked in, one adapter of rank
-  r_SFT + r_DPO with exactly the same update (:func:`decesc.formats.peft.standalone_adapter`). A
+  r_SFT + r_DPO with exactly the same update (:func:`decesc.formats.stacking.standalone_adapter`). A
   module whose DPO stage trained nothing (no pairs) is its SFT adapter.
 - ``merged/<module>/``: the base model with that adapter folded in, a full Hugging Face
   checkpoint with its tokenizer, chat template and ``generation_config.json``
@@ -44,10 +44,10 @@ from decesc.formats.peft import (
     export_merged,
     load_adapter,
     read_adapter_config,
-    standalone_adapter,
     write_adapter,
 )
 from decesc.formats.records import read_text
+from decesc.formats.stacking import standalone_adapter
 from decesc.formats.zoo import SMOLLM2_NAME, TINY_NAME
 from decesc.pipeline.card import model_card
 from decesc.pipeline.dpo import stage_name

@@ -203,38 +203,37 @@ def _score(value, key: str) -> int:
     return value
 
 
+def _per_dimension(data: dict, field: str, read) -> dict:
+    """``read(value, dimension)`` of the object ``data[field]``'s value for each `RUBRIC`
+    dimension, in `RUBRIC` order (keys matched loosely, extra keys ignored; raises `InvalidReply`
+    naming the field or the missing "<field>.<dimension>")."""
+    given_in = data.get(field)
+    if not isinstance(given_in, dict):
+        raise InvalidReply(f'field "{field}": missing or not an object')
+    given = {_name_key(str(k)): v for k, v in given_in.items()}
+    missing = next((key for key in RUBRIC if _name_key(key) not in given), None)
+    if missing is not None:
+        raise InvalidReply(f'field "{field}.{missing}" is missing')
+    return {key: read(given[_name_key(key)], key) for key in RUBRIC}
+
+
 def read_scores(data: dict) -> dict[str, int]:
     """The `RUBRIC` scores of a rubric answer, in `RUBRIC` order (extra keys are ignored;
     raises `InvalidReply` naming the field "scores" or "scores.<dimension>")."""
-    scores_in = data.get("scores")
-    if not isinstance(scores_in, dict):
-        raise InvalidReply('field "scores": missing or not an object')
-    given = {_name_key(str(k)): v for k, v in scores_in.items()}
-    scores = {}
-    for key in RUBRIC:
-        if _name_key(key) not in given:
-            raise InvalidReply(f'field "scores.{key}" is missing')
-        scores[key] = _score(given[_name_key(key)], key)
-    return scores
+    return _per_dimension(data, "scores", _score)
+
+
+def _winner(value, key: str) -> str:
+    found = next((w for w in WINNERS if isinstance(value, str) and value.strip().lower() == w.lower()), None)
+    if found is None:
+        raise InvalidReply(f'field "winner.{key}": expected "A", "B" or "tie", got {_shown(value)}')
+    return found
 
 
 def read_winners(data: dict) -> dict[str, str]:
     """The winner of each `RUBRIC` dimension in a pairwise answer, in `RUBRIC` order, each one of
     `WINNERS` (raises `InvalidReply` naming the field "winner" or "winner.<dimension>")."""
-    given_in = data.get("winner")
-    if not isinstance(given_in, dict):
-        raise InvalidReply('field "winner": missing or not an object')
-    given = {_name_key(str(k)): v for k, v in given_in.items()}
-    winners = {}
-    for key in RUBRIC:
-        if _name_key(key) not in given:
-            raise InvalidReply(f'field "winner.{key}" is missing')
-        value = given[_name_key(key)]
-        found = next((w for w in WINNERS if isinstance(value, str) and value.strip().lower() == w.lower()), None)
-        if found is None:
-            raise InvalidReply(f'field "winner.{key}": expected "A", "B" or "tie", got {_shown(value)}')
-        winners[key] = found
-    return winners
+    return _per_dimension(data, "winner", _winner)
 
 
 def _rationale(data: dict) -> str:
