@@ -283,6 +283,32 @@ def test_a_seed_out_of_range_is_rejected_up_front(tmp_path, capsys, seed):
 # ----------------------------------------------------------------------------- credentials
 
 
+def test_an_interruption_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
+    """SIGTERM (here a KeyboardInterrupt from the handler) that arrives after the pid is written
+    but before the ``with`` block runs: while the details were being synced (CI once saw the
+    file left behind after a SIGTERM in that window), or in lock_all_ranks before it returns."""
+    from decesc.pipeline import lock as lock_module
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(lock_module.os, "fsync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".lock").exists()
+
+    def gather(error):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("decesc.train.fsdp.all_gather_object", gather)
+    with pytest.raises(KeyboardInterrupt):
+        lock_module.lock_all_ranks(tmp_path, is_main=True, distributed=True)
+    assert not (tmp_path / ".lock").exists()
+    with RunLock(tmp_path):  # free
+        assert (tmp_path / ".lock").exists()
+
+
 PASSWORD = "hunter2-pw-9f"
 URL = f"http://alice:{PASSWORD}@127.0.0.1:9/v1"
 

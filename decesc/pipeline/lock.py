@@ -78,14 +78,18 @@ class RunLock:
             if same:
                 break
             os.close(fd)  # we locked a file its holder had just deleted: take the new one
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": redact(" ".join(sys.argv)),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if os.fstat(fd).st_uid == os.getuid():  # a file left by an older version may be world-readable
-            os.fchmod(fd, 0o600)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        os.fsync(fd)
         self._fd = fd
+        try:  # an interruption from here on (Ctrl-C, SIGTERM) must not leave the file behind
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": redact(" ".join(sys.argv)),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if os.fstat(fd).st_uid == os.getuid():  # a file left by an older version may be world-readable
+                os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+            os.fsync(fd)
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:
@@ -114,10 +118,15 @@ def lock_all_ranks(run_dir: str | Path, is_main: bool, distributed: bool, **name
             lock = RunLock(run_dir, **names).acquire()
         except RunDirError as e:
             error = str(e)
-    if distributed:
-        from decesc.train.fsdp import all_gather_object
+    try:  # until the caller's ``with`` holds it, an interruption releases the lock here
+        if distributed:
+            from decesc.train.fsdp import all_gather_object
 
-        error = all_gather_object(error)[0]
-    if error:
-        raise RunDirError(error)
+            error = all_gather_object(error)[0]
+        if error:
+            raise RunDirError(error)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return lock or nullcontext()
